@@ -1,0 +1,7 @@
+"""User-facing errors: one line that says what is wrong and what to do."""
+
+
+class SdtuneError(Exception):
+    """An error caused by user input; the CLI prints it as one line and exits non-zero."""
+
+    exit_code = 2
