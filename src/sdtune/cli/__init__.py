@@ -1,0 +1,58 @@
+"""The `sdtune` command line. Each subcommand lives in its own module and registers itself here."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from sdtune import __version__
+from sdtune.errors import SdtuneError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="sdtune")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Personalize Stable Diffusion models from local files.
+
+    Every model is a local path (diffusers folder, .safetensors or .ckpt file) or `tiny`,
+    the bundled toy model that runs on any CPU. Nothing is downloaded.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _register() -> None:
+    from sdtune.cli import demo, generate, info, toy
+
+    for module in (demo, generate, info, toy):
+        module.register(cli)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI and turns user errors into one line and a non-zero exit."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _register()
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="sdtune", standalone_mode=False)
+    except SdtuneError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -1,0 +1,7 @@
+"""CLI: `sdtune demo` (under construction in this session)."""
+
+import click
+
+
+def register(cli: click.Group) -> None:
+    pass

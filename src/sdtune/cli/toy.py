@@ -1,0 +1,7 @@
+"""CLI: `sdtune toy` (under construction in this session)."""
+
+import click
+
+
+def register(cli: click.Group) -> None:
+    pass
