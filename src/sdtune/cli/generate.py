@@ -1,7 +1,170 @@
-"""CLI: `sdtune generate` (under construction in this session)."""
+"""CLI: `sdtune generate` - txt2img with A1111 settings, PNGs with A1111 metadata, and `--from-png` to repeat one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
+from sdtune.errors import SdtuneError
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def _resolvable(name: str | None) -> bool:
+    """Whether a model name read from a PNG can be loaded as is (A1111 records names, not paths)."""
+    return bool(name) and (name.strip().lower() == "tiny" or Path(name).expanduser().exists())
+
+
+def _from_png(png: Path, overrides: dict[str, Any], model: str | None, vae: str | None, refiner: str | None,
+              notes: list[str]) -> tuple[Any, set[int] | None, str | None, str | None, Any]:
+    """Settings from a PNG's infotext with command-line overrides.
+
+    Returns (params, batch positions to keep or None for all, model, vae, recorded). An image made in a batch is
+    repeated by re-running its whole batch (bit-exact) and keeping only its slot, unless the seed or batch
+    layout is overridden. Messages for the user are appended to `notes` (printed once loading succeeded)."""
+    from sdtune.generate.params import params_from_infotext
+    from sdtune.generate.pnginfo import parse_infotext, read_png_infotext
+
+    rec = params_from_infotext(parse_infotext(read_png_infotext(png)))
+    params = rec.params.replace(**overrides)
+    keep: set[int] | None = None
+    if {"seed", "batch_size", "batch_count"} & overrides.keys():
+        params = params.replace(batch_size=overrides.get("batch_size", 1))
+    elif params.batch_size > 1:
+        if not 0 <= rec.batch_pos < params.batch_size or params.seed - rec.batch_pos < 0:
+            raise SdtuneError(f"{png}: 'Batch pos' {rec.batch_pos} does not fit its batch of {params.batch_size} "
+                              f"and seed {params.seed}; pass --batch-size 1 to repeat the seed alone")
+        params = params.replace(seed=params.seed - rec.batch_pos)
+        keep = {rec.batch_pos}
+    if model is None:
+        name = rec.model.name if rec.model else None
+        if not _resolvable(name):
+            raise SdtuneError(f"{png} was made with model {name or '(unknown)'!r}, which is not a local path; "
+                              "pass --model PATH to that model")
+        model = name
+    if vae is None and rec.vae is not None:
+        if _resolvable(rec.vae.name):
+            vae = rec.vae.name
+        else:
+            notes.append(f"warning: {png.name} was made with VAE {rec.vae.name!r}; pass --vae PATH to use it "
+                         "too (the model's own VAE is used now)")
+    if refiner is not None:
+        params = params.replace(refiner=refiner)
+    elif params.refiner and not _resolvable(params.refiner):
+        raise SdtuneError(f"{png} was made with refiner {params.refiner!r}, which is not a local path; "
+                          "pass --refiner PATH to that model")
+    return params, keep, model, vae, rec
+
+
+def _progress_bar(total_hint: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total_hint, unit="step", file=sys.stderr, disable=None, leave=False, dynamic_ncols=True)
+
+
+def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None, vae: str | None,
+                 refiner: str | None, out: Path, device: str | None, dtype: str | None, grid: bool,
+                 overrides: dict[str, Any]) -> list[Path]:
+    """The command's work, callable without click: validate, load, generate, save, print."""
+    from sdtune.generate import GenerationParams, Generator
+    from sdtune.generate.grid import make_grid
+    from sdtune.generate.output import check_out_dir, save_grid, save_image
+
+    if prompt is not None:
+        overrides["prompt"] = prompt
+    keep: set[int] | None = None
+    recorded = None
+    notes: list[str] = []
+    if from_png is not None:
+        params, keep, model, vae, recorded = _from_png(from_png, overrides, model, vae, refiner, notes)
+    else:
+        if prompt is None:
+            raise SdtuneError('no prompt given; run `sdtune generate "a photo of a cat"`, or --from-png IMAGE.png')
+        params = GenerationParams(**overrides, refiner=refiner)
+    params = params.validate()  # before loading anything: a typo costs nothing and writes nothing
+    check_out_dir(out)
+
+    generator = Generator(model, vae=vae, device=device, dtype=None if dtype == "auto" else dtype)
+    params = generator.prepare(params)
+    if recorded is not None and recorded.model and recorded.model.hash and generator.model.hash \
+            and recorded.model.hash != generator.model.hash:
+        notes.append(f"warning: model hash {generator.model.hash} differs from the image's "
+                     f"{recorded.model.hash}; the result will differ")
+    if keep is not None and from_png is not None and recorded is not None:
+        notes.append(f"note: {from_png.name} is image {recorded.batch_pos + 1} of a batch of {params.batch_size}; "
+                     "re-running the whole batch so the result is bit-identical, saving only that image")
+    for note in notes:
+        click.echo(note, err=True)
+
+    bar = _progress_bar(params.steps * params.batch_count)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        images = generator.generate(params, progress=progress)
+    finally:
+        bar.close()
+    if keep is not None:
+        images = [im for im in images if im.batch_pos in keep]
+    paths = []
+    for im in images:
+        path = save_image(im.image, out, im.seed, im.infotext)
+        paths.append(path)
+        click.echo(f"seed {im.seed}: {path}")
+    if grid and len(images) > 1:
+        path = save_grid(make_grid([im.image for im in images]), out, images[0].infotext)
+        click.echo(f"grid: {path}")
+    return paths
+
 
 def register(cli: click.Group) -> None:
-    pass
+    @cli.command("generate")
+    @click.argument("prompt", required=False)
+    @click.option("--negative", "negative_prompt", metavar="TEXT", help="Negative prompt.")
+    @click.option("--model", "-m", metavar="MODEL", help="Diffusers folder, .safetensors/.ckpt file, or `tiny` "
+                  "(default: tiny).")
+    @click.option("--vae", metavar="VAE", help="Replace the model's VAE (folder or file).")
+    @click.option("--steps", type=int, help="Sampling steps  [default: 20]")
+    @click.option("--cfg", "cfg_scale", type=float, help="Classifier-free guidance scale  [default: 7]")
+    @click.option("--seed", type=int, help="Seed of the first image; image i gets seed+i  [default: -1 = random]")
+    @click.option("--sampler", metavar="NAME", help="A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras', "
+                  "dpmpp_2m  [default: DPM++ 2M Karras]; see --list-samplers")
+    @click.option("--width", type=int, help="Image width, multiple of 8  [default: the model's native size]")
+    @click.option("--height", type=int, help="Image height, multiple of 8  [default: the model's native size]")
+    @click.option("--batch-size", "-b", type=int, help="Images per batch (run together)  [default: 1]")
+    @click.option("--count", "-n", "batch_count", type=int, help="Number of batches  [default: 1]")
+    @click.option("--clip-skip", type=int, help="A1111 clip skip: 1 = last CLIP layer, 2 = one before  [default: 1]")
+    @click.option("--refiner", metavar="MODEL", help="SDXL refiner for the last part of denoising.")
+    @click.option("--refiner-start", type=float, help="Fraction of denoising done by the base model when a "
+                  "refiner is used  [default: 0.8]")
+    @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True,
+                  help="Folder for the PNGs (never overwritten; numbering continues).")
+    @click.option("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or mps  [default: auto]")
+    @click.option("--dtype", type=click.Choice(DTYPES), help="Weights dtype  [default: auto]")
+    @click.option("--from-png", type=click.Path(path_type=Path), metavar="PNG",
+                  help="Repeat the settings stored in a PNG's A1111 metadata; other options override them.")
+    @click.option("--no-grid", is_flag=True, help="Do not save a grid image when several images are made.")
+    @click.option("--list-samplers", is_flag=True, help="Print the sampler names and exit.")
+    def generate(prompt: str | None, model: str | None, vae: str | None, refiner: str | None, out: Path,
+                 device: str | None, dtype: str | None, from_png: Path | None, no_grid: bool, list_samplers: bool,
+                 **settings: Any) -> None:
+        """Generate images from PROMPT (A1111 txt2img).
+
+        Each image is saved as OUT/<number>-<seed>.png with A1111 `parameters` metadata and its seed and path
+        are printed. `--from-png IMAGE.png` makes the same image again (bit for bit on the same machine).
+
+        Example: sdtune generate "a red circle" --steps 20 --seed 1 -n 4
+        """
+        if list_samplers:
+            from sdtune.generate import sampler_names
+
+            click.echo("\n".join(sampler_names()))
+            return
+        overrides = {k: v for k, v in settings.items() if v is not None}
+        run_generate(prompt, from_png=from_png, model=model, vae=vae, refiner=refiner, out=out, device=device,
+                     dtype=dtype, grid=not no_grid, overrides=overrides)

@@ -140,7 +140,8 @@ def build_components(seed: int = 0, tokenizer_dir: Path | None = None) -> dict:
 
     if tokenizer_dir is None:
         tokenizer_dir = Path(tempfile.mkdtemp(prefix="sdtune-tok-"))
-        write_tokenizer(tokenizer_dir)
+    if not (Path(tokenizer_dir) / "vocab.json").exists():
+        write_tokenizer(Path(tokenizer_dir))
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)

@@ -143,7 +143,7 @@ def render(scene: Scene) -> Image.Image:
         fill[rows] = np.array(shade(COLOURS[scene.colour]), dtype=np.float32)
     img = bg * (1 - m) + fill * m
     if scene.style == "blurry":
-        img = np.asarray(Image.fromarray(img.round().astype(np.uint8)).filter(ImageFilter.GaussianBlur(3.0)), dtype=np.float32)
+        img = np.asarray(Image.fromarray(img.round().astype(np.uint8)).filter(ImageFilter.GaussianBlur(2.0)), dtype=np.float32)
     elif scene.style == "noisy":
         rng = np.random.default_rng(scene.noise_seed)
         img = img + rng.normal(0.0, 45.0, img.shape)

@@ -1,0 +1,74 @@
+"""The toy world, the tiny model's tokenizer and the `sdtune toy` commands."""
+
+import random
+
+import pytest
+
+from sdtune.cli import main
+from sdtune.toy import world
+from sdtune.toy.tiny import write_tokenizer
+
+
+def test_render_is_deterministic_and_64px():
+    rng = random.Random(0)
+    scene = world.random_scene(rng, styles=world.STYLES)
+    a, b = world.render(scene), world.render(scene)
+    assert a.size == (64, 64) and a.mode == "RGB"
+    assert a.tobytes() == b.tobytes()
+
+
+def test_base_training_never_names_held_out_concepts():
+    rng = random.Random(1)
+    for _ in range(2000):
+        scene, caption = world.base_training_sample(rng)
+        assert scene.shape not in world.ABSENT_SHAPES
+        assert scene.style not in world.HELD_OUT["absent_styles"]
+        for word in world.WORDLESS_SHAPES:
+            assert word not in caption.split()
+        if scene.shape in world.WORDLESS_SHAPES:
+            assert " shape on " in caption
+
+
+def test_tokenizer_words_are_single_tokens_with_clip_specials(tmp_path):
+    from transformers import CLIPTokenizer
+
+    write_tokenizer(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path))
+    ids = tok("a red star on a gray background").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["<|startoftext|>", "a</w>", "red</w>", "star</w>", "on</w>", "a</w>",
+                                              "gray</w>", "background</w>", "<|endoftext|>"]
+    # Unknown words fall back to byte pieces instead of an unknown token.
+    assert tok.unk_token_id not in tok("zebra").input_ids[1:-1]
+
+
+def test_toy_dataset_command_writes_images_and_captions(tmp_path):
+    out = tmp_path / "data"
+    main(["toy", "dataset", "--out", str(out), "-n", "3", "--shape", "heart", "--caption", "a photo of sks {colour} shape"])
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 3
+    assert all(p.with_suffix(".txt").read_text().startswith("a photo of sks ") for p in pngs)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["toy", "dataset", "--out", "{tmp}/d", "--shape", "hexagon"], "unknown shape"),
+    (["toy", "judge", "{tmp}/missing.png"], "no such image"),
+    (["toy", "judge", "{tmp}/text.png"], "not a readable image"),
+])
+def test_toy_commands_reject_bad_input_in_one_line(tmp_path, capsys, args, needle):
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(tmp=tmp_path) for a in args])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_toy_dataset_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "keep.png").write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        main(["toy", "dataset", "--out", str(out), "-n", "2"])
+    assert (out / "keep.png").read_bytes() == b"x"
+    assert "not empty" in capsys.readouterr().err
