@@ -26,9 +26,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from sdtune.cli import demo, generate, info, toy
+    from sdtune.cli import dataset, demo, generate, info, toy
 
-    for module in (demo, generate, info, toy):
+    for module in (dataset, demo, generate, info, toy):
         module.register(cli)
 
 

@@ -11,6 +11,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from sdtune.models.tokenizer import bytes_to_unicode
 from sdtune.toy.world import vocabulary_words
 
 TEXT_WIDTH = 64
@@ -32,8 +33,10 @@ UNET_CONFIG = dict(
     sample_size=LATENT_SIZE,
     in_channels=4,
     out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    # SD1's four levels and block classes; like SDXL, no attention at the highest resolution (it would double
+    # the cost of a CPU step for little gain on 64x64 images).
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     block_out_channels=(32, 64, 96, 96),
     layers_per_block=1,
     cross_attention_dim=TEXT_WIDTH,
@@ -63,19 +66,6 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte-to-printable-character table (the base alphabet of its BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def _bpe(word: tuple[str, ...], ranks: dict[tuple[str, str], int]) -> tuple[str, ...]:
     while len(word) > 1:
         pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(word, word[1:]))]
@@ -99,7 +89,7 @@ def write_tokenizer(folder: Path, words: list[str] | None = None) -> None:
     """Write a CLIPTokenizer (vocab.json, merges.txt) whose words are single tokens and any other text falls back
     to byte characters, with CLIP's real special tokens. Merges are derived so that each word BPE-encodes to itself."""
     words = words or vocabulary_words()
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     vocab_list = alphabet + [c + "</w>" for c in alphabet]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}

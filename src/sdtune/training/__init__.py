@@ -1,0 +1,1 @@
+"""Training: the data layer every trainer shares (`data`, `images`, `captions`, `latents`) and the trainers."""

@@ -1,0 +1,80 @@
+"""Latent cache: encode each training image (and, optionally, its mirror image) with the VAE once, before training.
+
+The cache keeps the VAE's posterior mean *and* standard deviation, already shifted and scaled into the UNet's
+latent space (`(z - shift_factor) * scaling_factor`), so a trainer can either use the mean (deterministic) or draw
+a fresh sample every step (`get(generator=...)`), which is what encoding on the fly would do, at no extra VAE cost.
+Caching requires a fixed image side (centre crop, no colour jitter): see `data.Augment.cacheable`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from sdtune.training.images import to_tensor
+
+
+@dataclass
+class CachedLatent:
+    mean: torch.Tensor                      # (C, h, w) float32 on CPU, shifted and scaled
+    std: torch.Tensor
+    flip_mean: torch.Tensor | None = None   # the horizontally flipped image's, when flip variants were encoded
+    flip_std: torch.Tensor | None = None
+
+    def get(self, flipped: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The latent to train on: the mean, or a sample from the posterior when a generator is given."""
+        if flipped and self.flip_mean is None:
+            raise ValueError("this cache has no flipped variants; encode with flip_variants=True")
+        mean, std = (self.flip_mean, self.flip_std) if flipped else (self.mean, self.std)
+        if generator is None:
+            return mean
+        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+
+
+def latent_scaling(vae: Any) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) from the VAE's config (shift 0 when unset, as for SD1/SD2/SDXL)."""
+    cfg = vae.config
+    scale = getattr(cfg, "scaling_factor", None)
+    shift = getattr(cfg, "shift_factor", None)
+    return (0.18215 if scale is None else float(scale)), (0.0 if shift is None else float(shift))
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, images: Sequence[Image.Image | torch.Tensor], *, batch_size: int = 4,
+                   flip_variants: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> list[CachedLatent]:
+    """Encode every image once (and its mirror once when `flip_variants`), in batches of same-sized images.
+
+    images: PIL images at training size or CHW tensors in [-1, 1]. Returns one CachedLatent per image, in order.
+    Runs on the VAE's device and dtype; results are float32 on the CPU."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    scale, shift = latent_scaling(vae)
+    param = next(vae.parameters())
+    device, dtype = param.device, param.dtype
+    tensors = [im if isinstance(im, torch.Tensor) else to_tensor(im) for im in images]
+    # Jobs: (image index, flipped); grouped by size so every batch stacks.
+    jobs = [(i, f) for i in range(len(tensors)) for f in ((False, True) if flip_variants else (False,))]
+    by_shape: dict[tuple[int, ...], list[tuple[int, bool]]] = {}
+    for job in jobs:
+        by_shape.setdefault(tuple(tensors[job[0]].shape), []).append(job)
+    means: dict[tuple[int, bool], torch.Tensor] = {}
+    stds: dict[tuple[int, bool], torch.Tensor] = {}
+    done = 0
+    for group in by_shape.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            x = torch.stack([tensors[i].flip(-1) if f else tensors[i] for i, f in chunk])
+            dist = vae.encode(x.to(device=device, dtype=dtype)).latent_dist
+            m = ((dist.mean.float() - shift) * scale).cpu()
+            s = (dist.std.float() * scale).cpu()
+            for k, job in enumerate(chunk):
+                means[job], stds[job] = m[k].clone(), s[k].clone()
+            done += len(chunk)
+            if progress:
+                progress(done, len(jobs))
+    return [CachedLatent(means[(i, False)], stds[(i, False)],
+                         means.get((i, True)), stds.get((i, True))) for i in range(len(tensors))]
