@@ -26,9 +26,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from sdtune.cli import dataset, demo, generate, info, toy
+    from sdtune.cli import convert, dataset, demo, generate, info, merge, prompt, toy, train
 
-    for module in (dataset, demo, generate, info, toy):
+    for module in (convert, dataset, demo, generate, info, merge, prompt, toy, train):
         module.register(cli)
 
 

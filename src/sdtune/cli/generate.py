@@ -67,8 +67,10 @@ def _progress_bar(total_hint: int) -> Any:
 
 def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None, vae: str | None,
                  refiner: str | None, out: Path, device: str | None, dtype: str | None, grid: bool,
-                 overrides: dict[str, Any]) -> list[Path]:
-    """The command's work, callable without click: validate, load, generate, save, print."""
+                 overrides: dict[str, Any], loras: Any = None) -> list[Path]:
+    """The command's work, callable without click: validate, load, generate, save, print.
+
+    loras: `FILE[:WEIGHT]` strings (or (file, weight) pairs) applied to the model."""
     from sdtune.generate import GenerationParams, Generator
     from sdtune.generate.grid import make_grid
     from sdtune.generate.output import check_out_dir, save_grid, save_image
@@ -87,7 +89,14 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
     params = params.validate()  # before loading anything: a typo costs nothing and writes nothing
     check_out_dir(out)
 
-    generator = Generator(model, vae=vae, device=device, dtype=None if dtype == "auto" else dtype)
+    from sdtune.adapters.lora.tags import parse_lora_arg
+
+    lora_specs = [parse_lora_arg(x) if isinstance(x, str) else tuple(x) for x in (loras or ())]
+    for lora_path, _ in lora_specs:  # before loading the model: a typo costs nothing
+        if not Path(lora_path).expanduser().is_file():
+            raise SdtuneError(f"--lora {lora_path}: no such file")
+    generator = Generator(model, vae=vae, device=device, dtype=None if dtype == "auto" else dtype,
+                          loras=lora_specs or None)
     params = generator.prepare(params)
     if recorded is not None and recorded.model and recorded.model.hash and generator.model.hash \
             and recorded.model.hash != generator.model.hash:
@@ -123,12 +132,17 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
 
 
 def register(cli: click.Group) -> None:
+    from sdtune.prompts.emphasis import EMPHASES
+    from sdtune.prompts.syntax import SYNTAXES
+
     @cli.command("generate")
     @click.argument("prompt", required=False)
     @click.option("--negative", "negative_prompt", metavar="TEXT", help="Negative prompt.")
     @click.option("--model", "-m", metavar="MODEL", help="Diffusers folder, .safetensors/.ckpt file, or `tiny` "
                   "(default: tiny).")
     @click.option("--vae", metavar="VAE", help="Replace the model's VAE (folder or file).")
+    @click.option("--lora", "loras", multiple=True, metavar="FILE[:W]", help="Apply a LoRA (kohya, LoCon or "
+                  "diffusers file) with weight W [default: 1]; repeat for several.")
     @click.option("--steps", type=int, help="Sampling steps  [default: 20]")
     @click.option("--cfg", "cfg_scale", type=float, help="Classifier-free guidance scale  [default: 7]")
     @click.option("--seed", type=int, help="Seed of the first image; image i gets seed+i  [default: -1 = random]")
@@ -139,6 +153,11 @@ def register(cli: click.Group) -> None:
     @click.option("--batch-size", "-b", type=int, help="Images per batch (run together)  [default: 1]")
     @click.option("--count", "-n", "batch_count", type=int, help="Number of batches  [default: 1]")
     @click.option("--clip-skip", type=int, help="A1111 clip skip: 1 = last CLIP layer, 2 = one before  [default: 1]")
+    @click.option("--prompt-syntax", type=click.Choice(SYNTAXES), help="Weighting syntax of the prompts: a1111 "
+                  "`(word:1.2)`, compel `word++` / `(word)1.2`, or auto-detect  [default: auto]")
+    @click.option("--emphasis", type=click.Choice(EMPHASES), help="How weights reach the text encoder: original "
+                  "(A1111, mean-preserving), none (multiply only), compel  [default: auto = compel for compel "
+                  "syntax, else original]")
     @click.option("--refiner", metavar="MODEL", help="SDXL refiner for the last part of denoising.")
     @click.option("--refiner-start", type=float, help="Fraction of denoising done by the base model when a "
                   "refiner is used  [default: 0.8]")
@@ -166,5 +185,6 @@ def register(cli: click.Group) -> None:
             click.echo("\n".join(sampler_names()))
             return
         overrides = {k: v for k, v in settings.items() if v is not None}
+        loras = overrides.pop("loras", ())
         run_generate(prompt, from_png=from_png, model=model, vae=vae, refiner=refiner, out=out, device=device,
-                     dtype=dtype, grid=not no_grid, overrides=overrides)
+                     dtype=dtype, grid=not no_grid, overrides=overrides, loras=loras)

@@ -1,8 +1,8 @@
 """Prompt -> text-encoder embeddings, behind a hook that a prompt-weighting layer can replace.
 
 The Generator never passes prompt text to a pipeline; it asks a `PromptEncoder` for embeddings and passes those.
-Today's encoder is diffusers' own `pipe.encode_prompt`; an A1111-style `(word:1.2)` parser only has to provide a
-function with the same signature.
+The default is `sdtune.prompts.WeightedPromptEncoder` (A1111/compel weights, long prompts, prompt editing, AND,
+embeddings by name); `encode_with_pipeline` is diffusers' own `pipe.encode_prompt` (plain text, 77 tokens).
 """
 
 from __future__ import annotations
@@ -22,24 +22,27 @@ class PromptEmbeds:
     negative_prompt_embeds: torch.Tensor | None
     pooled_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
+    guidance: Any = None  # a `generate.guidance.GuidanceSchedule` when conditioning changes per step / uses AND
 
     def as_kwargs(self) -> dict[str, torch.Tensor]:
         """Pipeline keyword arguments; absent parts are left out so SD1/SD2 pipelines accept them too."""
-        return {k: v for k, v in vars(self).items() if v is not None}
+        return {k: v for k, v in vars(self).items() if v is not None and k != "guidance"}
 
 
 class PromptEncoder(Protocol):
     """Encode `prompt`/`negative_prompt` for `pipe`, repeated `num_images` times.
 
-    clip_skip uses A1111's numbering (1 = last layer). do_cfg False means no negative embeddings are needed."""
+    clip_skip uses A1111's numbering (1 = last layer). do_cfg False means no negative embeddings are needed.
+    steps (for prompt editing), prompt_syntax ("auto", "a1111", "compel") and emphasis ("auto", "original",
+    "none", "compel") are passed as keywords; an encoder without those features may ignore them."""
 
     def __call__(self, pipe: Any, prompt: str, negative_prompt: str, *, num_images: int, do_cfg: bool,
-                 clip_skip: int) -> PromptEmbeds: ...
+                 clip_skip: int, **options: Any) -> PromptEmbeds: ...
 
 
 def encode_with_pipeline(pipe: Any, prompt: str, negative_prompt: str, *, num_images: int, do_cfg: bool,
-                         clip_skip: int) -> PromptEmbeds:
-    """The default encoder: the pipeline's own `encode_prompt` (plain text, 77-token truncation, no weights).
+                         clip_skip: int, **_options: Any) -> PromptEmbeds:
+    """diffusers' own `encode_prompt` (plain text, 77-token truncation, no weights; other options are ignored).
 
     An empty negative prompt is passed as None so SDXL applies its `force_zeros_for_empty_prompt` convention."""
     kwargs = dict(

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sdtune.errors import SdtuneError
-from sdtune.generate.conditioning import PromptEmbeds, PromptEncoder, encode_with_pipeline
+from sdtune.generate.conditioning import PromptEmbeds, PromptEncoder
+from sdtune.generate.guidance import Guide, guided_unet
 from sdtune.generate.params import GenerationParams, ModelInfo, infotext_for
 from sdtune.generate.samplers import make_scheduler
 
@@ -70,11 +71,13 @@ class Generator:
 
     model: a spec for `sdtune.models.load_model` (None/"tiny", a diffusers folder, a checkpoint file) or an
     already loaded `LoadedModel`. refiner: optional spec or LoadedModel to preload for `params.refiner`.
-    encode_prompt: the text-conditioning hook (see `conditioning.PromptEncoder`)."""
+    encode_prompt: the text-conditioning hook (see `conditioning.PromptEncoder`); the default is
+    `sdtune.prompts.WeightedPromptEncoder()` (pass one with an `EmbeddingRegistry` to use embeddings by name).
+    loras: [(path, weight), ...] applied to the base model (see `set_loras`)."""
 
     def __init__(self, model: Any = None, *, vae: str | Path | None = None, device: str | None = None,
                  dtype: str | None = None, prediction_type: str | None = None, refiner: Any = None,
-                 encode_prompt: PromptEncoder | None = None) -> None:
+                 encode_prompt: PromptEncoder | None = None, loras: Any = None) -> None:
         self._load_kwargs = dict(device=device, dtype=dtype)
         self.model = model if _is_loaded(model) else _load(model, vae=vae, prediction_type=prediction_type,
                                                            **self._load_kwargs)
@@ -82,12 +85,31 @@ class Generator:
             raise SdtuneError(f"{self.model.name} is an SDXL refiner, which cannot start from noise; "
                               "use an SDXL base model and pass this one as --refiner")
         self.vae_info = _vae_info(vae)
-        self.encode_prompt: PromptEncoder = encode_prompt or encode_with_pipeline
+        if encode_prompt is None:
+            from sdtune.prompts.weighted import WeightedPromptEncoder
+
+            encode_prompt = WeightedPromptEncoder()
+        self.encode_prompt: PromptEncoder = encode_prompt
         self._scheduler_configs: dict[int, dict[str, Any]] = {}
         self._remember_scheduler(self.model)
         self._refiners: dict[str, Any] = {}
         if refiner is not None:
             self.add_refiner(refiner)
+        self._loras: Any = None  # sdtune.adapters.lora.apply.PipelineLoras, created on first use
+        if loras:
+            self.set_loras(loras)
+
+    def set_loras(self, loras: Any) -> Any:
+        """Use these LoRAs on the base model (not the refiner) from the next image on: [(path, weight), ...] or
+        paths (weight 1); [] = none. Files are loaded once and kept; weights change without reloading anything
+        (see `sdtune.adapters.lora.apply`)."""
+        if self._loras is None:
+            if not loras:
+                return []
+            from sdtune.adapters.lora.apply import PipelineLoras
+
+            self._loras = PipelineLoras.for_pipeline(self.model)
+        return self._loras.set(loras)
 
     # -- models ---------------------------------------------------------------------------------------------
 
@@ -154,7 +176,8 @@ class Generator:
 
     def _embeds(self, loaded: Any, params: GenerationParams) -> PromptEmbeds:
         return self.encode_prompt(loaded.pipe, params.prompt, params.negative_prompt, num_images=params.batch_size,
-                                  do_cfg=params.cfg_scale > 1.0, clip_skip=params.clip_skip)
+                                  do_cfg=params.cfg_scale > 1.0, clip_skip=params.clip_skip, steps=params.steps,
+                                  prompt_syntax=params.prompt_syntax, emphasis=params.emphasis)
 
     def generate(self, params: GenerationParams, *, progress: Progress | None = None) -> list[GeneratedImage]:
         """Run `params.batch_count` batches of `params.batch_size` images; returns them in seed order."""
@@ -178,8 +201,9 @@ class Generator:
             seeds = [params.seed + batch * params.batch_size + j for j in range(params.batch_size)]
             latents, gens = self._noise(seeds, params.height, params.width)
 
-            def report(lo: float, hi: float) -> Callable[..., dict]:
+            def report(lo: float, hi: float, guide: Guide) -> Callable[..., dict]:
                 def on_step(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+                    guide.step_done(i)
                     if progress is not None:
                         n = max(1, getattr(pipe, "num_timesteps", 0) or params.steps)
                         frac = lo + (hi - lo) * min(1.0, (i + 1) / n)
@@ -188,17 +212,25 @@ class Generator:
                 return on_step
 
             common = dict(num_inference_steps=params.steps, guidance_scale=float(params.cfg_scale), generator=gens)
-            with torch.no_grad():
+            base_guide = Guide(embeds.guidance)
+            with torch.no_grad(), guided_unet(base.pipe, base_guide):
                 result = base.pipe(**embeds.as_kwargs(), **common, height=params.height, width=params.width,
                                    latents=latents, output_type="latent" if refiner is not None else "pil",
-                                   callback_on_step_end=report(0.0, split),
+                                   callback_on_step_end=report(0.0, split, base_guide),
                                    **({"denoising_end": split} if refiner is not None else {})).images
-                if refiner is not None:
+            if refiner is not None:
+                # the refiner continues the step count where the base model stopped (prompt editing, AND)
+                ref_guide = Guide(ref_embeds.guidance, start=base_guide.step)
+                with torch.no_grad(), guided_unet(refiner.pipe, ref_guide):
                     result = refiner.pipe(**ref_embeds.as_kwargs(), **common, image=result, denoising_start=split,
-                                          output_type="pil", callback_on_step_end=report(split, 1.0)).images
+                                          output_type="pil", callback_on_step_end=report(split, 1.0, ref_guide)).images
             for j, (image, seed) in enumerate(zip(result, seeds)):
                 text = infotext_for(params, seed=seed, width=params.width, height=params.height, model=model_info,
                                     vae=self.vae_info, refiner=refiner_info, batch_pos=j)
+                if self._loras is not None:
+                    from sdtune.adapters.lora.tags import add_infotext_field, lora_hashes_value
+
+                    text = add_infotext_field(text, "Lora hashes", lora_hashes_value(self._loras.infotext_entries()))
                 out.append(GeneratedImage(image, seed, params, text, index=len(out), batch_pos=j))
         if progress is not None:
             progress(total, total)

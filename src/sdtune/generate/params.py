@@ -30,7 +30,8 @@ class GenerationParams:
 
     width/height None mean the model's native size. seed -1 picks a random seed; image i of the run (over all
     batches) gets seed + i. clip_skip uses A1111's numbering (1 = last CLIP layer, 2 = the one before).
-    refiner is a model spec or name; refiner_start the fraction of denoising done by the base model."""
+    refiner is a model spec or name; refiner_start the fraction of denoising done by the base model.
+    prompt_syntax: auto, a1111 or compel; emphasis: auto, original, none or compel (see docs/prompts.md)."""
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -45,6 +46,8 @@ class GenerationParams:
     clip_skip: int = 1
     refiner: str | None = None
     refiner_start: float = 0.8
+    prompt_syntax: str = "auto"
+    emphasis: str = "auto"
 
     def replace(self, **changes: Any) -> GenerationParams:
         return dataclasses.replace(self, **changes)
@@ -78,6 +81,13 @@ class GenerationParams:
                               "use e.g. 0.8 (base does 80% of the steps)")
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise SdtuneError("prompt and negative prompt must be text")
+        from sdtune.prompts.emphasis import EMPHASES
+        from sdtune.prompts.syntax import SYNTAXES
+
+        if self.prompt_syntax not in SYNTAXES:
+            raise SdtuneError(f"prompt syntax {self.prompt_syntax!r} is unknown; use one of {', '.join(SYNTAXES)}")
+        if self.emphasis not in EMPHASES:
+            raise SdtuneError(f"emphasis {self.emphasis!r} is unknown; use one of {', '.join(EMPHASES)}")
         return self.replace(sampler=check_sampler(self.sampler).name)
 
     def with_seed(self) -> GenerationParams:
@@ -118,9 +128,16 @@ def infotext_for(params: GenerationParams, *, seed: int, width: int, height: int
         "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
         "Refiner": (f"{refiner.name} [{refiner.hash}]" if refiner.hash else refiner.name) if refiner else None,
         "Refiner switch at": float(params.refiner_start) if refiner else None,
+        "Prompt syntax": params.prompt_syntax if params.prompt_syntax != "auto" else None,
+        "Emphasis": _EMPHASIS_NAMES.get(params.emphasis),
         "Version": f"sdtune {__version__}",
     }
     return format_infotext(params.prompt, params.negative_prompt, fields)
+
+
+# infotext names (A1111's where it has the mode); "auto" and A1111's default "Original" are not written
+_EMPHASIS_NAMES = {"original": "Original", "none": "No norm", "compel": "compel"}
+_EMPHASIS_FROM_TEXT = {"original": "original", "no norm": "none", "compel": "compel"}
 
 
 @dataclass
@@ -173,6 +190,12 @@ def params_from_infotext(info: Infotext) -> Recorded:
         changes["width"], changes["height"] = size
     changes["clip_skip"] = take("Clip skip", int, p.clip_skip)
     changes["batch_size"] = take("Batch size", int, 1)
+    syntax = f.pop("Prompt syntax", None)
+    if syntax in ("a1111", "compel"):
+        changes["prompt_syntax"] = syntax
+    emphasis = f.get("Emphasis")
+    if emphasis is not None and emphasis.strip().lower() in _EMPHASIS_FROM_TEXT:
+        changes["emphasis"] = _EMPHASIS_FROM_TEXT[f.pop("Emphasis").strip().lower()]
     batch_pos = take("Batch pos", int, 0)
     refiner = take("Refiner", _name_and_hash)
     if refiner:

@@ -53,6 +53,7 @@ HELD_OUT = {
 
 STRIPE_PERIOD = 6
 OUTLINE_WIDTH = 3
+BLUR_RADIUS = 4.5  # wide enough to stay visibly blurry after the tiny VAE, whose own edges are soft
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def render(scene: Scene) -> Image.Image:
         fill[rows] = np.array(shade(COLOURS[scene.colour]), dtype=np.float32)
     img = bg * (1 - m) + fill * m
     if scene.style == "blurry":
-        img = np.asarray(Image.fromarray(img.round().astype(np.uint8)).filter(ImageFilter.GaussianBlur(2.0)), dtype=np.float32)
+        img = np.asarray(Image.fromarray(img.round().astype(np.uint8)).filter(ImageFilter.GaussianBlur(BLUR_RADIUS)), dtype=np.float32)
     elif scene.style == "noisy":
         rng = np.random.default_rng(scene.noise_seed)
         img = img + rng.normal(0.0, 45.0, img.shape)

@@ -1,0 +1,616 @@
+"""`TrainConfig`: the one schema of a training run, shared by the Python API, TOML files and the CLI.
+
+Every setting is a dataclass field whose metadata carries its section, help text, kind and choices. The CLI builds
+its options from that metadata (`click_options`), TOML files are read into it (`from_toml`) and the effective
+config of a run is written back as `config.toml` and `config.json` (`write`), so `sdtune train --config
+out/config.toml` repeats a run exactly. A method's own settings (LoRA rank, ...) live in the method's `Options`
+dataclass, declared with the same `opt()` helper, in a TOML table named after the method:
+
+    method = "lora"
+    [model]
+    model = "tiny"
+    [data]
+    data = "data/heart"
+    [optim]
+    steps = 200
+    lr = "1e-3:100, 1e-4"
+    [lora]
+    rank = 8
+
+Keys may also be given flat (without the section tables). Precedence: defaults < saved run (on resume) <
+`--config` file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from sdtune.errors import SdtuneError
+
+SECTIONS = ("model", "data", "augment", "optim", "output", "samples", "eval", "log")
+KINDS = ("str", "path", "int", "float", "bool", "strs", "ints", "lr")
+
+
+def opt(default: Any, help: str, *, section: str, kind: str, choices: Iterable[str] | None = None,
+        cli: bool = True, metavar: str | None = None) -> Any:
+    """A config field with the metadata the CLI, TOML reader and validation use."""
+    assert kind in KINDS, kind
+    meta = {"help": help, "section": section, "kind": kind, "choices": tuple(choices) if choices else None,
+            "cli": cli, "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class NoOptions:
+    """A method without settings of its own."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. See each field's help (or `sdtune train METHOD --help`)."""
+
+    method: str = opt("lora", "Training method.", section="", kind="str", cli=False)
+    # -- model
+    model: str = opt("tiny", "Base model: a diffusers folder, a .safetensors/.ckpt checkpoint, or tiny.",
+                     section="model", kind="path", metavar="PATH")
+    vae: str | None = opt(None, "Use this VAE instead of the model's (folder or single file).",
+                          section="model", kind="path", metavar="PATH")
+    prediction_type: str | None = opt(None, "Override the model's prediction type (SD2 checkpoints that cannot "
+                                      "tell).", section="model", kind="str", choices=("epsilon", "v_prediction"))
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N or mps.", section="model", kind="str")
+    mixed_precision: str = opt("no", "Mixed precision: no (fp32), fp16 (CUDA) or bf16. Trained weights stay fp32.",
+                               section="model", kind="str", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, slower).",
+                                       section="model", kind="bool")
+    clip_skip: int = opt(1, "CLIP layer to condition on, A1111 numbering (1 = last, 2 = the one before; SDXL "
+                         "always uses its own convention).", section="model", kind="int")
+    # -- data
+    data: str | None = opt(None, "Training images folder (plain, or kohya <repeats>_<name> subfolders).",
+                           section="data", kind="path", metavar="DIR")
+    resolution: int | None = opt(None, "Training size in pixels (default: the model's native size).",
+                                 section="data", kind="int")
+    buckets: bool = opt(False, "Train each image at the aspect-ratio bucket nearest its own shape instead of a "
+                        "centre-cropped square.", section="data", kind="bool")
+    val_split: float = opt(0.0, "Fraction of the images held out for validation (0 = none).", section="data",
+                           kind="float")
+    val_dir: str | None = opt(None, "Folder of validation images (instead of --val-split).", section="data",
+                              kind="path", metavar="DIR")
+    skip_bad: bool = opt(False, "Skip unreadable images with a warning instead of stopping.", section="data",
+                         kind="bool")
+    latents: str = opt("sample", "Latents to train on: a fresh sample of the VAE posterior each step, or its "
+                       "mean.", section="data", kind="str", choices=("sample", "mean"))
+    # -- augmentation
+    flip: float = opt(0.0, "Chance of a horizontal flip (mirrors text and asymmetric features).",
+                      section="augment", kind="float")
+    crop: str = opt("center", "Crop: center (latents cached once) or random (encoded every step).",
+                    section="augment", kind="str", choices=("center", "random"))
+    zoom: float = opt(1.0, "With random crop: enlarge by a random factor up to this before cropping (>= 1).",
+                      section="augment", kind="float")
+    shuffle_tags: bool = opt(False, "Shuffle comma-separated caption tags.", section="augment", kind="bool")
+    keep_tokens: int = opt(0, "Tags at the start of the caption kept in place by shuffle and tag dropout.",
+                           section="augment", kind="int")
+    tag_dropout: float = opt(0.0, "Chance of dropping each (not kept) tag.", section="augment", kind="float")
+    caption_dropout: float = opt(0.0, "Chance the whole caption becomes empty (unconditional training).",
+                                 section="augment", kind="float")
+    # -- optimisation
+    steps: int = opt(1000, "Optimizer steps to train.", section="optim", kind="int")
+    lr: float | str = opt(1e-4, "Learning rate, or A1111's schedule '0.005:100, 1e-3:1000, 1e-5'.",
+                          section="optim", kind="lr", metavar="RATE")
+    lr_scheduler: str = opt("constant", "Shape of the rate over the run.", section="optim", kind="str",
+                            choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    warmup_steps: int = opt(0, "Linear warm-up steps.", section="optim", kind="int")
+    optimizer: str = opt("adamw", "Optimizer.", section="optim", kind="str", choices=("adamw", "sgd"))
+    batch_size: int = opt(1, "Images per batch.", section="optim", kind="int")
+    grad_accum: int = opt(1, "Batches accumulated per optimizer step.", section="optim", kind="int")
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 = off).", section="optim", kind="float")
+    weight_decay: float = opt(0.01, "AdamW weight decay.", section="optim", kind="float")
+    noise_offset: float = opt(0.0, "Noise offset (adds a per-channel constant to the noise; 0 = off).",
+                              section="optim", kind="float")
+    min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is typical; 0 = off).", section="optim",
+                               kind="float")
+    seed: int = opt(0, "Seed for data order, augmentations, noise and timesteps.", section="optim", kind="int")
+    # -- output
+    out: str | None = opt(None, "Output folder (checkpoints, samples, logs, state).", section="output",
+                          kind="path", metavar="DIR")
+    output_name: str | None = opt(None, "File name of the result without extension (default: the method name).",
+                                  section="output", kind="str")
+    save_every: int = opt(250, "Save (and evaluate) a checkpoint every N steps (0 = only at the end).",
+                          section="output", kind="int")
+    keep_checkpoints: str = opt("best", "Checkpoint files to keep: all, best, or last.", section="output",
+                                kind="str", choices=("all", "best", "last"))
+    keep_states: int = opt(1, "Resumable training states kept in OUT/state.", section="output", kind="int")
+    resume: str | None = opt(None, "Continue from OUT/state ('auto': if there is one) or from a state folder.",
+                             section="output", kind="str", metavar="[auto|DIR]")
+    # -- samples
+    sample_every: int = opt(0, "Make a sample grid every N steps (0 = off).", section="samples", kind="int")
+    sample_prompts: list[str] = opt([], "Prompt for the sample grids (repeat the option for several).",
+                                    section="samples", kind="strs", metavar="TEXT")
+    sample_seeds: list[int] = opt([1], "Seeds for the sample grids (repeat or comma-separate).",
+                                  section="samples", kind="ints", metavar="SEED")
+    sample_negative: str = opt("", "Negative prompt for the samples.", section="samples", kind="str")
+    sample_steps: int = opt(20, "Sampling steps for the samples.", section="samples", kind="int")
+    sample_cfg: float = opt(7.0, "CFG scale for the samples.", section="samples", kind="float")
+    sample_sampler: str | None = opt(None, "Sampler for the samples (A1111 name; default as `generate`).",
+                                     section="samples", kind="str")
+    # -- evaluation
+    val_timesteps: int = opt(8, "Fixed timesteps per validation image, spread over [50, 950].", section="eval",
+                             kind="int")
+    early_stop: str | None = opt(None, "Stop after 'patience[,min_delta]' evaluations without improvement.",
+                                 section="eval", kind="str", metavar="P[,D]")
+    select_by: str = opt("val_loss", "Metric that picks the best checkpoint: val_loss, or an evaluator metric; "
+                         "append :min or :max (default min for *loss*, max otherwise).", section="eval", kind="str")
+    # -- logging
+    progress: bool = opt(True, "Show a progress bar.", section="log", kind="bool")
+    tensorboard: bool = opt(True, "Write TensorBoard logs to OUT/tensorboard when tensorboard is installed.",
+                            section="log", kind="bool")
+    # -- the method's own settings (its Options dataclass), in a table named after the method
+    options: Any = field(default=None, metadata={"section": "", "kind": "options", "cli": False})
+
+    # ---------------------------------------------------------------------------------------------- building
+
+    def __post_init__(self) -> None:
+        if self.options is None:
+            self.options = options_class(self.method)()
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.metadata.get("kind") in KINDS]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config", base: TrainConfig | None = None
+                  ) -> TrainConfig:
+        """A config from a flat or sectioned mapping (TOML/JSON layout), on top of `base` (or the defaults)."""
+        flat, method_table, method = _flatten(data, source)
+        cfg = base.replace() if base is not None else cls(method=method or "lora")
+        if method and method != cfg.method:
+            cfg = cfg.replace(method=method, options=options_class(method)())
+        return cfg.merged(flat, source=source, method_options=method_table)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, *, base: TrainConfig | None = None) -> TrainConfig:
+        import tomllib
+
+        p = Path(path).expanduser()
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SdtuneError(f"config file {p} does not exist; check the path") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SdtuneError(f"config file {p} is unreadable ({exc}); fix it") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SdtuneError(f"config file {p} is not valid TOML: {exc}") from None
+        return cls.from_dict(data, source=str(p), base=base)
+
+    @classmethod
+    def from_json(cls, path: str | Path, *, base: TrainConfig | None = None) -> TrainConfig:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SdtuneError(f"config file {p} is unreadable ({exc}); fix it or start a new run") from None
+        return cls.from_dict(data, source=str(p), base=base)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        new = dataclasses.replace(self, **changes)
+        if "options" not in changes:
+            new.options = dataclasses.replace(self.options)
+        return new
+
+    def merged(self, values: Mapping[str, Any], *, source: str = "options",
+               method_options: Mapping[str, Any] | None = None) -> TrainConfig:
+        """A copy with `values` (flat field names) and method options applied, each type-checked."""
+        by_name = {f.name: f for f in self.fields()}
+        changes: dict[str, Any] = {}
+        for key, value in values.items():
+            if key == "method":
+                continue
+            if key not in by_name:
+                raise SdtuneError(_unknown(key, by_name, source))
+            changes[key] = coerce(key, by_name[key].metadata, value, source, nullable=by_name[key].default is None)
+        new = self.replace(**changes)
+        if method_options:
+            new.options = merge_options(new.options, method_options, source=f"{source} [{new.method}]")
+        return new
+
+    # ---------------------------------------------------------------------------------------------- writing
+
+    def to_dict(self) -> dict[str, Any]:
+        """Sectioned layout: {"method": ..., "model": {...}, ..., <method>: {...}}; None values kept (JSON null)."""
+        out: dict[str, Any] = {"method": self.method}
+        for sec in SECTIONS:
+            out[sec] = {f.name: _plain(getattr(self, f.name)) for f in self.fields() if f.metadata["section"] == sec}
+        out[self.method] = {f.name: _plain(getattr(self.options, f.name)) for f in dataclasses.fields(self.options)}
+        return out
+
+    def to_toml(self) -> str:
+        lines = ["# sdtune training config: `sdtune train " + self.method + " --config THIS_FILE` repeats the run.",
+                 f"method = {_toml_value(self.method)}", ""]
+        for sec, values in self.to_dict().items():
+            if sec == "method":
+                continue
+            lines.append(f"[{sec}]")
+            for k, v in values.items():
+                lines.append(f"{k} = {_toml_value(v)}" if v is not None else f"# {k} = (unset)")
+            lines.append("")
+        return "\n".join(lines)
+
+    def write(self, folder: str | Path) -> None:
+        """Write config.toml and config.json into `folder` atomically."""
+        folder = Path(folder)
+        write_text_atomic(folder / "config.toml", self.to_toml())
+        write_text_atomic(folder / "config.json", json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # ---------------------------------------------------------------------------------------------- checking
+
+    @property
+    def name(self) -> str:
+        return self.output_name or self.method
+
+    @property
+    def out_dir(self) -> Path:
+        if not self.out:
+            raise SdtuneError("no output folder; pass --out DIR")
+        return Path(self.out).expanduser()
+
+    def check_values(self, method: type | None = None) -> TrainConfig:
+        """Range and consistency checks that need no files. Raises a one-line SdtuneError. `method`: the method
+        class (default: the registered `self.method`)."""
+        from sdtune.training.schedules import LRSchedule, parse_early_stop
+
+        for f in self.fields():
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise SdtuneError(f"{f.name} {value!r} is not one of {', '.join(choices)}")
+        _at_least("steps", self.steps, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("grad_accum", self.grad_accum, 1)
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        _at_least("save_every", self.save_every, 0)
+        _at_least("sample_every", self.sample_every, 0)
+        _at_least("sample_steps", self.sample_steps, 1)
+        _at_least("keep_states", self.keep_states, 1)
+        _at_least("keep_tokens", self.keep_tokens, 0)
+        _at_least("clip_skip", self.clip_skip, 1)
+        _at_least("val_timesteps", self.val_timesteps, 1)
+        if self.val_timesteps > 900:
+            raise SdtuneError(f"val_timesteps {self.val_timesteps} is too many; use 1..900 (8 is typical)")
+        if not 0 <= self.seed < 2**63:
+            raise SdtuneError(f"seed {self.seed} is out of range; use 0 .. 2**63-1")
+        for name in ("max_grad_norm", "weight_decay", "noise_offset", "min_snr_gamma", "sample_cfg"):
+            _finite_at_least(name, getattr(self, name), 0.0)
+        for name in ("flip", "tag_dropout", "caption_dropout"):
+            value = getattr(self, name)
+            _finite_at_least(name, value, 0.0)
+            if value > 1:
+                raise SdtuneError(f"{name} {value} is a probability; use a value between 0 and 1")
+        _finite_at_least("zoom", self.zoom, 1.0)
+        if self.zoom > 1 and self.crop != "random":
+            raise SdtuneError(f"zoom {self.zoom} needs crop = random (a centre crop has no random scale)")
+        if not (math.isfinite(self.val_split) and 0 <= self.val_split < 1):
+            raise SdtuneError(f"val_split {self.val_split} must be a fraction in [0, 1), e.g. 0.1")
+        if self.val_split > 0 and self.val_dir:
+            raise SdtuneError("val_split and val_dir both given; hold images out with one of them")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise SdtuneError(f"resolution {self.resolution} must be a multiple of 8 and at least 8 (512 SD1, "
+                              "768 SD2-v, 1024 SDXL, 64 tiny)")
+        sched = LRSchedule.from_config(self.lr, self.lr_scheduler, self.warmup_steps, self.steps)
+        if sched.peak <= 0:
+            raise SdtuneError(f"learning rate {self.lr!r} is 0 everywhere; nothing would be learned")
+        if self.warmup_steps and self.warmup_steps >= self.steps:
+            raise SdtuneError(f"warmup_steps {self.warmup_steps} must be less than steps {self.steps}")
+        if self.warmup_steps and self.lr_scheduler == "constant":
+            raise SdtuneError("warmup_steps needs lr_scheduler constant_with_warmup, linear or cosine")
+        parse_early_stop(self.early_stop)
+        if self.early_stop and parse_early_stop(self.early_stop) and self.save_every == 0:
+            raise SdtuneError("early_stop needs save_every > 0 (checkpoints are evaluated when they are saved)")
+        parse_select_by(self.select_by)
+        if self.sample_every and not self.sample_prompts:
+            raise SdtuneError("sample_every is set but there are no sample prompts; add --sample-prompt TEXT")
+        if self.sample_prompts and not self.sample_seeds:
+            raise SdtuneError("sample prompts need at least one seed; add --sample-seed N")
+        if any(s < 0 for s in self.sample_seeds):
+            raise SdtuneError("sample seeds must be >= 0")
+        if self.output_name is not None and (not self.output_name.strip() or re.search(r"[\\/:*?\"<>|]",
+                                                                                     self.output_name)):
+            raise SdtuneError(f"output_name {self.output_name!r} must be a plain file name without / \\ : * ? \" "
+                              "< > |")
+        if self.sample_sampler:
+            from sdtune.generate.samplers import get_sampler
+
+            try:
+                get_sampler(self.sample_sampler)
+            except SdtuneError as exc:
+                raise SdtuneError(f"sample_sampler: {exc}") from None
+        cls = method or method_cls(self.method)
+        cls.check_options(self.options if isinstance(self.options, getattr(cls, "Options", NoOptions))
+                          else cls.Options(), self)
+        return self
+
+    def check_paths(self, *, model: bool = True, data: bool = True) -> TrainConfig:
+        """Files and folders: model/vae/data/val_dir exist, the output folder is (or can be) a writable folder."""
+        if model and str(self.model).strip().lower() != "tiny" and not Path(self.model).expanduser().exists():
+            raise SdtuneError(f"model {self.model!r} not found; pass a diffusers folder, a .safetensors/.ckpt file, "
+                              "or tiny")
+        if self.vae is not None and not Path(self.vae).expanduser().exists():
+            raise SdtuneError(f"vae {self.vae!r} not found; pass a VAE folder or file")
+        if data:
+            if not self.data:
+                raise SdtuneError("no training data; pass --data DIR (a folder of images with .txt captions)")
+            for name in ("data", "val_dir"):
+                value = getattr(self, name)
+                if value is None:
+                    continue
+                p = Path(value).expanduser()
+                if not p.is_dir():
+                    what = "does not exist" if not p.exists() else "is a file, not a folder"
+                    raise SdtuneError(f"{name} folder {p} {what}; pass the folder that holds the images")
+        out = self.out_dir
+        if out.exists() and not out.is_dir():
+            raise SdtuneError(f"output folder {out} is a file; pass a folder with --out")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=".write-test.")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as exc:
+            raise SdtuneError(f"output folder {out} is not writable ({exc.strerror or exc}); choose another --out") \
+                from None
+        if self.resume not in (None, "auto") and not Path(self.resume).expanduser().exists():
+            raise SdtuneError(f"resume state {self.resume} does not exist; pass --resume alone to continue from "
+                              f"{out / 'state'}")
+        return self
+
+    def validate(self, *, model: bool = True, data: bool = True) -> TrainConfig:
+        """Everything that can be checked before loading anything (values, then files and folders)."""
+        return self.check_values().check_paths(model=model, data=data)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def method_cls(name: str) -> Any:
+    from sdtune.training.methods import get_method
+
+    return get_method(name)
+
+
+def options_class(method: str) -> type:
+    from sdtune.training.methods import METHODS
+
+    cls = METHODS.get(method)
+    return getattr(cls, "Options", NoOptions) if cls is not None else NoOptions
+
+
+def merge_options(options: Any, values: Mapping[str, Any], *, source: str) -> Any:
+    by_name = {f.name: f for f in dataclasses.fields(options)}
+    changes = {}
+    for key, value in values.items():
+        if key not in by_name:
+            raise SdtuneError(_unknown(key, by_name, source))
+        f = by_name[key]
+        changes[key] = coerce(key, f.metadata, value, source, nullable=f.default is None)
+    return dataclasses.replace(options, **changes)
+
+
+def _unknown(key: str, known: Iterable[str], source: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{source}: unknown setting {key!r}{hint}"
+
+
+def _flatten(data: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """(flat field values, the method's table, method name) from a sectioned or flat mapping."""
+    from sdtune.training.methods import METHODS
+
+    method = data.get("method")
+    if method is not None and (not isinstance(method, str) or method not in METHODS):
+        raise SdtuneError(f"{source}: method {method!r} is unknown; use one of {', '.join(sorted(METHODS))}")
+    field_sections = {f.name: f.metadata["section"] for f in TrainConfig.fields()}
+    flat: dict[str, Any] = {}
+    method_table: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "method":
+            continue
+        if key in SECTIONS:
+            if not isinstance(value, Mapping):
+                raise SdtuneError(f"{source}: [{key}] must be a table of settings")
+            for k, v in value.items():
+                if k in field_sections and field_sections[k] != key:
+                    raise SdtuneError(f"{source}: {k!r} belongs in [{field_sections[k]}], not [{key}]")
+                flat[k] = v
+        elif key in METHODS:
+            if method is not None and key != method:
+                continue  # another method's table: ignored, so one file can hold settings for several methods
+            if not isinstance(value, Mapping):
+                raise SdtuneError(f"{source}: [{key}] must be a table of settings")
+            method_table.update(value)
+        else:
+            flat[key] = value
+    return flat, method_table, method
+
+
+def coerce(name: str, meta: Mapping[str, Any], value: Any, source: str, *, nullable: bool) -> Any:
+    """Check and convert one value to its field's kind; one-line SdtuneError naming the setting otherwise."""
+    kind = meta["kind"]
+    where = f"{source}: {name}"
+    if value is None:
+        if nullable:
+            return None
+        raise SdtuneError(f"{where} cannot be empty")
+    if kind in ("str", "path"):
+        if isinstance(value, Path):
+            return str(value)
+        if not isinstance(value, str):
+            raise SdtuneError(f"{where} must be text, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            return int(value)
+        if isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SdtuneError(f"{where} must be a whole number, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise SdtuneError(f"{where} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SdtuneError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise SdtuneError(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+    if kind == "bool":
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.strip().lower() in ("true", "yes", "1", "on")
+        if not isinstance(value, bool):
+            raise SdtuneError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind == "lr":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise SdtuneError(f"{where} must be a number or a schedule string, got {value!r}")
+        from sdtune.training.schedules import parse_lr
+
+        parse_lr(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # a plain number typed on the command line
+            except ValueError:
+                return value.strip()
+        return float(value)
+    if kind == "strs":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise SdtuneError(f"{where} must be a list of texts, got {value!r}")
+        return list(items)
+    if kind == "ints":
+        if isinstance(value, str):
+            value = [value]
+        items = [value] if isinstance(value, int) else value
+        if not isinstance(items, (list, tuple)):
+            raise SdtuneError(f"{where} must be a list of whole numbers, got {value!r}")
+        items = [p for v in items for p in (re.split(r"[,\s]+", v.strip()) if isinstance(v, str) else [v]) if p != ""]
+        out = []
+        for v in items:
+            if isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip()):
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SdtuneError(f"{where} must be a list of whole numbers, got {value!r}")
+            out.append(v)
+        return out
+    raise AssertionError(kind)
+
+
+def parse_select_by(text: str) -> tuple[str, str]:
+    """"val_loss" -> ("val_loss", "min"); "clip:max" -> ("clip", "max"). Default min for names with 'loss'."""
+    name, sep, mode = str(text).strip().partition(":")
+    name = name.strip()
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.\-/]+", name):
+        raise SdtuneError(f"select_by {text!r}: use a metric name such as val_loss, optionally with :min or :max")
+    mode = mode.strip().lower() if sep else ("min" if "loss" in name.lower() else "max")
+    if mode not in ("min", "max"):
+        raise SdtuneError(f"select_by {text!r}: the direction must be :min or :max")
+    return name, mode
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise SdtuneError(f"{name} {value} must be at least {low}")
+
+
+def _finite_at_least(name: str, value: float, low: float) -> None:
+    if not math.isfinite(value) or value < low:
+        raise SdtuneError(f"{name} {value} must be a finite number >= {low:g}")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file via a temp file in the same folder + fsync + os.replace."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def click_options(fields: Iterable[dataclasses.Field]) -> list[Any]:
+    """click options for config fields: --name-with-dashes, default None (so only given flags override)."""
+    import click
+
+    out = []
+    for f in fields:
+        meta = f.metadata
+        if not meta.get("cli", True) or meta.get("kind") not in KINDS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        shown = "" if default in (None, [], "") else f" [default: {_shown(default)}]"
+        help_text = meta["help"] + shown
+        kind = meta["kind"]
+        kw: dict[str, Any] = {"default": None, "help": help_text}
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        if kind == "bool":
+            out.append(click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw))
+            continue
+        if meta.get("choices"):
+            kw["type"] = click.Choice(meta["choices"])
+        elif kind == "int":
+            kw["type"] = int
+        elif kind == "float":
+            kw["type"] = float
+        if kind == "strs":
+            kw.update(multiple=True, default=())
+            flag = flag.rstrip("s")  # --sample-prompt TEXT, repeated
+        elif kind == "ints":
+            kw.update(multiple=True, default=())
+            flag = flag.rstrip("s")
+        if f.name == "resume":
+            kw.update(is_flag=False, flag_value="auto")
+        out.append(click.option(flag, f.name, **kw))
+    return out
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)

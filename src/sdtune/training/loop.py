@@ -1,0 +1,849 @@
+"""THE training loop, shared by every method (`training.methods`).
+
+    from sdtune.training import TrainConfig, train
+    result = train(TrainConfig(method="lora", data="data/heart", out="runs/heart", steps=500, lr=1e-4))
+
+What the loop guarantees:
+* Everything is validated before training starts (config values, paths, a writable output folder, the model's
+  family and resolution, the dataset), with one-line `SdtuneError`s.
+* Determinism: for a given seed on the same machine the loss sequence is identical. Data order and augmentations
+  depend only on (seed, epoch, position), noise/timesteps/latent samples on (seed, step, micro-batch).
+* Never losing progress: OUT/state holds the last complete resumable state (weights, optimizer, RNG states,
+  data position, history, config), written atomically (see `training.checkpoint`); SIGINT/SIGTERM save and
+  stop cleanly; `resume` continues so that the per-step losses equal an uninterrupted run's.
+* A non-finite loss, gradient or weight rolls back to the last good state and stops with the likely cause;
+  non-finite weights are never written.
+* Checkpoints every `save_every` steps are evaluated (fixed-noise validation loss, optional `evaluator`
+  metrics); early stopping and best-checkpoint selection; the final file is the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from sdtune.errors import SdtuneError
+from sdtune.training.checkpoint import StateStore, TrainState, capture_rng, link_or_copy, restore_rng
+from sdtune.training.config import TrainConfig, parse_select_by
+from sdtune.training.methods import Batch, Conditioning, TrainingMethod, get_method
+from sdtune.training.noise import NoiseModel, step_generator
+from sdtune.training.runlog import RunLog, format_summary, write_summary
+from sdtune.training.schedules import LRSchedule, parse_early_stop
+from sdtune.training.validation import Selection, ValidationSet
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+# Settings that may differ on resume without changing the maths of the steps already taken.
+RESUME_FREE = {"steps", "save_every", "keep_checkpoints", "keep_states", "resume", "sample_every", "sample_prompts",
+               "sample_seeds", "sample_negative", "sample_steps", "sample_cfg", "sample_sampler", "early_stop",
+               "select_by", "progress", "tensorboard", "out", "device"}
+
+
+@dataclass
+class EvalContext:
+    """What an evaluator gets at each checkpoint. `generate(...)` makes images with the current weights."""
+
+    step: int
+    checkpoint: Path
+    trainer: Trainer
+
+    @property
+    def model(self) -> Any:
+        return self.trainer.model
+
+    @property
+    def method(self) -> TrainingMethod:
+        return self.trainer.method
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.trainer.config
+
+    def generate(self, prompts: list[str] | str, seeds: list[int] | int, **params: Any) -> list[Any]:
+        """PIL images for every (prompt, seed), prompt-major; params override GenerationParams fields."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        return self.trainer.generate_images(prompts, seeds, **params)
+
+
+Evaluator = Callable[[EvalContext], Mapping[str, float]]
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int                       # the last completed step
+    stopped: str                    # finished | early_stop | interrupted | diverged
+    final: Path | None              # OUT/<name><ext>: the best checkpoint (None when interrupted or none saved)
+    best_step: int | None
+    rows: list[dict[str, Any]]      # one per evaluated checkpoint (as in summary.json)
+    losses: list[float]             # this session's per-step losses
+    message: str = ""
+    signal: int | None = None       # the signal that interrupted the run
+
+    @property
+    def log(self) -> Path:
+        return self.out / "log.jsonl"
+
+
+class TrainingDiverged(SdtuneError):
+    """The loss, gradients or weights became NaN/Inf; the run was rolled back to the last good state."""
+
+    def __init__(self, message: str, result: TrainResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(what)
+        self.step, self.what = step, what
+
+
+def _make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    kwargs = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu)
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as exc:
+        # accelerate keeps one global state per process; a later run in the same process (Python API, tests)
+        # with another precision needs it reset. Only safe without distributed processes.
+        if "already been initialized" not in str(exc) or AcceleratorState().num_processes != 1:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(**kwargs)
+
+
+def _finite(tensors: Any) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+class Trainer:
+    """One training run. `run()` validates, prepares, trains and returns a `TrainResult`.
+
+    method: a `TrainingMethod` instance (default: `METHODS[config.method](config.options)`).
+    model: an already loaded `LoadedModel` to train in place (default: `load_model(config.model, ...)`).
+    evaluator: called at every checkpoint with an `EvalContext`; returns extra metrics {name: float}.
+    on_step: called after every optimizer step with (trainer, step, loss); may call `request_stop()`.
+    handle_signals: SIGINT/SIGTERM stop after the current step with the state saved (main thread only)."""
+
+    def __init__(self, config: TrainConfig, *, method: TrainingMethod | None = None, model: Any = None,
+                 evaluator: Evaluator | None = None, on_step: Callable[[Trainer, int, float], None] | None = None,
+                 handle_signals: bool = True, echo: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.method = method
+        self.model = model
+        self._given_model = model is not None
+        self.evaluator = evaluator
+        self.on_step = on_step
+        self.handle_signals = handle_signals
+        self._echo = echo
+        self.step = 0
+        self.epoch = 0
+        self.cursor = 0
+        self.rows: list[dict[str, Any]] = []
+        self.losses: list[float] = []
+        self._pending: list[float] = []
+        self._stop: str | None = None
+        self._signal: int | None = None
+        self._generator: Any = None
+        self._epoch_cache: tuple[int, list[int], list[list[int]]] | None = None
+        self._fp16_skips = 0
+        self.log: RunLog | None = None
+
+    # ================================================================================================ public
+
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """Stop after the current step; the state is saved and the run can be resumed."""
+        self._stop = reason
+
+    def echo(self, text: str) -> None:
+        if self.log is not None:
+            self.log.message(text)
+        elif self._echo is not None:
+            self._echo(text)
+        else:
+            import sys
+
+            print(text, file=sys.stderr, flush=True)
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        cfg.check_values(method=type(self.method) if self.method is not None else None)
+        if self.method is not None:
+            type(self.method).check_options(self.method.options, cfg)
+        cfg.check_paths(model=not self._given_model)
+        self.out = cfg.out_dir
+        self.store = StateStore(self.out / "state", keep=cfg.keep_states)
+        self.store.lock()
+        try:
+            return self._run()
+        finally:
+            self.store.unlock()
+
+    # ============================================================================================= preparing
+
+    def _find_resume(self) -> TrainState | None:
+        cfg = self.config
+        latest = self.store.latest()
+        if cfg.resume is None:
+            if latest is not None:
+                raise SdtuneError(f"{self.out} already holds a training run (state at {latest.name}); pass --resume "
+                                  "to continue it, or choose another --out")
+            return None
+        if cfg.resume == "auto":
+            if latest is None:
+                self.echo(f"no saved state in {self.store.folder}: starting a new run")
+                return None
+            return self.store.load(latest)
+        return self.store.load(cfg.resume)
+
+    def _check_resume_config(self, state: TrainState) -> None:
+        saved = state.config
+        if not saved:
+            return
+        now = self.config.to_dict()
+        changed = []
+        for sec, values in now.items():
+            if isinstance(values, dict):
+                old = saved.get(sec, {})
+                changed += [k for k, v in values.items() if k not in RESUME_FREE and isinstance(old, dict)
+                            and k in old and old[k] != v]
+            elif saved.get(sec) != values:
+                changed.append(sec)
+        if changed:
+            self.echo(f"warning: resuming with changed settings ({', '.join(changed)}); the continued run is not "
+                      "the run that was saved")
+        old_steps = saved.get("optim", {}).get("steps")
+        if old_steps not in (None, self.config.steps) and self.config.lr_scheduler != "constant":
+            self.echo(f"note: the {self.config.lr_scheduler} schedule now spans {self.config.steps} steps "
+                      f"(was {old_steps})")
+
+    def _prepare(self) -> None:
+        from sdtune.models.device import resolve_device_dtype
+        from sdtune.training.data import Augment
+
+        cfg = self.config
+        # -- device, precision
+        dev, _ = resolve_device_dtype(cfg.device, None)
+        if cfg.mixed_precision == "fp16" and dev.type != "cuda":
+            raise SdtuneError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision bf16 or no")
+        if dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev.index)
+        self.accelerator = _make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu=dev.type == "cpu")
+        self.device = self.accelerator.device
+        # -- the method (checked before the model loads)
+        if self.method is None:
+            self.method = get_method(cfg.method)(cfg.options)
+        select_metric, select_mode = parse_select_by(cfg.select_by)
+        early = parse_early_stop(cfg.early_stop)
+        has_val = cfg.val_split > 0 or cfg.val_dir is not None
+        if early and select_metric == "val_loss" and not has_val:
+            raise SdtuneError("early_stop needs a validation set (--val-split or --val-dir), or an evaluator metric "
+                              "named with --select-by")
+        if select_metric != "val_loss" and self.evaluator is None:
+            raise SdtuneError(f"select_by {select_metric!r} needs an evaluator that reports it; use val_loss")
+        self.selection = Selection(select_metric, select_mode, *(early or (None, 0.0)))
+        self._selecting = (select_metric != "val_loss") or has_val
+        # -- the model
+        if self.model is None:
+            from sdtune.models import load_model
+
+            dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[cfg.mixed_precision]
+            self.model = load_model(cfg.model, vae=cfg.vae, device=str(self.device), dtype=dtype,
+                                    prediction_type=cfg.prediction_type)
+        model = self.model
+        if self._given_model and model.name != "tiny" and str(model.source) not in ("", ".") \
+                and Path(model.source).exists():
+            self.config = cfg = cfg.replace(model=str(model.source))  # the config written names the real model
+        if model.family == "sdxl-refiner":
+            raise SdtuneError(f"{model.name} is an SDXL refiner; train on an SDXL base model")
+        pipe = model.pipe
+        self.unet = pipe.unet
+        self.is_sdxl = model.family == "sdxl"
+        vae_factor = int(pipe.vae_scale_factor)
+        multiple = vae_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        size = self.unet.config.sample_size
+        native = (size if isinstance(size, int) else size[0]) * vae_factor
+        self.resolution = cfg.resolution or native
+        if self.resolution % multiple:
+            raise SdtuneError(f"resolution {self.resolution} does not fit {model.name}: use a multiple of {multiple} "
+                              f"(native {native})")
+        # -- data
+        self._load_data(multiple)
+        self.aug = Augment(crop=cfg.crop, zoom=(1.0, cfg.zoom), flip_p=cfg.flip, shuffle=cfg.shuffle_tags,
+                           keep_first=cfg.keep_tokens, tag_dropout=cfg.tag_dropout, caption_dropout=cfg.caption_dropout)
+        # -- method setup: everything frozen, then the method unfreezes its weights
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+        self._seed_all(cfg.seed)
+        groups = self.method.setup(model, cfg)
+        self.params = [p for g in groups for p in g["params"]]
+        if not self.params or not all(p.requires_grad for p in self.params):
+            raise SdtuneError(f"method {self.method.name!r} returned no trainable parameters")
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if self.method.trains_text_encoder:
+                for name in ("text_encoder", "text_encoder_2"):
+                    te = getattr(pipe, name, None)
+                    if te is not None and hasattr(te, "gradient_checkpointing_enable"):
+                        te.gradient_checkpointing_enable()
+        for module in self.method.modules():
+            module.train()
+        self._initial = {k: v.detach().to("cpu", copy=True) for k, v in self.method.state_dict().items()}
+        # -- optimizer and schedule
+        self.schedule = LRSchedule.from_config(cfg.lr, cfg.lr_scheduler, cfg.warmup_steps, cfg.steps)
+        opt_groups = []
+        for g in groups:
+            g = dict(g)
+            g.setdefault("lr_scale", 1.0)
+            g["lr"] = self.schedule(1) * g["lr_scale"]
+            opt_groups.append(g)
+        if cfg.optimizer == "adamw":
+            opt = torch.optim.AdamW(opt_groups, lr=self.schedule(1), weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(opt_groups, lr=self.schedule(1), momentum=0.9, weight_decay=cfg.weight_decay)
+        self.optimizer = self.accelerator.prepare(opt)
+        # -- objective, latents, validation
+        self.noise = NoiseModel(pipe.scheduler.config, model.prediction_type, noise_offset=cfg.noise_offset,
+                                min_snr_gamma=cfg.min_snr_gamma)
+        self._encode_train_latents()
+        self.val = self._build_validation()
+        if cfg.val_split > 0 or cfg.val_dir is not None:
+            if self.val is None:
+                raise SdtuneError("the validation set is empty")
+
+    def _seed_all(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _load_data(self, multiple: int) -> None:
+        from sdtune.training.data import Dataset, scan_dataset
+
+        cfg = self.config
+        step = math.lcm(64, multiple) if self.resolution >= 256 else multiple
+        kw = dict(resolution=self.resolution, buckets=cfg.buckets, bucket_step=step, skip_bad=cfg.skip_bad)
+        ds = scan_dataset(cfg.data, **kw)
+        for w in ds.warnings:
+            self.echo(f"warning: {w}")
+        items = list(ds.items)
+        val_items = []
+        if cfg.val_split > 0:
+            order = list(range(len(items)))
+            random.Random(f"{cfg.seed}:validation").shuffle(order)
+            n_val = max(1, round(len(items) * cfg.val_split))
+            if n_val >= len(items):
+                raise SdtuneError(f"val_split {cfg.val_split} leaves no training images out of {len(items)}; use a "
+                                  "smaller split or add images")
+            held = set(order[:n_val])
+            val_items = [it for i, it in enumerate(items) if i in held]
+            items = [it for i, it in enumerate(items) if i not in held]
+        elif cfg.val_dir is not None:
+            vds = scan_dataset(cfg.val_dir, **kw)
+            val_items = list(vds.items)
+        self.dataset = Dataset(folder=ds.folder, resolution=ds.resolution, items=items, warnings=ds.warnings,
+                               skipped=ds.skipped)
+        self.val_items = val_items
+
+    # -- latents -------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _vae_for_encoding(self) -> Iterator[Any]:
+        """The VAE in a dtype that does not overflow (SDXL's VAE in fp16 does: encode in fp32)."""
+        vae = self.model.pipe.vae
+        dtype = next(vae.parameters()).dtype
+        upcast = dtype == torch.float16 and self.is_sdxl
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            yield vae
+        finally:
+            if upcast:
+                vae.to(dtype)
+
+    def _encode(self, images: list[Any], flip_variants: bool) -> list[Any]:
+        from sdtune.training.latents import encode_latents
+
+        from sdtune.training.data import DatasetItem
+
+        out = []
+        with self._vae_for_encoding() as vae:
+            for start in range(0, len(images), 16):  # decode and encode in chunks: bounded memory
+                chunk = [im.load(crop="center") if isinstance(im, DatasetItem) else im
+                         for im in images[start:start + 16]]
+                out += encode_latents(vae, chunk, batch_size=4, flip_variants=flip_variants)
+        return out
+
+    def _encode_train_latents(self) -> None:
+        self.cached = self.aug.cacheable
+        self.latent_cache = None
+        if self.cached:
+            t0 = time.time()
+            self.latent_cache = self._encode(list(self.dataset.items), flip_variants=self.aug.flip_p > 0)
+            self.echo(f"encoded {len(self.latent_cache)} training image(s) to latents in {time.time() - t0:.1f}s")
+
+    def _time_ids(self, item: Any, crop: str) -> torch.Tensor:
+        """SDXL's size conditioning: original (h, w), crop top-left, target (h, w). Random crops report (0, 0)."""
+        from sdtune.training.images import cover_scale
+
+        w, h = item.size
+        tw, th = item.target
+        top = left = 0
+        if crop == "center":
+            s = cover_scale((w, h), (tw, th))
+            nw, nh = max(tw, round(w * s)), max(th, round(h * s))
+            left, top = (nw - tw) // 2, (nh - th) // 2
+        return torch.tensor([h, w, top, left, th, tw], dtype=torch.float32)
+
+    def _build_validation(self) -> ValidationSet | None:
+        if not self.val_items:
+            return None
+        cached = self._encode(list(self.val_items), flip_variants=False)
+        ids = [self._time_ids(it, "center") if self.is_sdxl else None for it in self.val_items]
+        return ValidationSet.build([c.mean for c in cached], [it.caption for it in self.val_items], ids,
+                                   n_timesteps=self.config.val_timesteps, seed=self.config.seed,
+                                   num_train_timesteps=self.noise.num_timesteps)
+
+    # -- data order ----------------------------------------------------------------------------------------
+
+    def _epoch(self, epoch: int) -> tuple[list[int], list[list[int]]]:
+        """(item order, batches of positions in that order) of one epoch."""
+        from sdtune.training.data import bucket_batches
+
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            order = self.dataset.epoch_order(self.config.seed, epoch)
+            bs = self.config.batch_size
+            if self.config.buckets:
+                targets = [self.dataset.items[i].target for i in order]
+                batches = bucket_batches(targets, list(range(len(order))), bs)
+            else:
+                batches = [list(range(i, min(i + bs, len(order)))) for i in range(0, len(order), bs)]
+            self._epoch_cache = (epoch, order, batches)
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def _next_batch(self, step: int, gen: torch.Generator) -> Batch:
+        from sdtune.training.data import example_rng, make_example
+
+        order, batches = self._epoch(self.epoch)
+        if self.cursor >= len(batches):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            order, batches = self._epoch(self.epoch)
+        positions = batches[self.cursor]
+        self.cursor += 1
+        items = self.dataset.items
+        examples = [make_example(items[order[p]], self.aug, example_rng(self.config.seed, self.epoch, p),
+                                 index=order[p], with_pixels=not self.cached) for p in positions]
+        sample = self.config.latents == "sample"
+        if self.cached:
+            lats = [self.latent_cache[ex.index].get(ex.flipped, generator=gen if sample else None) for ex in examples]
+        else:
+            encoded = self._encode([ex.pixels for ex in examples], flip_variants=False)
+            lats = [c.get(False, generator=gen if sample else None) for c in encoded]
+        time_ids = None
+        if self.is_sdxl:
+            time_ids = torch.stack([self._time_ids(items[ex.index], self.config.crop) for ex in examples])
+            time_ids = time_ids.to(self.device)
+        return Batch(latents=torch.stack(lats).to(self.device), captions=[ex.caption for ex in examples],
+                     indices=[ex.index for ex in examples], flipped=[ex.flipped for ex in examples],
+                     time_ids=time_ids, step=step)
+
+    # ================================================================================================ the step
+
+    def _unet_loss(self, latents: torch.Tensor, cond: Conditioning, noise: torch.Tensor, t: torch.Tensor,
+                   reduce: bool = True) -> torch.Tensor:
+        noisy = self.noise.add_noise(latents, noise, t)
+        target = self.noise.target(latents, noise, t)
+        pred = self.unet(noisy, t, **cond.unet_kwargs()).sample
+        if reduce:
+            return self.noise.loss(pred, target, t)
+        return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+    def diffusion_loss(self, latents: torch.Tensor, cond: Conditioning, gen: torch.Generator) -> torch.Tensor:
+        """The noise-prediction loss of `latents` under `cond`, noise and timesteps drawn from `gen`."""
+        noise, t = self.noise.sample(latents, gen)
+        return self._unet_loss(latents, cond, noise, t)
+
+    def _loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        cond = self.method.conditioning(batch)
+        loss = self.diffusion_loss(batch.latents, cond, gen)
+        extra = self.method.extra_loss(batch, lambda lat, c: self.diffusion_loss(lat, c, gen))
+        return loss if extra is None else loss + extra
+
+    def _optimizer_step(self, step: int) -> tuple[float, float | None]:
+        """One optimizer step of `grad_accum` micro-batches; returns (mean loss, gradient norm)."""
+        cfg = self.config
+        lr = self.schedule(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        total, norm = 0.0, None
+        for micro in range(cfg.grad_accum):
+            gen = step_generator(cfg.seed, step, micro)
+            batch = self._next_batch(step, gen)
+            with self.accelerator.accumulate(*self.method.modules()):
+                with self.accelerator.autocast():
+                    loss = self._loss(batch, gen)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise _Diverged(step, "loss")
+                self.accelerator.backward(loss)
+                total += value / cfg.grad_accum
+                if self.accelerator.sync_gradients:
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                    norm_t = self.accelerator.clip_grad_norm_(self.params, max_norm)
+                    norm = float(norm_t) if norm_t is not None else None
+                    if norm is not None and not math.isfinite(norm) and self.accelerator.scaler is None:
+                        raise _Diverged(step, "gradients")
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_optimizer_step(step)
+        if self.accelerator.scaler is not None:  # fp16: inf gradients skip the step and lower the loss scale
+            self._fp16_skips = self._fp16_skips + 1 if self.accelerator.optimizer_step_was_skipped else 0
+            if self._fp16_skips >= 20:
+                raise _Diverged(step, "gradients (fp16 overflow in 20 steps in a row)")
+        if not _finite(p.detach() for p in self.params):
+            raise _Diverged(step, "weights")
+        return total, norm
+
+    def _train(self) -> str:
+        cfg = self.config
+        while self.step < cfg.steps:
+            if self._stop:
+                return "interrupted"
+            step = self.step + 1
+            loss, norm = self._optimizer_step(step)
+            self.step = step
+            self.losses.append(loss)
+            self._pending.append(loss)
+            extra = {"epoch": self.epoch}
+            if norm is not None and math.isfinite(norm):
+                extra["grad_norm"] = round(norm, 6)
+            self.log.step(step, loss, self.schedule(step), **extra)
+            if self.on_step is not None:
+                self.on_step(self, step, loss)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                self._checkpoint(step)
+                if self.selection.should_stop:
+                    self.log.event("early_stop", step, best_step=self.selection.best_step)
+                    self.echo(f"early stop at step {step}: no improvement of {self.selection.metric} in "
+                              f"{self.selection.patience} evaluation(s); best was step {self.selection.best_step}")
+                    return "early_stop"
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                self.save_samples(step)
+        return "interrupted" if self._stop else "finished"
+
+    # ============================================================================================ checkpoints
+
+    def _metadata(self, step: int) -> dict[str, str]:
+        m = self.model
+        meta = {"sdtune_method": self.method.name, "sdtune_base_model": str(m.name),
+                "sdtune_base_model_hash": str(m.hash), "sdtune_family": m.family,
+                "sdtune_prediction_type": m.prediction_type, "sdtune_steps": str(self.config.steps),
+                "sdtune_seed": str(self.config.seed), "sdtune_resolution": str(self.resolution),
+                "sdtune_config": json.dumps(self.config.replace(resume=None).to_dict())}
+        if m.family in BASE_MODEL_VERSION:
+            meta["ss_base_model_version"] = BASE_MODEL_VERSION[m.family]
+        meta.update(self.dataset.metadata())
+        return meta
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.out / "checkpoints" / f"{self.config.name}-{step:06d}{self.method.file_ext}"
+
+    def _checkpoint(self, step: int) -> None:
+        if not _finite(self.method.state_dict().values()):
+            raise _Diverged(step, "weights")
+        path = self.method.save(self.checkpoint_path(step), step, self._metadata(step))
+        metrics = self._evaluate(step, path)
+        train_loss = sum(self._pending) / len(self._pending) if self._pending else None
+        self._pending = []
+        row: dict[str, Any] = {"step": step, "train_loss": train_loss, "val_loss": metrics.pop("val_loss", None),
+                               **metrics, "file": path.relative_to(self.out).as_posix()}
+        self.rows.append(row)
+        if self._selecting:
+            value = row.get(self.selection.metric)
+            if value is None:
+                raise SdtuneError(f"select_by {self.selection.metric!r} is not among the evaluation's metrics "
+                                  f"({', '.join(k for k in row if k not in ('step', 'file')) or 'none'})")
+            self.selection.update(step, value)
+        self._prune_checkpoints(step)
+        self._save_state()
+        self._write_summary()
+        self.log.event("checkpoint", step, **{k: v for k, v in row.items() if k != "step"})
+
+    def best_step(self) -> int | None:
+        if self._selecting:
+            return self.selection.best_step
+        return self.rows[-1]["step"] if self.rows else None
+
+    def _prune_checkpoints(self, current: int) -> None:
+        keep = self.config.keep_checkpoints
+        if keep == "all":
+            return
+        keep_step = current if keep == "last" else (self.best_step() or current)
+        for r in self.rows:
+            if r["step"] != keep_step:
+                (self.out / r["file"]).unlink(missing_ok=True)
+
+    def _history(self) -> dict[str, Any]:
+        return {"rows": self.rows, "pending": self._pending, "selection": self.selection.state_dict(),
+                "fp16_skips": self._fp16_skips}
+
+    def _save_state(self) -> None:
+        extra: dict[str, Any] = {"dataset": self.dataset.fingerprint(), "method": self.method.name}
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            extra["scaler"] = scaler.state_dict()
+        state = TrainState(step=self.step, epoch=self.epoch, cursor=self.cursor, weights=self.method.state_dict(),
+                           optimizer=self.optimizer.state_dict(), rng=capture_rng(), history=self._history(),
+                           config=self.config.replace(resume=None).to_dict(), extra=extra)
+        self.store.save(state)
+
+    def _restore(self, state: TrainState, *, rng: bool = True) -> None:
+        if state.extra.get("method") not in (None, self.method.name):
+            raise SdtuneError(f"the saved state is a {state.extra.get('method')!r} run, not {self.method.name!r}")
+        self.method.load_state_dict({k: v.to(self.device) for k, v in state.weights.items()})
+        self.optimizer.load_state_dict(state.optimizer)
+        self.step, self.epoch, self.cursor = state.step, state.epoch, state.cursor
+        self._epoch_cache = None
+        h = state.history
+        self.rows = [dict(r) for r in h.get("rows", [])]
+        self._pending = list(h.get("pending", []))
+        self.selection.load_state_dict(h.get("selection", {}))
+        self._fp16_skips = int(h.get("fp16_skips", 0))
+        scaler = self.accelerator.scaler
+        if scaler is not None and "scaler" in state.extra:
+            scaler.load_state_dict(state.extra["scaler"])
+        if rng:
+            restore_rng(state.rng)
+
+    def _rollback(self) -> int:
+        """Back to the last saved state of this run (or the initial weights); returns its step."""
+        latest = self.store.latest()
+        if latest is not None:
+            self._restore(self.store.load(latest), rng=False)
+            return self.step
+        self.method.load_state_dict({k: v.to(self.device) for k, v in self._initial.items()})
+        self.optimizer.optimizer.state.clear()
+        self.step = self.epoch = self.cursor = 0
+        return 0
+
+    def _divergence_message(self, d: _Diverged, good: int) -> str:
+        cfg = self.config
+        where = f"the state of step {good}" if good else "the initial weights"
+        msg = f"training diverged at step {d.step}: non-finite {d.what}; rolled back to {where}, nothing non-finite "\
+              "was saved. "
+        if cfg.mixed_precision == "fp16":
+            msg += "Likely cause: fp16 overflow; use --mixed-precision bf16 (or no)."
+        else:
+            peak = self.schedule.peak
+            msg += f"Likely cause: the learning rate is too high (peak {peak:g}); try {peak / 10:g}"
+            msg += " and --max-grad-norm 1." if cfg.max_grad_norm == 0 else "."
+        return msg
+
+    # ============================================================================================ evaluation
+
+    @contextlib.contextmanager
+    def _side_work(self) -> Iterator[None]:
+        """Evaluation and sampling: global RNG untouched (training stays bit-identical), modules in eval mode."""
+        devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        mods = self.method.modules()
+        modes = [m.training for m in mods]
+        with torch.random.fork_rng(devices=devices):
+            for m in mods:
+                m.eval()
+            try:
+                yield
+            finally:
+                for m, was in zip(mods, modes):
+                    m.train(was)
+
+    def validation_loss(self) -> float | None:
+        """The fixed-noise validation loss of the current weights (None without a validation set)."""
+        if self.val is None:
+            return None
+
+        def per_sample(lat: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, caps: list[str],
+                       ids: torch.Tensor | None) -> torch.Tensor:
+            cond = self.method.conditioning(Batch(latents=lat, captions=caps, time_ids=ids, step=self.step))
+            return self._unet_loss(lat, cond, noise, t, reduce=False)
+
+        with self._side_work(), torch.no_grad(), self.accelerator.autocast():
+            return self.val.loss(per_sample, self.device, batch_size=max(1, self.config.batch_size))
+
+    def _evaluate(self, step: int, path: Path | None) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if self.val is not None:
+            metrics["val_loss"] = self.validation_loss()
+        if self.evaluator is not None and path is not None:
+            with self._side_work():
+                extra = self.evaluator(EvalContext(step=step, checkpoint=path, trainer=self))
+            for k, v in dict(extra or {}).items():
+                if k in ("step", "file", "train_loss", "best") or not isinstance(v, (int, float)) \
+                        or isinstance(v, bool):
+                    raise SdtuneError(f"the evaluator returned {k}={v!r}; metrics must be numbers with other names")
+                metrics[k] = float(v)
+        return metrics
+
+    # ============================================================================================= samples
+
+    def generator(self) -> Any:
+        if self._generator is None:
+            from sdtune.generate import Generator
+
+            self._generator = Generator(model=self.model)
+        return self._generator
+
+    def generate_images(self, prompts: list[str], seeds: list[int], **params: Any) -> list[Any]:
+        from sdtune.generate import GenerationParams
+
+        cfg = self.config
+        base: dict[str, Any] = dict(negative_prompt=cfg.sample_negative, steps=cfg.sample_steps,
+                                    cfg_scale=cfg.sample_cfg, width=self.resolution, height=self.resolution)
+        if cfg.sample_sampler:
+            base["sampler"] = cfg.sample_sampler
+        base.update(params)
+        gen = self.generator()
+        images = []
+        with self._side_work(), self.method.apply_for_sampling(gen) as g:
+            for prompt in prompts:
+                for seed in seeds:
+                    images += [r.image for r in g.generate(GenerationParams(prompt=prompt, seed=seed, **base))]
+        return images
+
+    def save_samples(self, step: int) -> Path:
+        """One grid of every sample prompt x seed with the current weights: OUT/samples/<name>-<step>.png."""
+        from sdtune.generate.grid import make_grid
+
+        cfg = self.config
+        images = self.generate_images(cfg.sample_prompts, cfg.sample_seeds)
+        grid = make_grid(images)
+        path = self.out / "samples" / f"{cfg.name}-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        grid.save(tmp, format="PNG")
+        tmp.replace(path)
+        self.log.event("samples", step, file=path.relative_to(self.out).as_posix())
+        return path
+
+    # ============================================================================================= the run
+
+    def _install_signals(self) -> dict[int, Any]:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._signal is not None:
+                raise KeyboardInterrupt
+            self._signal = signum
+            self._stop = "interrupted"
+            self.echo(f"{signal.Signals(signum).name}: stopping after this step and saving the state "
+                      "(again to abort without saving)")
+
+        old = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, handler)
+        return old
+
+    def _write_summary(self) -> None:
+        best = self.best_step()
+        rows = []
+        for r in self.rows:
+            r = dict(r)
+            r["file"] = r["file"] if (self.out / r["file"]).exists() else None
+            r["best"] = r["step"] == best
+            rows.append(r)
+        final = self.out / f"{self.config.name}{self.method.file_ext}"
+        info = {"method": self.method.name, "step": self.step, "steps": self.config.steps, "best_step": best,
+                "select_by": self.selection.metric if self._selecting else "last",
+                "final": final.name if final.exists() else None}
+        write_summary(self.out, rows, info)
+        self._summary_rows = rows
+
+    def _finish(self, stopped: str, message: str = "") -> TrainResult:
+        final = None
+        best = self.best_step()
+        if stopped != "interrupted" and best is not None:
+            row = next(r for r in self.rows if r["step"] == best)
+            src = self.out / row["file"]
+            if src.exists():
+                final = link_or_copy(src, self.out / f"{self.config.name}{self.method.file_ext}")
+        self._write_summary()
+        if self.log is not None:
+            self.log.event("end", self.step, stopped=stopped, best_step=best,
+                           final=final.name if final else None)
+        if self.rows:
+            self.echo(format_summary(self._summary_rows))
+        if stopped == "interrupted":
+            self.echo(f"stopped at step {self.step}; the state is saved in {self.store.folder}; continue with "
+                      "--resume")
+        elif final is not None:
+            self.echo(f"saved {final} (step {best})")
+        return TrainResult(out=self.out, step=self.step, stopped=stopped, final=final, best_step=best,
+                           rows=list(self._summary_rows), losses=list(self.losses), message=message,
+                           signal=self._signal)
+
+    def _run(self) -> TrainResult:
+        state = self._find_resume()
+        self.store.clean_temp()
+        if state is not None:
+            self._check_resume_config(state)
+        self._prepare()
+        if state is not None:
+            if state.extra.get("dataset") not in (None, self.dataset.fingerprint()):
+                self.echo("warning: the training images changed since the state was saved; the data order after "
+                          "resuming differs from the original run")
+            self._restore(state)
+            self.echo(f"resuming at step {self.step} from {state.path}")
+        cfg = self.config  # _prepare may have completed it (the model's path)
+        cfg.replace(resume=None).write(self.out)
+        self.log = RunLog(self.out, total_steps=cfg.steps, start_step=self.step, progress=cfg.progress,
+                          tensorboard=cfg.tensorboard, echo=self._echo)
+        old_handlers = self._install_signals()
+        try:
+            if state is None:
+                self.log.event("start", 0, method=self.method.name, images=len(self.dataset),
+                               val_images=len(self.val_items), resolution=self.resolution,
+                               cached_latents=self.cached)
+                if self.val is not None:
+                    base = self.validation_loss()
+                    self.log.event("baseline", 0, val_loss=base)
+                    self.echo(f"validation loss before training: {base:.6f}")
+            try:
+                stopped = self._train()
+            except _Diverged as d:
+                good = self._rollback()
+                message = self._divergence_message(d, good)
+                self.log.event("diverged", d.step, what=d.what, rolled_back_to=good)
+                result = self._finish("diverged", message)
+                raise TrainingDiverged(message, result) from None
+            if stopped == "interrupted" and self.step > 0:
+                latest = self.store.latest()
+                if latest is None or not latest.name.startswith(f"step-{self.step:06d}-"):
+                    self._save_state()
+                self.log.event("interrupted", self.step, signal=self._signal)
+            return self._finish(stopped)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self.log.close()
+
+
+def train(config: TrainConfig, **kwargs: Any) -> TrainResult:
+    """Run one training (see `Trainer` for the keyword arguments)."""
+    return Trainer(config, **kwargs).run()
