@@ -44,6 +44,15 @@ def base_model_stage(generator, out: Path, *, steps: int, progress: Callable[[in
                      "seconds_per_image": report.seconds_per_image}, "grid": str(out / "base_grid.png")}
 
 
+def textual_inversion_stage(generator, out: Path, *, steps: int,
+                            progress: Callable[[int, int], None] | None, train_steps: int = 150) -> dict:
+    """Train a `<star>` embedding from 5 rendered red stars (the base model has no word for the star) and judge base
+    ("shape") vs embedding images on the same prompts and seeds; saves `ti_grid.png` side by side."""
+    from sdtune.toy.ti import demo_stage
+
+    return demo_stage(generator, out, train_steps=train_steps, steps=steps, progress=progress)
+
+
 def run_demo(out: Path, *, model: str | None = None, steps: int = 20,
              progress: Callable[[str, int, int], None] | None = None) -> DemoResult:
     """Run every demo stage and write `report.txt` / `report.json` next to the grids in `out`."""
@@ -55,6 +64,8 @@ def run_demo(out: Path, *, model: str | None = None, steps: int = 20,
     figures = {"model": generator.model.name}
     figures.update(base_model_stage(generator, out, steps=steps,
                                     progress=(lambda i, n: progress("base model", i, n)) if progress else None))
+    figures.update(textual_inversion_stage(generator, out, steps=steps, progress=(
+        lambda i, n: progress("textual inversion", i, n)) if progress else None))
     figures["seconds"] = round(time.perf_counter() - start, 1)
     rates = figures["base"]["rates"]
     lines = [
@@ -67,6 +78,10 @@ def run_demo(out: Path, *, model: str | None = None, steps: int = 20,
         f"world: shapes {', '.join(world.KNOWN_SHAPES)}; colours {', '.join(world.COLOURS)}; "
         f"backgrounds {', '.join(world.BACKGROUNDS)}",
     ]
+    if "ti" in figures:
+        from sdtune.toy.ti import report_lines
+
+        lines += report_lines(figures["ti"])
     _atomic_write_text(out / "report.txt", "\n".join(lines) + "\n")
     _atomic_write_text(out / "report.json", json.dumps(figures, indent=1))
     return DemoResult(out, Path(figures["grid"]), out / "report.txt", figures)

@@ -75,10 +75,33 @@ def convert_lora(info: Any, target: str, out: Path, *, dtype: str | None = None,
 register_converter("lora", ("kohya", "diffusers"), convert_lora)
 
 
+def _convert_hypernetwork(info: Any, target: str, out: Path, **options: Any) -> str:
+    from sdtune.adapters.hypernetwork.io import convert_hypernetwork
+
+    return convert_hypernetwork(info, target, out, **options)
+
+
+register_converter("hypernetwork", ("a1111", "safetensors"), _convert_hypernetwork)
+
+
+def _convert_embedding(info: Any, target: str, out: Path, **options: Any) -> str:
+    from sdtune.textual_inversion.convert import convert_embedding
+
+    return convert_embedding(info.path, target, out, **options)
+
+
+register_converter("embedding", ("safetensors", "diffusers", "a1111", "kohya", "sdxl", "png"), _convert_embedding)
+
+
 def run_convert(file: Path, target: str, out: Path, **options: Any) -> str:
     from sdtune.formats.identify import identify
 
-    info = identify(file)
+    if Path(file).suffix.lower() in (".png", ".webp"):  # A1111 image embeddings (identify reads weight files only)
+        from types import SimpleNamespace
+
+        info = SimpleNamespace(path=Path(file), kind="embedding")
+    else:
+        info = identify(file)
     conv = CONVERTERS.get(info.kind)
     if conv is None:
         known = ", ".join(sorted(CONVERTERS))

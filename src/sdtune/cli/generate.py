@@ -67,7 +67,7 @@ def _progress_bar(total_hint: int) -> Any:
 
 def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None, vae: str | None,
                  refiner: str | None, out: Path, device: str | None, dtype: str | None, grid: bool,
-                 overrides: dict[str, Any], loras: Any = None) -> list[Path]:
+                 overrides: dict[str, Any], loras: Any = None, lora_dirs: Any = None) -> list[Path]:
     """The command's work, callable without click: validate, load, generate, save, print.
 
     loras: `FILE[:WEIGHT]` strings (or (file, weight) pairs) applied to the model."""
@@ -75,6 +75,18 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
     from sdtune.generate.grid import make_grid
     from sdtune.generate.output import check_out_dir, save_grid, save_image
 
+    from sdtune.adapters.hypernetwork.tags import parse_hypernetwork_arg
+
+    hn_specs = [parse_hypernetwork_arg(x) if isinstance(x, str) else tuple(x)
+                for x in overrides.pop("hypernetworks", None) or ()]
+    hn_dirs = list(overrides.pop("hypernetwork_dirs", None) or ())
+    for hn_path, _ in hn_specs:  # before loading the model: a typo costs nothing
+        if not Path(hn_path).expanduser().is_file():
+            raise SdtuneError(f"--hypernetwork {hn_path}: no such file")
+    emb_sources = list(overrides.pop("embeddings", None) or ())
+    for src in emb_sources:  # before loading the model: a typo costs nothing
+        if not Path(src).expanduser().exists():
+            raise SdtuneError(f"--embeddings {src}: no such file or folder")
     if prompt is not None:
         overrides["prompt"] = prompt
     keep: set[int] | None = None
@@ -95,8 +107,21 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
     for lora_path, _ in lora_specs:  # before loading the model: a typo costs nothing
         if not Path(lora_path).expanduser().is_file():
             raise SdtuneError(f"--lora {lora_path}: no such file")
+    lora_dirs = list(lora_dirs or ())  # <lora:name:weight> tags are looked up here, then in the --lora folders
+    for lora_dir in lora_dirs:
+        if not Path(lora_dir).expanduser().is_dir():
+            raise SdtuneError(f"--lora-dir {lora_dir}: no such folder")
     generator = Generator(model, vae=vae, device=device, dtype=None if dtype == "auto" else dtype,
-                          loras=lora_specs or None)
+                          loras=lora_specs or None, lora_dirs=lora_dirs)
+    if hn_specs or hn_dirs:
+        generator.set_hypernetworks(hn_specs, dirs=hn_dirs)
+    if emb_sources:  # Textual Inversion embeddings, usable by name in the prompts
+        lib = generator.embeddings
+        lib.echo = lambda m: click.echo(f"warning: {m}", err=True)
+        for src in emb_sources:
+            lib.add_source(src, refresh=False)
+        lib.refresh()
+        click.echo(f"embeddings: {', '.join(lib.names) or '(none usable)'}", err=True)
     params = generator.prepare(params)
     if recorded is not None and recorded.model and recorded.model.hash and generator.model.hash \
             and recorded.model.hash != generator.model.hash:
@@ -143,6 +168,14 @@ def register(cli: click.Group) -> None:
     @click.option("--vae", metavar="VAE", help="Replace the model's VAE (folder or file).")
     @click.option("--lora", "loras", multiple=True, metavar="FILE[:W]", help="Apply a LoRA (kohya, LoCon or "
                   "diffusers file) with weight W [default: 1]; repeat for several.")
+    @click.option("--lora-dir", "lora_dirs", multiple=True, metavar="DIR", help="Folder searched (recursively) for "
+                  "<lora:name:weight> prompt tags; repeatable; the folders of --lora files are searched too.")
+    @click.option("--hypernetwork", "hypernetworks", multiple=True, metavar="FILE[:S]", help="Apply a hypernetwork "
+                  "(A1111 .pt or sdtune .safetensors) with strength S [default: 1]; repeat to chain several in order.")
+    @click.option("--hypernetwork-dir", "hypernetwork_dirs", multiple=True, metavar="DIR", help="Folder searched "
+                  "for <hypernet:name:strength> prompt tags; repeatable.")
+    @click.option("--embeddings", "embeddings", multiple=True, metavar="DIR|FILE", help="Textual Inversion "
+                  "embeddings (a folder, searched recursively, or a file), usable by name in prompts; repeatable.")
     @click.option("--steps", type=int, help="Sampling steps  [default: 20]")
     @click.option("--cfg", "cfg_scale", type=float, help="Classifier-free guidance scale  [default: 7]")
     @click.option("--seed", type=int, help="Seed of the first image; image i gets seed+i  [default: -1 = random]")
@@ -186,5 +219,7 @@ def register(cli: click.Group) -> None:
             return
         overrides = {k: v for k, v in settings.items() if v is not None}
         loras = overrides.pop("loras", ())
+        lora_dirs = overrides.pop("lora_dirs", ())
         run_generate(prompt, from_png=from_png, model=model, vae=vae, refiner=refiner, out=out, device=device,
-                     dtype=dtype, grid=not no_grid, overrides=overrides, loras=loras)
+                     dtype=dtype, grid=not no_grid, overrides=overrides, loras=loras,
+                     lora_dirs=lora_dirs)

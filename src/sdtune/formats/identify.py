@@ -177,6 +177,12 @@ def classify_tensors(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, s
         if unet_in and len(unet_in) == 4 and unet_in[1] != 4:
             summary.append(f"UNet input channels: {unet_in[1]} (inpainting / instruct-pix2pix variant)")
         return "checkpoint", family, {"components": parts}, summary + _checkpoint_groups(shapes)
+    if meta.get("sdtune_format") == "hypernetwork":  # sdtune's safetensors form of an A1111 hypernetwork
+        sizes = sorted({int(k.split(".", 1)[0]) for k in keys if k.split(".", 1)[0].isdigit()})
+        family = "sd2" if 1024 in sizes else ("sd1" if 768 in sizes else ("sdxl" if 2048 in sizes else None))
+        family = family or meta.get("sdtune_family")
+        return "hypernetwork", family, {"sizes": sizes, "format": "sdtune safetensors"}, [
+            f"layer sizes: {', '.join(map(str, sizes))}"] + _small_summary(shapes, 6)
     if has("control_model.", "controlnet_cond_embedding."):
         return "controlnet", None, {}, _prefix_summary(shapes, 1)
     if has("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_") or any(
@@ -256,7 +262,8 @@ def _classify_pickle(obj: Any) -> tuple[str, str | None, dict, list, dict[str, s
         return ("embedding", _width_family(width), {"vectors": vectors, "width": width, "format": "A1111 .pt"},
                 _small_summary(shapes), _scalars(obj))
     sizes = [k for k in obj if isinstance(k, int)]
-    if sizes and set(sizes) <= set(_HN_SIZES) and all(isinstance(obj[k], (list, tuple)) for k in sizes):
+    if sizes and all(isinstance(obj[k], (list, tuple)) for k in sizes) and (set(sizes) <= set(_HN_SIZES) or all(
+            k > 0 and len(obj[k]) == 2 and all(isinstance(d, Mapping) for d in obj[k]) for k in sizes)):
         family = "sd2" if 1024 in sizes else ("sd1" if 768 in sizes else None)
         flat = flatten_tensors({k: obj[k] for k in sizes})
         shapes = {k: tuple(v.shape) for k, v in flat.items()}

@@ -77,7 +77,8 @@ class Generator:
 
     def __init__(self, model: Any = None, *, vae: str | Path | None = None, device: str | None = None,
                  dtype: str | None = None, prediction_type: str | None = None, refiner: Any = None,
-                 encode_prompt: PromptEncoder | None = None, loras: Any = None) -> None:
+                 encode_prompt: PromptEncoder | None = None, loras: Any = None,
+                 embeddings: Any = None, lora_dirs: Any = None) -> None:
         self._load_kwargs = dict(device=device, dtype=dtype)
         self.model = model if _is_loaded(model) else _load(model, vae=vae, prediction_type=prediction_type,
                                                            **self._load_kwargs)
@@ -96,13 +97,20 @@ class Generator:
         if refiner is not None:
             self.add_refiner(refiner)
         self._loras: Any = None  # sdtune.adapters.lora.apply.PipelineLoras, created on first use
+        self.lora_dirs = list(lora_dirs or [])  # searched for <lora:name:weight> prompt tags (then the --lora folders)
         if loras:
             self.set_loras(loras)
+        self._embeddings: Any = None  # sdtune.textual_inversion.EmbeddingLibrary, created on first use
+        if embeddings:
+            for source in [embeddings] if isinstance(embeddings, (str, Path)) else embeddings:
+                self.embeddings.add_source(source, refresh=False)
+            self._embeddings.refresh()
 
     def set_loras(self, loras: Any) -> Any:
         """Use these LoRAs on the base model (not the refiner) from the next image on: [(path, weight), ...] or
         paths (weight 1); [] = none. Files are loaded once and kept; weights change without reloading anything
-        (see `sdtune.adapters.lora.apply`)."""
+        (see `sdtune.adapters.lora.apply`). `<lora:name:weight>` tags of a prompt are added for its images."""
+        self._lora_fixed = list(loras or [])
         if self._loras is None:
             if not loras:
                 return []
@@ -110,6 +118,39 @@ class Generator:
 
             self._loras = PipelineLoras.for_pipeline(self.model)
         return self._loras.set(loras)
+
+    def set_hypernetworks(self, hypernetworks: Any = (), dirs: Any = None) -> None:
+        """Hypernetworks on the base model from the next image on: [(path, strength), ...] or paths (strength 1),
+        chained in order as in A1111, before any `<hypernet:name:strength>` tags of the prompt (looked up in
+        `dirs`); [] = none. Files load once (see `sdtune.adapters.hypernetwork.apply`)."""
+        from sdtune.adapters.hypernetwork.apply import parse_specs
+
+        self._hypernets = parse_specs(hypernetworks)
+        if dirs is not None:
+            self._hypernet_dirs = list(dirs)
+        if self._hypernets:  # load and check now: a bad file fails before any image is made
+            from sdtune.adapters.hypernetwork.apply import PipelineHypernetworks
+
+            PipelineHypernetworks.for_pipeline(self.model).set(self._hypernets)
+
+    @property
+    def embeddings(self) -> Any:
+        """The Textual Inversion embeddings usable by name in prompts: an `EmbeddingLibrary` watching folders and
+        files (`.add_source(path)`, `.remove_source(path)`, `.names`). Files added, changed or removed there are
+        picked up before the next image, without reloading the model."""
+        if self._embeddings is None:
+            from sdtune.textual_inversion.library import EmbeddingLibrary
+
+            enc = self.encode_prompt
+            if not hasattr(enc, "embeddings"):
+                raise SdtuneError("this Generator's prompt encoder does not take embeddings; use the default "
+                                  "WeightedPromptEncoder")
+            if enc.embeddings is None:
+                from sdtune.prompts.embeddings import EmbeddingRegistry
+
+                enc.embeddings = EmbeddingRegistry()
+            self._embeddings = EmbeddingLibrary(pipe=self.model.pipe, registry=enc.embeddings)
+        return self._embeddings
 
     # -- models ---------------------------------------------------------------------------------------------
 
@@ -189,7 +230,15 @@ class Generator:
         self._set_sampler(base, params.sampler)
         if refiner is not None:
             self._set_sampler(refiner, params.sampler)
+        if self._embeddings is not None:
+            self._embeddings.refresh()  # embedding files added, changed or removed since the last image
+        from sdtune.adapters.lora.prompt_tags import update_generator_loras
+
+        update_generator_loras(self, params.prompt, params.negative_prompt)  # <lora:...> tags, before encoding
         embeds = self._embeds(base, params)
+        from sdtune.adapters.hypernetwork.apply import update_generator
+
+        update_generator(self, params.prompt)  # --hypernetwork files and <hypernet:name:strength> tags
         ref_embeds = self._embeds(refiner, params) if refiner is not None else None
         total = params.steps * params.batch_count
         split = params.refiner_start if refiner is not None else 1.0
@@ -231,6 +280,10 @@ class Generator:
                     from sdtune.adapters.lora.tags import add_infotext_field, lora_hashes_value
 
                     text = add_infotext_field(text, "Lora hashes", lora_hashes_value(self._loras.infotext_entries()))
+                if getattr(self, "_hypernets", None):
+                    from sdtune.adapters.hypernetwork.apply import add_infotext
+
+                    text = add_infotext(self, text)
                 out.append(GeneratedImage(image, seed, params, text, index=len(out), batch_pos=j))
         if progress is not None:
             progress(total, total)

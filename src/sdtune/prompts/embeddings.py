@@ -33,8 +33,9 @@ class EmbeddingRegistry:
         """Register `name` (replacing an existing one) with a tensor [n, width] or {encoder key: tensor}."""
         import torch
 
-        if not isinstance(name, str) or not name or any(c.isspace() for c in name) or re.search(r"[()\[\]<>:|\\]", name):
-            raise SdtuneError(f"embedding name {name!r} must be one word without spaces or ()[]<>:|\\ characters")
+        # "<star>" is allowed (diffusers-style tokens); ":" is not, so extra-network tags <kind:name> never match
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name) or re.search(r"[()\[\]:|\\]", name):
+            raise SdtuneError(f"embedding name {name!r} must be one word without spaces or ()[]:|\\ characters")
         table = dict(vectors) if isinstance(vectors, Mapping) else {"*": vectors}
         if not table:
             raise SdtuneError(f"embedding {name!r} has no vectors")

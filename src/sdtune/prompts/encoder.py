@@ -91,6 +91,7 @@ class TextConditioner:
         self.embeddings = embeddings
         self.comma_backtrack = comma_backtrack
         self._empty: dict[int, tuple[Any, Any]] = {}
+        self.grad = False  # True: gradients flow into embedding vectors (Textual Inversion training)
 
     # -- one encoder --------------------------------------------------------------------------------------------
 
@@ -109,14 +110,14 @@ class TextConditioner:
         device = next(model.parameters()).device
         input_ids = torch.tensor(ids, dtype=torch.long, device=device)
         want_hidden = slot.sdxl or self.clip_skip > 1
-        with torch.no_grad(), _spliced(model, rows, cols, torch.stack(vecs) if vecs else None):
+        with torch.set_grad_enabled(self.grad), _spliced(model, rows, cols, torch.stack(vecs) if vecs else None):
             out = model(input_ids, attention_mask=None if mask is None else mask.to(device),
                         output_hidden_states=want_hidden)
         if slot.sdxl:
             hidden = out.hidden_states[-(self.clip_skip + 1)]
         elif self.clip_skip > 1:
             norm = getattr(model, "text_model", model).final_layer_norm
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.grad):
                 hidden = norm(out.hidden_states[-self.clip_skip])
         else:
             hidden = out[0]

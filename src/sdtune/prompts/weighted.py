@@ -50,7 +50,8 @@ class WeightedPromptEncoder:
         pos = parse_prompt(prompt, syntax=prompt_syntax, steps=steps)
         neg = parse_prompt(negative_prompt, syntax=prompt_syntax, steps=steps, negative=True)
         self.last = (pos, neg)
-        networks = pos.networks + neg.networks
+        networks = [n for n in pos.networks + neg.networks
+                    if n.kind not in ("lora", "lyco", "hypernet")]  # LoRA and hypernet tags: Generator
         if networks:
             tags = ", ".join(f"<{n.kind}:{n.name}:{n.weight:g}>" for n in networks)
             log.warning("extra-network tags %s were taken out of the prompt but are not applied (sdtune cannot "

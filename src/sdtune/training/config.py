@@ -110,7 +110,8 @@ class TrainConfig:
     lr_scheduler: str = opt("constant", "Shape of the rate over the run.", section="optim", kind="str",
                             choices=("constant", "constant_with_warmup", "linear", "cosine"))
     warmup_steps: int = opt(0, "Linear warm-up steps.", section="optim", kind="int")
-    optimizer: str = opt("adamw", "Optimizer.", section="optim", kind="str", choices=("adamw", "sgd"))
+    optimizer: str = opt("adamw", "Optimizer: adamw, sgd, adamw8bit (needs bitsandbytes), prodigy (needs prodigyopt; use --lr 1).", section="optim", kind="str",
+                         choices=("adamw", "sgd", "adamw8bit", "prodigy"))
     batch_size: int = opt(1, "Images per batch.", section="optim", kind="int")
     grad_accum: int = opt(1, "Batches accumulated per optimizer step.", section="optim", kind="int")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 = off).", section="optim", kind="float")
@@ -295,6 +296,10 @@ class TrainConfig:
             _finite_at_least(name, value, 0.0)
             if value > 1:
                 raise SdtuneError(f"{name} {value} is a probability; use a value between 0 and 1")
+        if self.optimizer in ("adamw8bit", "prodigy"):
+            from sdtune.training.optimizers import check_optimizer
+
+            check_optimizer(self.optimizer)
         _finite_at_least("zoom", self.zoom, 1.0)
         if self.zoom > 1 and self.crop != "random":
             raise SdtuneError(f"zoom {self.zoom} needs crop = random (a centre crop has no random scale)")

@@ -294,6 +294,9 @@ class Trainer:
                 module.eval()
         self._seed_all(cfg.seed)
         groups = self.method.setup(model, cfg)
+        prepare_data = getattr(self.method, "prepare_data", None)  # e.g. LoRA/DreamBooth: --prompt captions,
+        if prepare_data is not None:                                # prior-preservation class images
+            prepare_data(self)
         self.params = [p for g in groups for p in g["params"]]
         if not self.params or not all(p.requires_grad for p in self.params):
             raise SdtuneError(f"method {self.method.name!r} returned no trainable parameters")
@@ -315,7 +318,11 @@ class Trainer:
             g.setdefault("lr_scale", 1.0)
             g["lr"] = self.schedule(1) * g["lr_scale"]
             opt_groups.append(g)
-        if cfg.optimizer == "adamw":
+        if cfg.optimizer in ("adamw8bit", "prodigy"):  # optional packages (training.optimizers)
+            from sdtune.training.optimizers import make_optimizer
+
+            opt = make_optimizer(cfg.optimizer, opt_groups, lr=self.schedule(1), weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adamw":
             opt = torch.optim.AdamW(opt_groups, lr=self.schedule(1), weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.SGD(opt_groups, lr=self.schedule(1), momentum=0.9, weight_decay=cfg.weight_decay)
@@ -783,6 +790,9 @@ class Trainer:
             src = self.out / row["file"]
             if src.exists():
                 final = link_or_copy(src, self.out / f"{self.config.name}{self.method.file_ext}")
+                finalize = getattr(self.method, "finalize", None)  # e.g. DreamBooth's diffusers folder
+                if finalize is not None:
+                    finalize(final, src, self)
         self._write_summary()
         if self.log is not None:
             self.log.event("end", self.step, stopped=stopped, best_step=best,

@@ -8,7 +8,10 @@ from __future__ import annotations
 from sdtune.errors import SdtuneError
 from sdtune.training.methods.base import Batch, Conditioning, TrainingMethod, trainable
 from sdtune.training.methods.bias import UNetBiasMethod
+from sdtune.training.methods.hypernetwork import HypernetworkMethod
+from sdtune.training.methods.dreambooth import DreamBoothMethod
 from sdtune.training.methods.lora import LoraMethod
+from sdtune.training.methods.textual_inversion import TextualInversionMethod
 
 METHODS: dict[str, type[TrainingMethod]] = {}
 
@@ -29,6 +32,9 @@ def get_method(name: str) -> type[TrainingMethod]:
 
 register_method(LoraMethod)
 register_method(UNetBiasMethod)
+register_method(DreamBoothMethod)
+register_method(TextualInversionMethod)
+register_method(HypernetworkMethod)
 
-__all__ = ["METHODS", "Batch", "Conditioning", "LoraMethod", "TrainingMethod", "UNetBiasMethod", "get_method",
+__all__ = ["METHODS", "Batch", "Conditioning", "DreamBoothMethod", "LoraMethod", "TextualInversionMethod", "TrainingMethod", "UNetBiasMethod", "get_method",
            "register_method", "trainable"]

@@ -1,9 +1,19 @@
-"""`lora`: a LoRA on the UNet's attention projections (to_q, to_k, to_v, to_out.0 by default), trained with peft.
+"""`lora`: a LoRA trained with peft on the UNet (attention by default; optionally feed-forward and ResNet conv
+layers) and optionally the text encoder(s), with its own learning rate.
 
-Files are written by `sdtune.adapters.lora.save_lora`: kohya layout by default (A1111, ComfyUI, kohya and diffusers
-read it), or the diffusers/PEFT layout (`format = "diffusers"`). Without that package the diffusers layout
-(`unet.<module>.lora_A.weight` / `lora_B.weight`, rank and alpha in `ss_network_dim`/`ss_network_alpha`) is
-written directly.
+rank and alpha are explicit: the update is B @ A * alpha / rank; the effective scale alpha/rank is printed at the
+start and stored in the file's metadata (`sdtune_lora_scale`, next to kohya's ss_network_dim/ss_network_alpha).
+
+Targets (`--target`, repeatable): the presets `attn` (to_q, to_k, to_v, to_out.0), `ff` (ff.net.0.proj, ff.net.2),
+`conv` (ResNet conv1, conv2, conv_shortcut: LoCon-style), `proj` (proj_in, proj_out), or UNet module names (suffixes).
+`--text-encoder` adds LoRAs to the text encoder(s) (q/k/v/out_proj, fc1, fc2), trained at `--text-encoder-lr`
+(default: the run's --lr); their kohya keys are lora_te_ (SD1/SD2) or lora_te1_/lora_te2_ (SDXL).
+
+Files are written by `sdtune.adapters.lora.save_lora` (kohya layout by default, or diffusers/PEFT) and every saved
+file is reloaded through diffusers and compared with the trained deltas (`verify_lora_file`); a file that fails
+stops the run with the reason.
+
+Shared with DreamBooth (`training.prior`): `--prompt` with per-image captions, prior preservation.
 """
 
 from __future__ import annotations
@@ -18,95 +28,213 @@ import torch
 from sdtune.errors import SdtuneError
 from sdtune.training.config import opt
 from sdtune.training.methods.base import TrainingMethod, trainable
+from sdtune.training.prior import PersonalizeMixin, PersonalizeOptions, check_personalize_options
 
 if TYPE_CHECKING:
     from sdtune.models.loading import LoadedModel
     from sdtune.training.config import TrainConfig
 
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+PRESETS = {"attn": list(DEFAULT_TARGETS), "ff": ["ff.net.0.proj", "ff.net.2"],
+           "conv": ["conv1", "conv2", "conv_shortcut"], "proj": ["proj_in", "proj_out"]}
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 ADAPTER = "sdtune"
 
 
 @dataclass
-class LoraOptions:
+class LoraOptions(PersonalizeOptions):
     rank: int = opt(4, "LoRA rank (dimension).", section="lora", kind="int")
     alpha: float | None = opt(None, "LoRA alpha; the update is scaled by alpha/rank (default: alpha = rank).",
                               section="lora", kind="float")
     dropout: float = opt(0.0, "Dropout on the LoRA input.", section="lora", kind="float")
-    targets: list[str] = opt(list(DEFAULT_TARGETS), "UNet module names (suffixes) that get a LoRA.",
-                             section="lora", kind="strs", metavar="NAME")
+    targets: list[str] = opt(list(DEFAULT_TARGETS), "UNet layers that get a LoRA: presets attn, ff, conv, proj, or "
+                             "module names (suffixes); repeat the option.", section="lora", kind="strs",
+                             metavar="NAME")
+    text_encoder: bool = opt(False, "Also train LoRAs on the text encoder(s).", section="lora", kind="bool")
+    text_encoder_lr: float | None = opt(None, "Learning rate of the text-encoder LoRAs (default: --lr; it follows "
+                                        "the same schedule).", section="lora", kind="float")
     format: str = opt("kohya", "File layout: kohya (A1111/ComfyUI/kohya/diffusers) or diffusers (PEFT keys).",
                       section="lora", kind="str", choices=("kohya", "diffusers"))
 
 
-class LoraMethod(TrainingMethod):
+def expand_targets(targets: list[str]) -> list[str]:
+    out: list[str] = []
+    for t in targets:
+        for name in PRESETS.get(t, [t]):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def _matching(model: torch.nn.Module, targets: list[str]) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+            and any(n == t or n.endswith("." + t) for t in targets)}
+
+
+def layer_dim(module: torch.nn.Module) -> int:
+    """The largest rank a LoRA on this layer can have: min(fan-in, fan-out)."""
+    w = module.weight
+    fan_in = int(w[0].numel())
+    return min(fan_in, int(w.shape[0]))
+
+
+def check_rank(rank: int, layers: Mapping[str, torch.nn.Module], where: str) -> None:
+    small = sorted(((layer_dim(m), n) for n, m in layers.items() if layer_dim(m) < rank))
+    if small:
+        dim, name = small[0]
+        raise SdtuneError(f"lora rank {rank} is larger than {len(small)} {where} layer(s)' dimension (smallest: "
+                          f"{name}, {dim}); a LoRA's rank cannot exceed min(in, out) of its layer: use --rank {dim} "
+                          "or less, or target other layers")
+
+
+class LoraMethod(PersonalizeMixin, TrainingMethod):
     name = "lora"
-    summary = "LoRA on the UNet attention layers (peft)."
+    summary = "LoRA on the UNet (attention by default; ff/conv optional) and optionally the text encoder(s)."
     Options = LoraOptions
+    prior_default = False
 
     @classmethod
     def check_options(cls, options: Any, config: TrainConfig) -> None:
         if options.rank < 1:
             raise SdtuneError(f"lora rank {options.rank} must be at least 1 (4-32 is typical)")
-        if options.alpha is not None and options.alpha <= 0:
-            raise SdtuneError(f"lora alpha {options.alpha} must be > 0 (default: the rank)")
+        if options.alpha is not None and not options.alpha > 0:
+            raise SdtuneError(f"lora alpha {options.alpha:g} must be > 0: alpha 0 makes the LoRA's update zero, so "
+                              "nothing would be learned (default: alpha = rank; rank/2 or 1 are common)")
         if not 0 <= options.dropout < 1:
             raise SdtuneError(f"lora dropout {options.dropout} must be in [0, 1)")
         if not options.targets:
-            raise SdtuneError("lora targets is empty; use e.g. to_q to_k to_v to_out.0")
+            raise SdtuneError("lora targets is empty; use e.g. attn (to_q to_k to_v to_out.0), ff, conv")
+        if options.text_encoder_lr is not None:
+            if not options.text_encoder_lr >= 0:
+                raise SdtuneError(f"text_encoder_lr {options.text_encoder_lr} must be >= 0")
+            if not options.text_encoder:
+                raise SdtuneError("text_encoder_lr is set but the text encoder is not trained; add --text-encoder")
+        check_personalize_options(options, cls.name, cls.prior_default, config.resolution)
 
     @property
     def alpha(self) -> float:
         return float(self.options.alpha if self.options.alpha is not None else self.options.rank)
 
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.options.rank
+
+    def text_encoders(self) -> list[tuple[str, torch.nn.Module]]:
+        assert self.model is not None
+        if not self.options.text_encoder:
+            return []
+        return [(n, getattr(self.model.pipe, n)) for n in TEXT_ENCODERS if getattr(self.model.pipe, n, None)
+                is not None]
+
     def setup(self, model: LoadedModel, config: TrainConfig) -> list[dict[str, Any]]:
         from peft import LoraConfig
 
+        from sdtune.training.schedules import LRSchedule
+
         self.model, self.config = model, config
         unet = model.pipe.unet
+        targets = expand_targets(list(self.options.targets))
         names = {n for n, _ in unet.named_modules()}
-        missing = [t for t in self.options.targets if not any(n == t or n.endswith("." + t) for n in names)]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if missing:
-            raise SdtuneError(f"lora targets {', '.join(missing)} match no UNet module; use names such as "
-                              f"{', '.join(DEFAULT_TARGETS)}")
+            raise SdtuneError(f"lora targets {', '.join(missing)} match no UNet module; use the presets "
+                              f"{', '.join(PRESETS)} or names such as {', '.join(DEFAULT_TARGETS)}")
+        check_rank(self.options.rank, _matching(unet, targets), "UNet")
+        for _, te in self.text_encoders():
+            check_rank(self.options.rank, _matching(te, TEXT_TARGETS), "text-encoder")
         unet.add_adapter(LoraConfig(r=self.options.rank, lora_alpha=self.alpha, lora_dropout=self.options.dropout,
-                                    target_modules=list(self.options.targets), init_lora_weights=True),
-                         adapter_name=ADAPTER)
-        params = trainable(unet.parameters())
-        return [{"params": params}]
+                                    target_modules=targets, init_lora_weights=True), adapter_name=ADAPTER)
+        groups: list[dict[str, Any]] = [{"params": trainable(unet.parameters())}]
+        te_params: list[torch.nn.Parameter] = []
+        for _, te in self.text_encoders():
+            te.add_adapter(LoraConfig(r=self.options.rank, lora_alpha=self.alpha, lora_dropout=self.options.dropout,
+                                      target_modules=list(TEXT_TARGETS), init_lora_weights=True),
+                           adapter_name=ADAPTER)
+            te_params += trainable(te.parameters())
+        self.trains_text_encoder = bool(te_params)  # type: ignore[misc]  (instance value: no text cache)
+        if te_params:
+            peak = LRSchedule.from_config(config.lr, config.lr_scheduler, config.warmup_steps, config.steps).peak
+            te_lr = self.options.text_encoder_lr
+            groups.append({"params": te_params, "lr_scale": 1.0 if te_lr is None else te_lr / peak})
+        self._targets = targets
+        return groups
+
+    def prepare_data(self, trainer: Any) -> None:
+        te = f"; text encoder(s) too, lr {self.options.text_encoder_lr or 'as --lr'}" if self.options.text_encoder \
+            else ""
+        trainer.echo(f"LoRA rank {self.options.rank}, alpha {self.alpha:g}: effective scale alpha/rank = "
+                     f"{self.scale:g}; UNet targets {', '.join(self._targets)}{te}")
+        self.personalize_prepare(trainer)
+
+    def modules(self) -> list[torch.nn.Module]:
+        assert self.model is not None
+        return [self.model.pipe.unet] + [te for _, te in self.text_encoders()]
+
+    def _parts(self) -> list[tuple[str, torch.nn.Module]]:
+        assert self.model is not None
+        return [("unet", self.model.pipe.unet)] + self.text_encoders()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
-        assert self.model is not None
-        sd = get_peft_model_state_dict(self.model.pipe.unet, adapter_name=ADAPTER)
-        return {k: v.detach() for k, v in sd.items()}
+        out: dict[str, torch.Tensor] = {}
+        for prefix, model in self._parts():
+            sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+            # the UNet's keys stay unprefixed (states saved before text-encoder training existed still load)
+            out.update({(k if prefix == "unet" else f"{prefix}.{k}"): v.detach() for k, v in sd.items()})
+        return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        assert self.model is not None
-        expected = set(self.state_dict())
-        if set(state) != expected:
+        expected = self.state_dict()
+        if set(state) != set(expected):
             raise SdtuneError(f"saved LoRA weights do not match this LoRA ({len(state)} tensors saved, "
-                              f"{len(expected)} expected); were rank or targets changed?")
-        unet = self.model.pipe.unet
-        set_peft_model_state_dict(unet, dict(state), adapter_name=ADAPTER)
+                              f"{len(expected)} expected); were rank, targets, text_encoder or the model's family "
+                              "changed?")
+        bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+        if bad:
+            raise SdtuneError(f"saved LoRA weights have other shapes than this LoRA ({bad[0]}: "
+                              f"{list(state[bad[0]].shape)} vs {list(expected[bad[0]].shape)}); was the rank or the "
+                              "model changed?")
+        for prefix, model in self._parts():
+            if prefix == "unet":
+                part = {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODERS)}
+            else:
+                part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+            set_peft_model_state_dict(model, dict(part), adapter_name=ADAPTER)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"unet.{k}": v for k, v in self.state_dict().items()}
+        return {(k if k.startswith(TEXT_ENCODERS) else f"unet.{k}"): v for k, v in self.state_dict().items()}
 
     def metadata(self) -> dict[str, str]:
-        return {"sdtune_lora_targets": json.dumps(list(self.options.targets))}
+        meta = {"sdtune_lora_targets": json.dumps(list(self.options.targets)),
+                "sdtune_lora_rank": str(self.options.rank), "sdtune_lora_alpha": f"{self.alpha:g}",
+                "sdtune_lora_scale": f"{self.scale:g}",
+                "sdtune_lora_text_encoder": str(bool(self.options.text_encoder))}
+        if self.options.prompt:
+            meta["sdtune_instance_prompt"] = self.options.prompt
+        if self.prior is not None:
+            meta.update({"sdtune_class_prompt": self.prior.prompt, "sdtune_prior_weight": f"{self.prior.weight:g}"})
+        return meta
 
     def save(self, path: str | Path, step: int, metadata: Mapping[str, str]) -> Path:
+        from sdtune.adapters.lora import lora_deltas_from_peft, network_from_peft, save_lora, verify_lora_file
+
         assert self.model is not None
         meta = {**dict(metadata), **self.metadata(), "sdtune_step": str(step)}
-        try:
-            from sdtune.adapters.lora import network_from_peft, save_lora
-        except ImportError:  # the LoRA file package is absent: write the diffusers layout ourselves
-            meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(self.options.rank),
-                         "ss_network_alpha": f"{self.alpha:g}", "sdtune_format": "diffusers"})
-            return super().save(path, step, meta)
-        net = network_from_peft(self.model.pipe, ADAPTER, family=self.model.family)
-        return save_lora(net, path, format=self.options.format, metadata=meta)
+        pipe = self.model.pipe
+        deltas = lora_deltas_from_peft(pipe, ADAPTER)
+        if not all(bool(torch.isfinite(d).all()) for d in deltas.values()):
+            from sdtune.training.loop import _Diverged  # the loop rolls back; nothing non-finite is written
+
+            raise _Diverged(step, "weights (the LoRA update B @ A overflows)")
+        net = network_from_peft(pipe, ADAPTER, family=self.model.family)
+        written = save_lora(net, path, format=self.options.format, metadata=meta)
+        try:  # the self-check: the file reloads through diffusers with exactly the trained deltas
+            verify_lora_file(written, pipe, deltas)
+        except SdtuneError as exc:
+            raise SdtuneError(f"the LoRA saved at step {step} failed its self-check, so training stops (the file is "
+                              f"kept for inspection: {written}): {exc}") from None
+        return written

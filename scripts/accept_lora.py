@@ -1,0 +1,244 @@
+"""Acceptance of LoRA / DreamBooth on the toy world: learn the shape "heart" (never in the tiny model's training)
+from 20 images, then measure with the judge.
+
+    nice -n 19 python scripts/accept_lora.py --out runs/accept                 # everything, one after another
+    python scripts/accept_lora.py --out runs/accept --only lora               # one variant (run several in parallel)
+    python scripts/accept_lora.py --out runs/accept --summary                 # the table from the saved results
+
+Variants: lora (no prior preservation), lora_prior (prior preservation with generated class images), dreambooth
+(full UNet fine-tune, prior preservation), outline (a second LoRA: the "outlined" style on known shapes, for the
+two-LoRA test), two (heart LoRA + outline LoRA together; needs lora and outline).
+
+Measured per variant (judge = sdtune.toy.judge, no learned weights):
+  * identifier: "a sks shape", seeds 0..S-1 -> % hearts;
+  * context: "a {colour} sks shape", "a sks shape on a {background} background" and both together, for every
+    colour/background -> % hearts, and % where every colour/background word asked for is in the image;
+  * base prompts (without the identifier), a fixed subset of "a {colour} {shape} on a {background} background"
+    -> judge agreement (mean of colour/shape/background agreement), compared with the base model's.
+Training time is wall-clock of the training call (incl. latent caching and class-image generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+TEMPLATES = ("a sks shape", "a {colour} sks shape", "a sks shape on a {background} background",
+             "a {colour} sks shape on a {background} background")
+VARIANTS = ("lora", "lora_prior", "dreambooth", "outline", "two")
+
+
+def make_data(folder: Path, n: int, seed: int, style: bool = False) -> Path:
+    from sdtune.toy import world
+    from sdtune.toy.evaluate import write_dataset
+
+    if (folder / "0000.png").exists():
+        return folder
+    rng = random.Random(seed)
+    if style:  # outlined known shapes, captioned with the world's own words ("a outlined red circle on ...")
+        scenes = [world.random_scene(rng, shapes=world.KNOWN_SHAPES, styles=("outline",)) for _ in range(n)]
+        caps = [s.caption() for s in scenes]
+    else:
+        scenes = [world.random_scene(rng, shapes=("heart",), styles=("solid",)) for _ in range(n)]
+        caps = [rng.choice(TEMPLATES).format(colour=s.colour, background=s.background) for s in scenes]
+    write_dataset(folder, scenes, caps)
+    return folder
+
+
+def base_subset(n: int) -> list:
+    from sdtune.toy.evaluate import base_prompts
+
+    prompts = base_prompts()
+    rng = random.Random(1234)
+    return sorted(rng.sample(prompts, n), key=lambda p: p[0])
+
+
+def context_prompts(style: str = "solid") -> list:
+    from sdtune.toy import world
+
+    out = []
+    pre = {"solid": "", "outline": "outlined "}[style]
+    for c in world.COLOURS:
+        out.append((f"a {pre}{c} sks shape", {"colour": c}))
+    for b in world.BACKGROUNDS:
+        out.append((f"a {pre}sks shape on a {b} background", {"background": b}))
+    for c in world.COLOURS:
+        for b in world.BACKGROUNDS:
+            out.append((f"a {pre}{c} sks shape on a {b} background", {"colour": c, "background": b}))
+    return out
+
+
+def judge_prompts(gen, prompts: list, seeds: int, steps: int, want_style: str | None = None) -> dict:
+    from sdtune.generate import GenerationParams
+    from sdtune.toy.judge import judge
+
+    n = hearts = ctx = both = styled = 0
+    for prompt, wanted in prompts:
+        params = GenerationParams(prompt=prompt, seed=0, batch_size=seeds, steps=steps, cfg_scale=7.0)
+        for img in gen.generate(params):
+            v = judge(img.image)
+            ok = all(getattr(v, k) == val for k, val in wanted.items())
+            n += 1
+            hearts += v.shape == "heart"
+            ctx += ok
+            both += ok and v.shape == "heart"
+            if want_style:
+                styled += v.style == want_style
+    out = {"images": n, "heart": hearts / n, "context": ctx / n, "heart_and_context": both / n}
+    if want_style:
+        out["style"] = styled / n
+    return out
+
+
+def evaluate_model(gen, args, style: str | None = None, what: str = "heart") -> dict:
+    """what: heart (identifier + context + base prompts), outline (outlined base prompts), two (both LoRAs)."""
+    from sdtune.toy.evaluate import evaluate
+
+    t = time.perf_counter()
+    out: dict = {}
+    if what == "outline":
+        prompts = [(p.replace("a ", "a outlined ", 1), {"colour": sc.colour, "shape": sc.shape,
+                                                       "background": sc.background})
+                   for p, sc in base_subset(args.base_prompts)]
+        out["outline_prompts"] = judge_prompts(gen, prompts, args.base_seeds, args.gen_steps, want_style="outline")
+    else:
+        out["identifier"] = judge_prompts(gen, [(f"a {'outlined ' if style == 'outline' else ''}sks shape", {})],
+                                          args.ident_seeds, args.gen_steps, want_style=style)
+        out["context"] = judge_prompts(gen, context_prompts(style or "solid"), args.ctx_seeds, args.gen_steps,
+                                       want_style=style)
+    if what == "heart":
+        base = evaluate(gen, base_subset(args.base_prompts), seeds=args.base_seeds, steps=args.gen_steps)
+        rates = base.rates
+        out["base"] = {"images": base.n_images, **{k: rates[k] for k in ("colour", "shape", "background")},
+                       "agreement": (rates["colour"] + rates["shape"] + rates["background"]) / 3}
+    out["eval_s"] = time.perf_counter() - t
+    return out
+
+
+def train_variant(variant: str, args, out: Path) -> dict:
+    from sdtune.training import TrainConfig, train
+    from sdtune.training.methods.dreambooth import DreamBoothOptions
+    from sdtune.training.methods.lora import LoraOptions
+
+    data = make_data(out / ("data_outline" if variant == "outline" else "data_heart"), args.images, args.seed,
+                     style=variant == "outline")
+    common = dict(model=args.model, data=str(data), out=str(out / variant), batch_size=args.batch, save_every=0,
+                  progress=False, tensorboard=False, seed=args.seed, sample_steps=args.gen_steps, latents="sample")
+    class_prompt = "a shape on a background"
+    if variant in ("lora", "lora_prior", "outline"):
+        opts = LoraOptions(rank=args.rank, alpha=args.rank, targets=args.targets.split(","))
+        if variant == "lora_prior":
+            opts = LoraOptions(rank=args.rank, alpha=args.rank, targets=args.targets.split(","),
+                               class_prompt=class_prompt, num_class_images=args.class_images,
+                               prior_weight=args.prior_weight)
+        cfg = TrainConfig(method="lora", steps=args.lora_steps, lr=args.lora_lr, options=opts, **common)
+    else:
+        opts = DreamBoothOptions(class_prompt=class_prompt, num_class_images=args.class_images,
+                                 prior_weight=args.prior_weight, save_precision="fp32", diffusers_folder=True)
+        cfg = TrainConfig(method="dreambooth", steps=args.db_steps, lr=args.db_lr, options=opts, **common)
+    t, c = time.perf_counter(), time.process_time()
+    r = train(cfg, echo=lambda s: print(f"[{variant}] {s}", flush=True))
+    return {"train_s": time.perf_counter() - t, "train_cpu_s": time.process_time() - c, "final": str(r.final), "steps": cfg.steps, "lr": cfg.lr,
+            "last_loss": sum(r.losses[-20:]) / len(r.losses[-20:]), "options": cfg.to_dict()[cfg.method]}
+
+
+def run_variant(variant: str, args, out: Path) -> dict:
+    from sdtune.generate import Generator
+
+    if variant == "base":
+        gen = Generator(args.model)
+        res = {"variant": "base", **evaluate_model(gen, args),
+               "outline_prompts": evaluate_model(gen, args, what="outline")["outline_prompts"]}
+    elif variant == "two":
+        a, b = (json.loads((out / v / "result.json").read_text()) for v in ("lora", "outline"))
+        gen = Generator(args.model, loras=[(a["final"], 1.0), (b["final"], 1.0)])
+        res = {"variant": "two", "loras": [a["final"], b["final"]],
+               **evaluate_model(gen, args, style="outline", what="two")}
+    else:
+        trained = train_variant(variant, args, out)
+        if variant == "dreambooth":
+            gen = Generator(trained["final"])   # the single-file checkpoint, as A1111 would load it
+        else:
+            gen = Generator(args.model, loras=[(trained["final"], 1.0)])
+        res = {"variant": variant, **trained,
+               **evaluate_model(gen, args, what="outline" if variant == "outline" else "heart")}
+    (out / variant).mkdir(parents=True, exist_ok=True)
+    (out / variant / "result.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def summary(out: Path) -> str:
+    rows = {}
+    for v in ("base",) + VARIANTS:
+        p = out / v / "result.json"
+        if p.exists():
+            rows[v] = json.loads(p.read_text())
+    base = rows.get("base", {}).get("base", {}).get("agreement")
+    lines = ["| variant | train time | identifier prompt: heart | context prompts: heart | context kept | base prompts: "
+             "judge agreement (change) |", "| --- | --- | --- | --- | --- | --- |"]
+    for v, r in rows.items():
+        t = f"{r['train_s'] / 60:.1f} min wall, {r['train_cpu_s'] / 60:.1f} min CPU ({r['steps']} steps)" \
+            if "train_s" in r else "-"
+        if "outline_prompts" in r:
+            o = r["outline_prompts"]
+            lines.append(f"| {v} | {t} | outlined base prompts: style outline {100 * o['style']:.0f}% of "
+                         f"{o['images']}, colour+shape+background all right {100 * o['context']:.0f}% | | | |")
+            if "identifier" not in r:
+                continue
+        ident, ctx, b = r["identifier"], r["context"], r.get("base")
+        change = f" ({100 * (b['agreement'] - base):+.1f} pt)" if b and base is not None and v != "base" else ""
+        extra = f"; style outline {100 * ident['style']:.0f}%" if "style" in ident else ""
+        cextra = f"; style outline {100 * ctx['style']:.0f}%" if "style" in ctx else ""
+        bcol = f"{100 * b['agreement']:.1f}%{change}" if b else "-"
+        lines.append(f"| {v} | {t} | {100 * ident['heart']:.0f}% of {ident['images']}{extra} | "
+                     f"{100 * ctx['heart']:.0f}% of {ctx['images']}{cextra} | {100 * ctx['context']:.0f}% | {bcol} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/accept"))
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--only", default=None, help="comma-separated: base," + ",".join(VARIANTS))
+    ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--targets", default="attn,ff,conv")
+    ap.add_argument("--lora-steps", type=int, default=800)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--db-steps", type=int, default=800)
+    ap.add_argument("--db-lr", type=float, default=2e-4)
+    ap.add_argument("--class-images", type=int, default=40)
+    ap.add_argument("--prior-weight", type=float, default=1.0)
+    ap.add_argument("--gen-steps", type=int, default=20)
+    ap.add_argument("--ident-seeds", type=int, default=16)
+    ap.add_argument("--ctx-seeds", type=int, default=2)
+    ap.add_argument("--base-prompts", type=int, default=16)
+    ap.add_argument("--base-seeds", type=int, default=3)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.summary:
+        todo = args.only.split(",") if args.only else ["base", "lora", "lora_prior", "dreambooth", "outline", "two"]
+        for v in todo:
+            t = time.perf_counter()
+            r = run_variant(v, args, out)
+            print(f"== {v} done ({time.perf_counter() - t:.0f}s)", flush=True)
+            print(summary(out), flush=True)
+    print(summary(out))
+
+
+if __name__ == "__main__":
+    main()

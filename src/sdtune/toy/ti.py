@@ -1,0 +1,194 @@
+"""Textual Inversion on the toy world, measured with the judge: the acceptance run (`bench/accept_ti.py`) and the
+demo's TI stage use this.
+
+The world's star and diamond are shapes the base model draws only when prompted "a {colour} shape on a {bg}
+background": it has no word for them. An embedding `<star>` is trained from a few rendered red stars (captions
+"red [name] on a {bg} background" with the base captions' prefixes as templates) and judged:
+
+* shape fidelity: prompts without any context ("a photo of a <star>", "a picture of a <star>") and with the
+  training context ("a red <star> on a white background"): the judge must read the target shape;
+* context kept: new colours and backgrounds ("a blue <star> on a black background"): the judge must read that
+  colour and that background (and, reported separately, the shape);
+* the base model with the word "shape" in place of the token gives the comparison.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from sdtune.toy import world
+from sdtune.toy.judge import judge
+
+TEMPLATES = ["a [filewords]", "a photo of a [filewords]", "a picture of a [filewords]", "a rendering of a [filewords]"]
+FIDELITY = ["a photo of a {t}", "a picture of a {t}", "a red {t} on a white background"]
+CONTEXT = [("blue", "black"), ("green", "gray"), ("yellow", "black"), ("purple", "white")]
+
+
+def write_concept_dataset(folder: str | Path, *, shape: str = "star", colour: str = "red", n: int = 5,
+                          backgrounds: tuple[str, ...] = ("white", "gray"), seed: int = 0) -> Path:
+    """n rendered images of one shape and colour (position and size jittered) with captions that name colour and
+    background and put [name] where the shape's word would be."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        bg = backgrounds[i % len(backgrounds)]
+        scene = world.random_scene(rng, shapes=(shape,), colours=(colour,), backgrounds=(bg,))
+        world.render(scene).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"{colour} [name] on a {bg} background\n", encoding="utf-8")
+    return folder
+
+
+def write_templates(path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("\n".join(TEMPLATES) + "\n", encoding="utf-8")
+    return p
+
+
+def judge_prompts(generate: Any, token: str, shape: str, seeds: list[int], *, keep: int = 0) -> dict[str, Any]:
+    """Metrics of `generate(prompts, seeds) -> images` for the fidelity and context prompts with `token`."""
+    fid_prompts = [p.format(t=token) for p in FIDELITY]
+    ctx = [(f"a {c} {token} on a {b} background", c, b) for c, b in CONTEXT]
+    images = generate(fid_prompts + [p for p, _, _ in ctx], seeds)
+    n = len(seeds)
+    fid = [judge(im) for im in images[:len(fid_prompts) * n]]
+    ctx_v = [judge(im) for im in images[len(fid_prompts) * n:]]
+    ctx_ok = [v.colour == c and v.background == b for i, v in enumerate(ctx_v) for c, b in [ctx[i // n][1:]]]
+    out = {"shape_fidelity": sum(v.shape == shape for v in fid) / len(fid),
+           "context_kept": sum(ctx_ok) / len(ctx_ok),
+           "context_shape": sum(v.shape == shape for v in ctx_v) / len(ctx_v)}
+    for j, p in enumerate(fid_prompts):
+        out[f"fidelity[{p}]"] = sum(v.shape == shape for v in fid[j * n:(j + 1) * n]) / n
+    if keep:
+        out["images"] = [im for k in range(len(fid_prompts) + len(ctx)) for im in images[k * n:k * n + keep]]
+    return out
+
+
+def generator_fn(gen: Any, steps: int = 20, cfg: float = 7.0) -> Any:
+    from sdtune.generate import GenerationParams
+
+    def generate(prompts: list[str], seeds: list[int]) -> list[Any]:
+        out = []
+        for p in prompts:
+            out += [r.image for r in gen.generate(GenerationParams(prompt=p, seed=seeds[0], batch_size=len(seeds),
+                                                                   steps=steps, cfg_scale=cfg))]
+        return out
+    return generate
+
+
+def train_concept(model: Any, work: Path, *, token: str = "<star>", shape: str = "star", n_images: int = 5,
+                  steps: int = 300, lr: Any = 5e-3, vectors: int = 2, init: str = "shape", save_every: int = 100,
+                  seeds: int = 8, batch_size: int = 2, eval_steps: int = 20, echo: Any = None, seed: int = 0,
+                  evaluate: bool = True, colour: str = "red", backgrounds: tuple[str, ...] = ("white", "gray"),
+                  evaluator_extra: Any = None) -> dict[str, Any]:
+    """Render a dataset, train `token` on `model` (a LoadedModel, trained in place: only the vectors change),
+    judging every saved step. Returns figures (per step) and the final file."""
+    from sdtune.training import TrainConfig, train
+    from sdtune.training.methods.textual_inversion import TIOptions
+
+    work = Path(work)
+    data = write_concept_dataset(work / "data", shape=shape, colour=colour, n=n_images, backgrounds=backgrounds,
+                                 seed=seed)
+    templates = write_templates(work / "templates.txt")
+    seed_list = list(range(seeds))
+    rows: list[dict[str, Any]] = []
+
+    def evaluator(ctx: Any) -> dict[str, float]:
+        t0 = time.perf_counter()
+        # one batch of all seeds per prompt (seeds s0, s0+1, ... as in A1111)
+        m = judge_prompts(lambda ps, ss: [im for pr in ps for im in ctx.generate([pr], [ss[0]], batch_size=len(ss))],
+                          token, shape, seed_list)
+        m = {k: float(v) for k, v in m.items() if not k.startswith("fidelity[")}
+        rows.append({"step": ctx.step, **m, "eval_seconds": round(time.perf_counter() - t0, 1)})
+        return m
+
+    cfg = TrainConfig(method="ti", data=str(data), out=str(work / "run"), steps=steps, lr=lr, batch_size=batch_size,
+                      save_every=save_every, progress=False, tensorboard=False, seed=seed, flip=0.5,
+                      latents="mean",  # the tiny UNet was trained on posterior means; samples are off its data
+                      sample_steps=eval_steps, keep_checkpoints="all",
+                      select_by="shape_fidelity:max" if evaluate else "val_loss",
+                      options=TIOptions(token=token, init=init, vectors=vectors, templates=str(templates)))
+    times: list[float] = []
+    t0 = time.perf_counter()
+    result = train(cfg, model=model, evaluator=evaluator if evaluate else None,
+                   on_step=lambda t, s, loss: times.append(time.perf_counter()), echo=echo or (lambda s: None))
+    total = time.perf_counter() - t0
+    eval_s = sum(r["eval_seconds"] for r in rows)
+    return {"final": result.final, "best_step": result.best_step, "rows": rows, "seconds_total": round(total, 1),
+            "seconds_training": round(total - eval_s, 1), "seconds_eval": round(eval_s, 1),
+            "steps": steps, "losses": result.losses}
+
+
+def side_by_side(rows: list[tuple[str, list[Any]]], captions: list[str] | None = None) -> Any:
+    """A sheet with one labelled row of images per (label, images)."""
+    from PIL import Image, ImageDraw
+
+    cell = max(im.width for _, ims in rows for im in ims)
+    label_w, head = 150, 14 if captions else 0
+    cols = max(len(ims) for _, ims in rows)
+    sheet = Image.new("RGB", (label_w + cols * cell, head + len(rows) * cell), (20, 20, 24))
+    draw = ImageDraw.Draw(sheet)
+    for c, text in enumerate(captions or []):
+        draw.text((label_w + c * cell + 2, 1), text[:14], fill=(220, 220, 220))
+    for r, (label, ims) in enumerate(rows):
+        draw.text((4, head + r * cell + cell // 2 - 6), label, fill=(230, 230, 230))
+        for c, im in enumerate(ims):
+            sheet.paste(im.convert("RGB"), (label_w + c * cell, head + r * cell))
+    return sheet
+
+
+def demo_stage(generator: Any, out: Path, *, train_steps: int = 150, seeds: int = 4, steps: int = 20,
+               progress: Any = None) -> dict[str, Any]:
+    """Train `<star>` on the generator's model (only new vectors; the model is unchanged), then judge the base
+    model ("shape") and the embedding on the same prompts and seeds; save a side-by-side sheet."""
+    import os
+
+    import shutil
+
+    out = Path(out)
+    if (out / "ti").exists():  # this stage's own folder from an earlier demo
+        shutil.rmtree(out / "ti")
+    seed_list = list(range(seeds))
+    t0 = time.perf_counter()
+    base = judge_prompts(generator_fn(generator, steps), "shape", "star", seed_list, keep=1)
+    if progress:
+        progress(1, 3)
+    res = train_concept(generator.model, out / "ti", token="<star>", shape="star", steps=train_steps,
+                        save_every=train_steps, seeds=seeds, evaluate=False, eval_steps=steps)
+    if progress:
+        progress(2, 3)
+    generator.embeddings.add_source(res["final"])
+    try:
+        emb = judge_prompts(generator_fn(generator, steps), "<star>", "star", seed_list, keep=1)
+    finally:  # later stages see the plain model again (the file's stem "star" would shadow the word)
+        generator.embeddings.remove_source(res["final"])
+    if progress:
+        progress(3, 3)
+    prompts = [p.format(t="...") for p in FIDELITY] + [f"a {c} ... {b}" for c, b in CONTEXT]
+    sheet = side_by_side([("base: shape", base.pop("images")), ("<star>", emb.pop("images"))], prompts)
+    tmp = out / "ti_grid.tmp.png"
+    sheet.save(tmp)
+    os.replace(tmp, out / "ti_grid.png")
+    keys = ("shape_fidelity", "context_kept", "context_shape")
+    return {"ti": {"base": {k: base[k] for k in keys}, "embedding": {k: emb[k] for k in keys},
+                   "train_steps": train_steps, "train_seconds": res["seconds_training"],
+                   "seconds": round(time.perf_counter() - t0, 1), "file": str(res["final"]),
+                   "grid": str(out / "ti_grid.png"), "images_per_prompt": seeds}}
+
+
+def report_lines(fig: dict[str, Any]) -> list[str]:
+    b, e = fig["base"], fig["embedding"]
+    pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    return [
+        f"textual inversion: <star> trained from 5 rendered red stars, {fig['train_steps']} steps in "
+        f"{fig['train_seconds']} s (file {fig['file']})",
+        f"  star drawn, 'a photo of a <star>'-style prompts: base ('shape') {pct(b['shape_fidelity'])} -> "
+        f"<star> {pct(e['shape_fidelity'])}",
+        f"  new colour + background ('a blue <star> on a black background'): context kept {pct(e['context_kept'])} "
+        f"(base {pct(b['context_kept'])}), star drawn {pct(e['context_shape'])} (base {pct(b['context_shape'])})",
+        f"  side by side: {fig['grid']}",
+    ]

@@ -1,0 +1,177 @@
+"""`dreambooth`: a full fine-tune of the UNet (the text encoder(s) optionally, with their own learning rate), with
+prior preservation on by default (`training.prior`: `--class-prompt`, generated or supplied class images,
+`--prior-weight`; turn it off with `--no-prior-preservation`).
+
+Every checkpoint is written as
+  * a single-file .safetensors checkpoint in the original (LDM) layout that A1111/ComfyUI load
+    (`formats.checkpoint.save_single_file`, atomic), and
+  * a diffusers folder next to it (written to a temporary folder, then renamed into place).
+The final result is OUT/<name>.safetensors plus the diffusers folder OUT/<name>/ (of the best checkpoint).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from sdtune.errors import SdtuneError
+from sdtune.training.config import opt
+from sdtune.training.methods.base import TrainingMethod, trainable
+from sdtune.training.prior import PersonalizeMixin, PersonalizeOptions, check_personalize_options
+
+if TYPE_CHECKING:
+    from sdtune.models.loading import LoadedModel
+    from sdtune.training.config import TrainConfig
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class DreamBoothOptions(PersonalizeOptions):
+    train_text_encoder: bool = opt(False, "Also fine-tune the text encoder(s).", section="dreambooth", kind="bool")
+    text_encoder_lr: float | None = opt(None, "Learning rate of the text encoder(s) (default: --lr).",
+                                        section="dreambooth", kind="float")
+    save_precision: str = opt("fp16", "Precision of the saved checkpoint files.", section="dreambooth", kind="str",
+                              choices=tuple(PRECISIONS))
+    diffusers_folder: bool = opt(True, "Also write a diffusers folder next to every checkpoint file.",
+                                 section="dreambooth", kind="bool")
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Move a finished temporary folder to `dest`, replacing an older one (rename; the old one is removed after)."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{tmp.name}")
+        dest.rename(old)
+    tmp.rename(dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
+    name = "dreambooth"
+    summary = "DreamBooth: full fine-tune of the UNet (text encoder optional) with prior preservation."
+    Options = DreamBoothOptions
+    prior_default = True
+
+    @classmethod
+    def check_options(cls, options: Any, config: TrainConfig) -> None:
+        if options.text_encoder_lr is not None:
+            if not options.text_encoder_lr >= 0:
+                raise SdtuneError(f"text_encoder_lr {options.text_encoder_lr} must be >= 0")
+            if not options.train_text_encoder:
+                raise SdtuneError("text_encoder_lr is set but the text encoder is not trained; add "
+                                  "--train-text-encoder")
+        check_personalize_options(options, cls.name, cls.prior_default, config.resolution)
+
+    def _parts(self) -> list[tuple[str, torch.nn.Module]]:
+        assert self.model is not None
+        pipe = self.model.pipe
+        parts: list[tuple[str, torch.nn.Module]] = [("unet", pipe.unet)]
+        if self.options.train_text_encoder:
+            parts += [(n, getattr(pipe, n)) for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None]
+        return parts
+
+    def setup(self, model: LoadedModel, config: TrainConfig) -> list[dict[str, Any]]:
+        from sdtune.training.schedules import LRSchedule
+
+        self.model, self.config = model, config
+        groups: list[dict[str, Any]] = []
+        te_params: list[torch.nn.Parameter] = []
+        for name, module in self._parts():
+            module.requires_grad_(True)
+            if name == "unet":
+                groups.append({"params": trainable(module.parameters())})
+            else:
+                te_params += trainable(module.parameters())
+        self.trains_text_encoder = bool(te_params)  # type: ignore[misc]
+        if te_params:
+            peak = LRSchedule.from_config(config.lr, config.lr_scheduler, config.warmup_steps, config.steps).peak
+            te_lr = self.options.text_encoder_lr
+            groups.append({"params": te_params, "lr_scale": 1.0 if te_lr is None else te_lr / peak})
+        return groups
+
+    def prepare_data(self, trainer: Any) -> None:
+        n = sum(p.numel() for g in self._parts() for p in g[1].parameters())
+        trainer.echo(f"DreamBooth: fine-tuning {', '.join(n for n, _ in self._parts())} ({n / 1e6:.1f}M parameters)")
+        self.personalize_prepare(trainer)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for _, m in self._parts()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{k}": p.detach() for prefix, m in self._parts() for k, p in m.named_parameters()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        expected = self.state_dict()
+        if set(state) != set(expected):
+            raise SdtuneError(f"saved DreamBooth weights do not match this model ({len(state)} tensors saved, "
+                              f"{len(expected)} expected); was the model or --train-text-encoder changed?")
+        bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+        if bad:
+            raise SdtuneError(f"saved DreamBooth weights have other shapes than this model ({bad[0]}); was the model "
+                              "changed?")
+        with torch.no_grad():
+            for k, v in state.items():
+                expected[k].copy_(v.to(expected[k].device, expected[k].dtype))
+
+    def metadata(self) -> dict[str, str]:
+        meta = {"sdtune_dreambooth_text_encoder": str(bool(self.options.train_text_encoder))}
+        if self.options.prompt:
+            meta["sdtune_instance_prompt"] = self.options.prompt
+        if self.prior is not None:
+            meta.update({"sdtune_class_prompt": self.prior.prompt, "sdtune_prior_weight": f"{self.prior.weight:g}"})
+        return meta
+
+    def save(self, path: str | Path, step: int, metadata: Mapping[str, str]) -> Path:
+        from sdtune.formats.checkpoint import save_single_file
+
+        assert self.model is not None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {k: v for k, v in {**dict(metadata), **self.metadata(), "sdtune_step": str(step)}.items()
+                if not k.startswith("ss_")}
+        pipe = self.model.pipe
+        written = save_single_file(pipe, path, self.model.family, dtype=PRECISIONS[self.options.save_precision],
+                                   metadata=meta)
+        if self.options.diffusers_folder:
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}.tmp-"))
+            try:
+                from sdtune.models.loading import quiet_loading
+
+                with quiet_loading():
+                    pipe.save_pretrained(tmp, safe_serialization=True)
+                _replace_dir(tmp, path.with_suffix(""))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            self._remove_orphans(path.parent)
+        return written
+
+    def _remove_orphans(self, folder: Path) -> None:
+        """Diffusers folders whose checkpoint file was pruned (keep_checkpoints best/last)."""
+        for d in folder.iterdir():
+            if d.is_dir() and not d.name.startswith(".") and not d.with_suffix(self.file_ext).exists():
+                shutil.rmtree(d, ignore_errors=True)
+
+    def finalize(self, final: Path, src: Path, trainer: Any) -> None:
+        """OUT/<name>/: the diffusers folder of the final (best) checkpoint."""
+        folder = src.with_suffix("")
+        if not self.options.diffusers_folder or not folder.is_dir():
+            return
+        dest = final.with_suffix("")
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+        try:
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+            _replace_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._remove_orphans(src.parent)
+        trainer.echo(f"saved diffusers folder {dest}")

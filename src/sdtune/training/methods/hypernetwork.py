@@ -1,0 +1,116 @@
+"""`hypernetwork`: A1111-compatible hypernetworks (residual MLPs on the inputs of the UNet's attention to_k/to_v,
+one pair per context width), trained on the shared loop with the text encoder and UNet frozen (text-encoder
+outputs are cached per caption).
+
+Files: sdtune's safetensors form by default, or A1111's .pt (`format = "a1111"`), which A1111 and ComfyUI load.
+See `sdtune.adapters.hypernetwork`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from sdtune.errors import SdtuneError
+from sdtune.training.config import opt
+from sdtune.training.methods.base import TrainingMethod, trainable
+
+if TYPE_CHECKING:
+    from sdtune.models.loading import LoadedModel
+    from sdtune.training.config import TrainConfig
+
+
+@dataclass
+class HypernetworkOptions:
+    layer_structure: str = opt("1, 2, 1", "Layer widths as multiples of the context width (A1111's layer "
+                               "structure); must start and end with 1.", section="hypernetwork", kind="str",
+                               metavar="LIST")
+    activation: str = opt("linear", "Activation after each hidden layer (A1111 names: linear, relu, leakyrelu, "
+                          "elu, swish, tanh, sigmoid, gelu, mish, silu, ...).", section="hypernetwork", kind="str")
+    layer_norm: bool = opt(False, "LayerNorm after every Linear (the last one too, as A1111).",
+                           section="hypernetwork", kind="bool")
+    activate_output: bool = opt(False, "Apply the activation after the last Linear too.", section="hypernetwork",
+                                kind="bool")
+    weight_init: str = opt("Normal", "Initial weights of the Linear layers.", section="hypernetwork", kind="str",
+                           choices=("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"))
+    use_dropout: bool = opt(False, "Dropout in the hidden layers (0.3, A1111's default structure).",
+                            section="hypernetwork", kind="bool")
+    dropout_structure: str | None = opt(None, "Dropout per layer, one value per layer-structure entry, e.g. "
+                                        "'0, 0.1, 0' (overrides --use-dropout).", section="hypernetwork", kind="str",
+                                        metavar="LIST")
+    last_layer_dropout: bool = opt(False, "With --use-dropout: dropout before the output layer too.",
+                                   section="hypernetwork", kind="bool")
+    sizes: list[int] = opt([], "Context widths that get modules (default: every attention width of the model, "
+                           "e.g. SD1: 320 640 768 1280).", section="hypernetwork", kind="ints", metavar="WIDTH")
+    format: str = opt("safetensors", "File format: safetensors (sdtune) or a1111 (.pt, A1111/ComfyUI).",
+                      section="hypernetwork", kind="str", choices=("safetensors", "a1111"))
+
+
+def settings_from_options(o: HypernetworkOptions) -> Any:
+    from sdtune.adapters.hypernetwork.network import HypernetworkSettings, parse_floats
+
+    ds = parse_floats(o.dropout_structure, "dropout structure") if o.dropout_structure else None
+    return HypernetworkSettings(layer_structure=parse_floats(o.layer_structure, "layer structure"),
+                                activation_func=o.activation.lower(), is_layer_norm=o.layer_norm,
+                                weight_initialization=o.weight_init, activate_output=o.activate_output,
+                                use_dropout=o.use_dropout or bool(ds and any(ds)), dropout_structure=ds,
+                                last_layer_dropout=o.last_layer_dropout).check()
+
+
+class HypernetworkMethod(TrainingMethod):
+    name = "hypernetwork"
+    summary = "Hypernetwork (A1111 architecture and files) on the UNet attention's k/v inputs."
+    Options = HypernetworkOptions
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        if self.options.format == "a1111":
+            self.file_ext = ".pt"
+        self.network: Any = None
+        self.stack: Any = None
+
+    @classmethod
+    def check_options(cls, options: Any, config: TrainConfig) -> None:
+        settings_from_options(options)
+        if any(s < 1 for s in options.sizes):
+            raise SdtuneError(f"hypernetwork sizes {options.sizes} must be positive widths, e.g. 320 640 768 1280")
+
+    def setup(self, model: LoadedModel, config: TrainConfig) -> list[dict[str, Any]]:
+        from sdtune.adapters.hypernetwork.apply import Stack, context_widths, install
+        from sdtune.adapters.hypernetwork.network import Hypernetwork
+
+        self.model, self.config = model, config
+        unet = model.pipe.unet
+        widths = context_widths(unet)
+        sizes = list(self.options.sizes) or widths
+        unknown = sorted(set(sizes) - set(widths))
+        if unknown:
+            raise SdtuneError(f"hypernetwork sizes {', '.join(map(str, unknown))} are not attention widths of "
+                              f"{model.name} ({', '.join(map(str, widths))})")
+        self.network = Hypernetwork(sizes, settings_from_options(self.options), name=config.name,
+                                    sd_checkpoint=str(model.hash)[:10] if model.hash else None,
+                                    sd_checkpoint_name=str(model.name)).init_weights(config.seed)
+        self.network.to(next(unet.parameters()).device)
+        self.stack = Stack()
+        self.stack.entries = [(self.network, 1.0)]
+        install(unet, self.stack)
+        return [{"params": trainable(self.network.parameters())}]
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.network]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.network.flat_state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.network.load_flat_state_dict(dict(state), "the saved state")
+
+    def save(self, path: str | Path, step: int, metadata: Mapping[str, str]) -> Path:
+        from sdtune.adapters.hypernetwork.io import save_hypernetwork
+
+        self.network.step = step
+        meta = {**dict(metadata), "sdtune_step": str(step)}
+        return save_hypernetwork(self.network, path, format=self.options.format, metadata=meta)
