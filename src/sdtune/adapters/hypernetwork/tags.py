@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from sdtune.adapters.args import parse_file_weight
 from sdtune.errors import SdtuneError
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,7 @@ def hypernetwork_short_hash(path: str | Path) -> str:
 
 def parse_hypernetwork_arg(text: str) -> tuple[str, float]:
     """`FILE[:STRENGTH]` -> (FILE, strength); strength defaults to 1 (a `C:\\...` drive letter is not one)."""
-    path, sep, tail = str(text).rpartition(":")
-    if sep and path:
-        try:
-            strength = float(tail)
-        except ValueError:
-            return str(text), 1.0
-        if strength != strength or strength in (float("inf"), float("-inf")):
-            raise SdtuneError(f"--hypernetwork {text}: the strength must be a finite number")
-        return path, strength
-    return str(text), 1.0
+    return parse_file_weight(text, "--hypernetwork", "strength")
 
 
 def _fields(tag: Any) -> tuple[str, float, str]:

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from sdtune.adapters.args import parse_file_weight
 from sdtune.errors import SdtuneError
 
 log = logging.getLogger(__name__)
@@ -74,16 +75,7 @@ def add_infotext_field(infotext: str, key: str, value: str | None) -> str:
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
     """`FILE[:WEIGHT]` -> (FILE, weight); the weight defaults to 1 (a `C:\\...` drive letter is not a weight)."""
-    path, sep, tail = str(text).rpartition(":")
-    if sep and path:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return str(text), 1.0
-        if weight != weight or weight in (float("inf"), float("-inf")):
-            raise SdtuneError(f"--lora {text}: the weight must be a finite number")
-        return path, weight
-    return str(text), 1.0
+    return parse_file_weight(text, "--lora", "weight")
 
 
 def _tag_fields(tag: Any) -> tuple[str, float, str]:
