@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune.cli import main
+from sdtune.cli.testing import exit_code as cli
 from sdtune.errors import SdtuneError
 from sdtune.generate import GenerationParams, Generator, encode_with_pipeline, read_png_infotext
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("hash_cache")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,11 +26,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _hash_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SDTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sdtune-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +82,27 @@ def test_batch_composition_changes_only_rounding(gen):
     single = gen.generate(p.replace(seed=21))
     assert batched[1].seed == 21 and batched[1].batch_pos == 1 and "Batch size: 2, Batch pos: 1" in batched[1].infotext
     assert np.abs(pixels(batched[1].image) - pixels(single[0].image)).max() <= 2
+
+
+def test_inference_speedups_keep_images_and_leave_a_given_model_alone(gen, model_dir):
+    """A model the generator loads itself gets channels-last weights and signature-cached processors (see
+    generate/inference.py); the images stay those of the plain model up to float rounding. A model handed in
+    (the trainer's) is not touched."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from sdtune.models import load_model
+
+    plain_model = load_model(str(model_dir), device="cpu")
+    plain = Generator(plain_model)
+    kinds = {type(m.processor) for m in plain_model.pipe.unet.modules() if hasattr(m, "processor")}
+    assert kinds == {AttnProcessor2_0}
+    assert plain_model.pipe.unet.conv_in.weight.is_contiguous()
+    fast_kinds = {type(m.processor).__name__ for m in gen.model.pipe.unet.modules() if hasattr(m, "processor")}
+    assert fast_kinds == {"SignatureCachedAttnProcessor"}
+    assert gen.model.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    params = GenerationParams(prompt="a red circle", steps=6, seed=3, width=64, height=64)
+    diff = np.abs(pixels(gen.generate(params)[0].image) - pixels(plain.generate(params)[0].image))
+    assert diff.max() <= 3, diff.max()
 
 
 def test_random_seed_is_recorded(gen):
@@ -187,14 +204,6 @@ def test_sdxl_refiner_ensemble_of_experts(tmp_path):
 
 
 # -- CLI --------------------------------------------------------------------------------------------------------
-
-def cli(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
 
 def test_cli_writes_numbered_pngs_and_grid(model_dir, tmp_path, capsys):
     out = tmp_path / "out"

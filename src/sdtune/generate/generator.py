@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from sdtune.errors import SdtuneError
 from sdtune.generate.conditioning import PromptEmbeds, PromptEncoder
 from sdtune.generate.guidance import Guide, guided_unet
+from sdtune.generate.inference import optimize_for_inference
 from sdtune.generate.params import GenerationParams, ModelInfo, infotext_for
 from sdtune.generate.samplers import make_scheduler
 
@@ -82,6 +83,8 @@ class Generator:
         self._load_kwargs = dict(device=device, dtype=dtype)
         self.model = model if _is_loaded(model) else _load(model, vae=vae, prediction_type=prediction_type,
                                                            **self._load_kwargs)
+        if not _is_loaded(model):
+            optimize_for_inference(self.model.pipe)
         if self.model.family == "sdxl-refiner":
             raise SdtuneError(f"{self.model.name} is an SDXL refiner, which cannot start from noise; "
                               "use an SDXL base model and pass this one as --refiner")
@@ -139,7 +142,7 @@ class Generator:
         files (`.add_source(path)`, `.remove_source(path)`, `.names`). Files added, changed or removed there are
         picked up before the next image, without reloading the model."""
         if self._embeddings is None:
-            from sdtune.textual_inversion.library import EmbeddingLibrary
+            from sdtune.adapters.textual_inversion.library import EmbeddingLibrary
 
             enc = self.encode_prompt
             if not hasattr(enc, "embeddings"):
@@ -162,6 +165,8 @@ class Generator:
     def add_refiner(self, refiner: Any) -> Any:
         """Load (or register an already loaded) refiner; `params.refiner` may then name it by spec or name."""
         loaded = refiner if _is_loaded(refiner) else _load(refiner, **self._load_kwargs)
+        if not _is_loaded(refiner):
+            optimize_for_inference(loaded.pipe)
         if not loaded.family.startswith("sdxl"):
             raise SdtuneError(f"refiner {loaded.name} is an {loaded.family} model; a refiner must be an SDXL "
                               "refiner or SDXL base model")
