@@ -63,7 +63,7 @@ def main() -> None:
     summary = {"base": base, "concept": {k: v for k, v in res.items() if k != "losses"}}
     if args.second:
         # a second embedding: the black background, from known shapes in several colours
-        from sdtune.textual_inversion.files import read_embedding
+        from sdtune.adapters.textual_inversion.files import read_embedding
         from sdtune.training import TrainConfig, train
         from sdtune.training.methods.textual_inversion import TIOptions
 

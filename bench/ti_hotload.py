@@ -30,9 +30,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from prompt_encoding import machine
 
+    from sdtune.adapters.textual_inversion import Embedding, write_embedding
     from sdtune.generate import Generator
     from sdtune.models import load_model
-    from sdtune.textual_inversion import Embedding, write_embedding
 
     print(machine())
     spec = args.model

@@ -25,3 +25,25 @@ def tiny_random_dir(tmp_path_factory):
     pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+@pytest.fixture
+def hash_cache(tmp_path_factory, monkeypatch):
+    """Model hashes cached under the test run's temporary folder, not ~/.cache (`pytest.mark.usefixtures`)."""
+    monkeypatch.setenv("SDTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sdtune-cache"))
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    """A tiny random SD1 LoadedModel (copy it before training: the module's tests share it)."""
+    from sdtune.training.testing import tiny_loaded
+
+    return tiny_loaded("sd1")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two 32px toy-world training images with captions; modules that need other data define their own."""
+    from sdtune.training.testing import write_toy_dataset
+
+    return write_toy_dataset(tmp_path_factory.mktemp("data"), 2, size=32)

@@ -14,21 +14,11 @@ from sdtune.errors import SdtuneError
 from sdtune.training import TrainConfig, Trainer, train
 from sdtune.training.methods.dreambooth import DreamBoothOptions
 from sdtune.training.methods.lora import LoraOptions
-from sdtune.training.testing import tiny_loaded, write_toy_dataset
+from sdtune.training.testing import tiny_loaded
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::UserWarning")
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_toy_dataset(tmp_path_factory.mktemp("data"), 2, size=32)
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    return tiny_loaded("sd1")
 
 
 def config(tmp_path, data, method="dreambooth", name="out", options=None, **kw):
@@ -157,16 +147,11 @@ def test_prior_on_sdxl_uses_time_ids(tmp_path, data):
 
 
 def test_cli_train_dreambooth_help_and_dry_run(tmp_path, data, capsys):
-    from sdtune.cli import main
+    from sdtune.cli.testing import run_cli
 
     def run(args):
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out = capsys.readouterr()
-        return code, out.out + out.err
+        r = run_cli(args, capsys)
+        return r.code, r.text
 
     code, out = run(["train", "dreambooth", "--help"])
     assert code == 0 and "--class-prompt" in out and "--no-prior-preservation" in out and "--class-data" in out

@@ -27,11 +27,6 @@ def _randomised(hn: Hypernetwork, seed: int = 1, scale: float = 0.3) -> Hypernet
     return hn
 
 
-@pytest.fixture(scope="module")
-def sd1():
-    return tiny_loaded("sd1")
-
-
 # ------------------------------------------------------------------------------------------------ layout
 
 def test_module_layout_follows_a1111_indices():

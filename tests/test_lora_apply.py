@@ -15,14 +15,10 @@ from sdtune.adapters.lora.testing import KOHYA_UNET, TEXT, random_network
 from sdtune.errors import SdtuneError
 from sdtune.models.testing import tiny_pipeline, unet_inputs
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
-                                        "ignore::UserWarning", "ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                         "ignore::UserWarning", "ignore::RuntimeWarning"),
+              pytest.mark.usefixtures("hash_cache")]
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _hash_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SDTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sdtune-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -7,39 +7,22 @@ import json
 import pytest
 import torch
 
-from sdtune.cli import main
+from sdtune.cli.testing import run_cli
+from sdtune.models.testing import save_tiny_pipeline
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
-                                        "ignore::UserWarning", "ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                         "ignore::UserWarning", "ignore::RuntimeWarning"),
+              pytest.mark.usefixtures("hash_cache")]
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _hash_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SDTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "sdtune-cache"))
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from sdtune.adapters.lora import save_lora
     from sdtune.adapters.lora.testing import KOHYA_UNET, TEXT, random_network
-    from sdtune.models.loading import quiet_loading
-    from sdtune.models.testing import tiny_pipeline
 
     d = tmp_path_factory.mktemp("lora_cli")
-    pipe = tiny_pipeline("sd1")
-    with quiet_loading():
-        pipe.save_pretrained(d / "model", safe_serialization=True)
+    pipe = save_tiny_pipeline(d / "model")
     net = random_network(pipe, unet=KOHYA_UNET + ("conv1",), text=TEXT, seed=1)
     lora = save_lora(net, d / "style.safetensors")
     return {"dir": d, "model": d / "model", "lora": lora, "deltas": net.deltas()}
@@ -56,8 +39,8 @@ def test_merge_writes_base_plus_weighted_delta(setup, capsys, tmp_path, out_name
     from sdtune.models import load_model
 
     out = tmp_path / out_name
-    code, stdout, err = run(["merge", "--model", str(setup["model"]), "--lora", f"{setup['lora']}:0.7",
-                             "--out", str(out)], capsys)
+    code, stdout, err = run_cli(["merge", "--model", str(setup["model"]), "--lora", f"{setup['lora']}:0.7",
+                                 "--out", str(out)], capsys)
     assert code == 0, err
     assert f"merged 1 LoRA(s): {out}" in stdout
     base = _weights(load_model(str(setup["model"]), device="cpu").pipe)
@@ -76,12 +59,12 @@ def test_merge_refuses_existing_output_and_other_families(setup, capsys, tmp_pat
     from sdtune.models.testing import tiny_pipeline
 
     (tmp_path / "taken.safetensors").write_bytes(b"x")
-    code, _, err = run(["merge", "--model", str(setup["model"]), "--lora", str(setup["lora"]), "--out",
-                        str(tmp_path / "taken.safetensors")], capsys)
+    code, _, err = run_cli(["merge", "--model", str(setup["model"]), "--lora", str(setup["lora"]), "--out",
+                            str(tmp_path / "taken.safetensors")], capsys)
     assert code == 2 and "already exists" in err
     xl = save_lora(random_network(tiny_pipeline("sdxl")), tmp_path / "xl.safetensors")
-    code, _, err = run(["merge", "--model", str(setup["model"]), "--lora", str(xl), "--out",
-                        str(tmp_path / "m.safetensors")], capsys)
+    code, _, err = run_cli(["merge", "--model", str(setup["model"]), "--lora", str(xl), "--out",
+                            str(tmp_path / "m.safetensors")], capsys)
     assert code == 2 and "xl.safetensors is a SDXL LoRA but model is SD1" in err
     assert not (tmp_path / "m.safetensors").exists()
 
@@ -90,18 +73,18 @@ def test_convert_round_trip_and_dispatch_by_kind(setup, capsys, tmp_path):
     from sdtune.adapters.lora import read_lora
 
     d_out, k_out = tmp_path / "d.safetensors", tmp_path / "k.safetensors"
-    code, stdout, err = run(["convert", str(setup["lora"]), "--to", "diffusers", "--out", str(d_out),
-                             "--model", str(setup["model"])], capsys)
+    code, stdout, err = run_cli(["convert", str(setup["lora"]), "--to", "diffusers", "--out", str(d_out),
+                                 "--model", str(setup["model"])], capsys)
     assert code == 0, err
     assert "reload through diffusers with the trained deltas" in stdout
-    code, stdout, err = run(["convert", str(d_out), "--to", "kohya", "--out", str(k_out)], capsys)
+    code, stdout, err = run_cli(["convert", str(d_out), "--to", "kohya", "--out", str(k_out)], capsys)
     assert code == 0, err
     for name, d in read_lora(k_out).deltas().items():
         torch.testing.assert_close(d, setup["deltas"][name], rtol=1e-6, atol=1e-7)
-    code, _, err = run(["convert", str(setup["model"] / "unet" / "diffusion_pytorch_model.safetensors"),
-                        "--to", "kohya", "--out", str(tmp_path / "x.safetensors")], capsys)
+    code, _, err = run_cli(["convert", str(setup["model"] / "unet" / "diffusion_pytorch_model.safetensors"),
+                            "--to", "kohya", "--out", str(tmp_path / "x.safetensors")], capsys)
     assert code == 2 and "is a unet file; sdtune converts only these kinds so far: " in err and "lora" in err
-    code, _, err = run(["convert", str(setup["lora"]), "--to", "kohya", "--out", str(k_out)], capsys)
+    code, _, err = run_cli(["convert", str(setup["lora"]), "--to", "kohya", "--out", str(k_out)], capsys)
     assert code == 2 and "already exists" in err
 
 
@@ -110,11 +93,11 @@ def test_generate_with_lora_option(setup, capsys, tmp_path):
     from sdtune.generate import read_png_infotext
 
     common = ["generate", "a red circle", "--model", str(setup["model"]), "--steps", "2", "--seed", "1"]
-    code, _, err = run(common + ["--lora", f"{setup['lora']}:0.6", "--out", str(tmp_path / "a")], capsys)
+    code, _, err = run_cli(common + ["--lora", f"{setup['lora']}:0.6", "--out", str(tmp_path / "a")], capsys)
     assert code == 0, err
     png = next((tmp_path / "a").glob("*.png"))
     assert f'Lora hashes: "style: {lora_short_hash(setup["lora"])}"' in read_png_infotext(png)
-    code, _, err = run(common + ["--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "b")],
-                       capsys)
+    code, _, err = run_cli(common + ["--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "b")],
+                           capsys)
     assert code == 2 and "missing.safetensors: no such file" in err
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())

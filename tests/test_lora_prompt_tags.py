@@ -20,13 +20,10 @@ torch.set_num_threads(1)
 def setup(tmp_path_factory):
     from sdtune.adapters.lora import save_lora
     from sdtune.adapters.lora.testing import KOHYA_UNET, TEXT, random_network
-    from sdtune.models.loading import quiet_loading
-    from sdtune.models.testing import tiny_pipeline
+    from sdtune.models.testing import save_tiny_pipeline
 
     d = tmp_path_factory.mktemp("lora_tags")
-    pipe = tiny_pipeline("sd1")
-    with quiet_loading():
-        pipe.save_pretrained(d / "model", safe_serialization=True)
+    pipe = save_tiny_pipeline(d / "model")
     (d / "loras" / "styles").mkdir(parents=True)
     (d / "other").mkdir()
     style = save_lora(random_network(pipe, unet=KOHYA_UNET, text=TEXT, seed=1, scale=0.5),
@@ -107,17 +104,12 @@ def test_no_folder_given(setup):
 
 
 def test_cli_generate_with_lora_dir(setup, tmp_path, capsys):
-    from sdtune.cli import main
+    from sdtune.cli.testing import run_cli
     from sdtune.generate.pnginfo import read_png_infotext
 
     def run(args):
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out = capsys.readouterr()
-        return code, out.out + out.err
+        r = run_cli(args, capsys)
+        return r.code, r.text
 
     code, out = run(["generate", "a red circle <lora:ink:0.8>", "--model", str(setup["model"]), "--lora-dir",
                      str(setup["dir"] / "loras"), "--steps", "2", "--seed", "1", "--out", str(tmp_path / "o")])

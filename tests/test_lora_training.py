@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sdtune.cli.testing import run_cli
 from sdtune.errors import SdtuneError
 from sdtune.training import TrainConfig, Trainer, train
 from sdtune.training.methods.lora import LoraMethod, LoraOptions
@@ -19,16 +20,6 @@ from sdtune.training.testing import tiny_loaded, write_toy_dataset
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::UserWarning")
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_toy_dataset(tmp_path_factory.mktemp("data"), 2, size=32)
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    return tiny_loaded("sd1")
 
 
 def config(tmp_path, data, name="out", options=None, **kw):
@@ -169,28 +160,17 @@ def test_lora_of_another_family_is_refused_at_generation(tmp_path, data, sd1):
         PipelineLoras(tiny_loaded("sdxl")).set([(r.final, 1.0)])
 
 
-def run_cli(args, capsys):
-    from sdtune.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
 def test_cli_train_lora_options(tmp_path, data, capsys):
-    code, output = run_cli(["train", "lora", "--data", str(data), "--out", str(tmp_path / "o"), "--rank", "8",
-                                   "--alpha", "4", "--target", "attn", "--target", "ff", "--text-encoder",
-                                   "--text-encoder-lr", "5e-5", "--prompt", "a photo of sks shape",
-                                   "--class-prompt", "a photo of a shape", "--dry-run"], capsys)
+    r = run_cli(["train", "lora", "--data", str(data), "--out", str(tmp_path / "o"), "--rank", "8", "--alpha", "4",
+                 "--target", "attn", "--target", "ff", "--text-encoder", "--text-encoder-lr", "5e-5", "--prompt",
+                 "a photo of sks shape", "--class-prompt", "a photo of a shape", "--dry-run"], capsys)
+    code, output = r.code, r.text
     assert code == 0, output
     assert 'targets = ["attn", "ff"]' in output and "text_encoder_lr = 5e-05" in output
     assert 'class_prompt = "a photo of a shape"' in output
-    code, output = run_cli(["train", "lora", "--data", str(data), "--out", str(tmp_path / "o"), "--alpha", "0",
-                            "--dry-run"], capsys)
+    r = run_cli(["train", "lora", "--data", str(data), "--out", str(tmp_path / "o"), "--alpha", "0", "--dry-run"],
+                capsys)
+    code, output = r.code, r.text
     assert code != 0 and "alpha 0 must be > 0" in output
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdtune.cli import main
+from sdtune.cli.testing import exit_code as cli
 from sdtune.generate import GenerationParams, Generator, encode_with_pipeline
 from sdtune.generate.guidance import GuidanceSchedule, Guide, ScheduledCond, guided_unet
 from sdtune.generate.params import ModelInfo, infotext_for, params_from_infotext
@@ -107,14 +107,6 @@ def test_infotext_records_syntax_and_emphasis():
     assert "Emphasis" not in plain and "Prompt syntax" not in plain
     with pytest.raises(Exception, match="emphasis"):
         P.replace(emphasis="loud").validate()
-
-
-def cli(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_cli_prompt_explain(capsys, tiny_random_dir):

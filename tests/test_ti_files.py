@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
+from sdtune.adapters.textual_inversion import EmbeddingLibrary, Embedding, read_embedding, write_embedding
+from sdtune.adapters.textual_inversion.files import PNG_CHUNK, FORMATS
 from sdtune.errors import SdtuneError
-from sdtune.textual_inversion import EmbeddingLibrary, Embedding, read_embedding, write_embedding
-from sdtune.textual_inversion.files import PNG_CHUNK, FORMATS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::UserWarning")
@@ -83,7 +83,7 @@ def test_png_chunk_is_a1111s_base64_json(tmp_path):
 
 
 def test_width_routing():
-    from sdtune.textual_inversion.files import from_dict
+    from sdtune.adapters.textual_inversion.files import from_dict
 
     for width, key in ((768, "clip_l"), (1024, "clip_h"), (1280, "clip_g"), (64, "*")):
         emb = from_dict({"emb_params": torch.zeros(2, width)}, "x")

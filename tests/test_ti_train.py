@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
+from sdtune.adapters.textual_inversion import read_embedding
+from sdtune.cli.testing import run_cli
 from sdtune.errors import SdtuneError
-from sdtune.textual_inversion import read_embedding
 from sdtune.training import TrainConfig, train
 from sdtune.training.methods.textual_inversion import (TIOptions, TextualInversionMethod, fill, init_vectors,
                                                        load_templates)
@@ -19,11 +20,6 @@ from sdtune.training.testing import tiny_loaded, write_toy_dataset
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::UserWarning")
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    return tiny_loaded("sd1")
 
 
 @pytest.fixture(scope="module")
@@ -182,18 +178,6 @@ def test_evaluator_sees_the_embedding(tmp_path, data, sd1):
 
 # ------------------------------------------------------------------------------------------------ bad input
 
-def _cli(args, capsys):
-    from sdtune.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def _train_args(model, data, out, *extra):
     return ["train", "ti", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", "1",
             "--resolution", "64", "--no-progress", "--no-tensorboard", "--token", "<star>", "--init", "shape",
@@ -204,7 +188,7 @@ def test_cli_trains_and_bad_input_is_one_line(tmp_path, capsys, tiny_random_dir)
     from PIL import Image
 
     good = write_toy_dataset(tmp_path / "good", 3, size=64, shapes=("star",))
-    code, out, err = _cli(_train_args(tiny_random_dir, good, tmp_path / "o1", "--vectors", "2"), capsys)
+    code, out, err = run_cli(_train_args(tiny_random_dir, good, tmp_path / "o1", "--vectors", "2"), capsys)
     assert code == 0, err
     assert (tmp_path / "o1" / "star.safetensors").exists()
     empty = tmp_path / "empty"
@@ -240,17 +224,17 @@ def test_cli_trains_and_bad_input_is_one_line(tmp_path, capsys, tiny_random_dir)
          "one word"),
     ]
     for args, msg in cases:
-        code, out, err = _cli(args, capsys)
+        code, out, err = run_cli(args, capsys)
         lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
         assert code != 0 and len(lines) == 1 and msg in lines[0], (msg, err)
         out_dir = args[args.index("--out") + 1]
         assert not list((tmp_path / out_dir).glob("checkpoints/*")) if (tmp_path / out_dir).exists() else True
-    code, out, err = _cli(_train_args(tiny_random_dir, good, tmp_path / "f", "--force")[:-6] +
-                          ["--token", "star", "--init", "shape", "--force"], capsys)
+    code, out, err = run_cli(_train_args(tiny_random_dir, good, tmp_path / "f", "--force")[:-6] +
+                             ["--token", "star", "--init", "shape", "--force"], capsys)
     assert code == 0, err
-    code, out, err = _cli(_train_args(tiny_random_dir, one, tmp_path / "w1"), capsys)
+    code, out, err = run_cli(_train_args(tiny_random_dir, one, tmp_path / "w1"), capsys)
     assert code == 0 and "only 1 image" in err
-    code, out, err = _cli(_train_args(tiny_random_dir, odd, tmp_path / "w2"), capsys)
+    code, out, err = run_cli(_train_args(tiny_random_dir, odd, tmp_path / "w2"), capsys)
     assert code == 0, err
 
 

@@ -1,1 +1,2 @@
-"""Adapters that change a base model without replacing it (LoRA / LoCon; later hypernetworks)."""
+"""Adapters that change a base model without replacing it: LoRA / LoCon, hypernetworks, Textual Inversion
+embeddings."""

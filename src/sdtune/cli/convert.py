@@ -85,7 +85,7 @@ register_converter("hypernetwork", ("a1111", "safetensors"), _convert_hypernetwo
 
 
 def _convert_embedding(info: Any, target: str, out: Path, **options: Any) -> str:
-    from sdtune.textual_inversion.convert import convert_embedding
+    from sdtune.adapters.textual_inversion.convert import convert_embedding
 
     return convert_embedding(info.path, target, out, **options)
 

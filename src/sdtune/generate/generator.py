@@ -103,7 +103,7 @@ class Generator:
         self.lora_dirs = list(lora_dirs or [])  # searched for <lora:name:weight> prompt tags (then the --lora folders)
         if loras:
             self.set_loras(loras)
-        self._embeddings: Any = None  # sdtune.textual_inversion.EmbeddingLibrary, created on first use
+        self._embeddings: Any = None  # sdtune.adapters.textual_inversion.EmbeddingLibrary, created on first use
         if embeddings:
             for source in [embeddings] if isinstance(embeddings, (str, Path)) else embeddings:
                 self.embeddings.add_source(source, refresh=False)

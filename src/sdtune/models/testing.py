@@ -78,6 +78,17 @@ def tiny_pipeline(family: str, seed: int = 0) -> Any:
     return build_pipeline(family, c)
 
 
+def save_tiny_pipeline(folder: Any, family: str = "sd1", seed: int = 0) -> Any:
+    """`tiny_pipeline(family)` saved as a diffusers folder (a model path for the CLI and `load_model`); returns the
+    pipeline, to build adapters that fit it."""
+    from sdtune.models.loading import quiet_loading
+
+    pipe = tiny_pipeline(family, seed)
+    with quiet_loading():
+        pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
 def unet_inputs(unet: Any, seed: int = 0, batch: int = 1, pooled_dim: int = 64) -> dict[str, Any]:
     """Deterministic UNet forward arguments (incl. SDXL's added conditions) for comparing two models."""
     g = torch.Generator().manual_seed(seed)

@@ -239,8 +239,8 @@ class PriorPreservation:
 
 
 class PersonalizeMixin:
-    """prepare_data / extra_loss for methods with `PersonalizeOptions` (call `personalize_prepare` from
-    prepare_data)."""
+    """prepare_data / extra_loss / metadata for methods with `PersonalizeOptions` (call `personalize_prepare` from
+    prepare_data, and add `personalize_metadata()` to the method's metadata)."""
 
     prior_default: bool = False
     prior: PriorPreservation | None = None
@@ -255,3 +255,13 @@ class PersonalizeMixin:
         if self.prior is None:
             return None
         return self.prior.loss(batch, diffusion_loss)
+
+    def personalize_metadata(self) -> dict[str, str]:
+        """The instance and class prompts and the prior weight, for the output file's metadata."""
+        options = self.options  # type: ignore[attr-defined]
+        meta: dict[str, str] = {}
+        if options.prompt:
+            meta["sdtune_instance_prompt"] = options.prompt
+        if self.prior is not None:
+            meta.update({"sdtune_class_prompt": self.prior.prompt, "sdtune_prior_weight": f"{self.prior.weight:g}"})
+        return meta

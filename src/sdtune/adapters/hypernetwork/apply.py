@@ -22,7 +22,10 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from sdtune.adapters.hypernetwork.network import Hypernetwork
+from sdtune.adapters.stack import parse_specs as parse_adapter_specs
+from sdtune.adapters.stack import per_pipeline
 from sdtune.errors import SdtuneError
+from sdtune.models.hashing import file_key
 
 Spec = Any  # a path, a Hypernetwork, or (path | Hypernetwork, strength)
 
@@ -130,20 +133,7 @@ class LoadedHypernetwork:
 
 
 def parse_specs(specs: Iterable[Spec] | None) -> list[tuple[Any, float]]:
-    out = []
-    for item in specs or []:
-        if isinstance(item, (str, Path, Hypernetwork)):
-            out.append((item, 1.0))
-            continue
-        try:
-            src, strength = item
-            strength = float(strength)
-        except (TypeError, ValueError):
-            raise SdtuneError(f"a hypernetwork is given as a path or (path, strength), not {item!r}") from None
-        if strength != strength or strength in (float("inf"), float("-inf")):
-            raise SdtuneError(f"hypernetwork strength {strength} for {src} is not a finite number")
-        out.append((src, strength))
-    return out
+    return parse_adapter_specs(specs, Hypernetwork, "hypernetwork", "strength")
 
 
 class PipelineHypernetworks:
@@ -162,12 +152,7 @@ class PipelineHypernetworks:
     @classmethod
     def for_pipeline(cls, pipe_or_loaded: Any, **kwargs: Any) -> "PipelineHypernetworks":
         pipe = getattr(pipe_or_loaded, "pipe", pipe_or_loaded)
-        existing = getattr(pipe, "_sdtune_hypernetworks", None)
-        if isinstance(existing, cls):
-            return existing
-        obj = cls(pipe_or_loaded, **kwargs)
-        pipe._sdtune_hypernetworks = obj
-        return obj
+        return per_pipeline(pipe, "_sdtune_hypernetworks", cls, lambda: cls(pipe_or_loaded, **kwargs))
 
     def load(self, src: Any) -> LoadedHypernetwork:
         from sdtune.adapters.hypernetwork.io import read_hypernetwork
@@ -182,8 +167,7 @@ class PipelineHypernetworks:
         path = Path(src).expanduser()
         if not path.is_file():
             raise SdtuneError(f"hypernetwork {src}: no such file")
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        key = file_key(path)
         if key not in self.loaded:
             hn = read_hypernetwork(path)
             self._fit(hn, path.name)
@@ -225,18 +209,17 @@ def update_generator(gen: Any, prompt: str) -> list[tuple[LoadedHypernetwork, fl
     `set_hypernetworks` (in order), then the `<hypernet:name:strength>` tags of `prompt` (resolved in the
     generator's hypernetwork folders; A1111 reads them from the positive prompt). Returns the active list, or None
     when hypernetworks were never used with this pipeline (nothing is touched then)."""
-    from sdtune.prompts.extra_networks import extract_extra_networks
+    from sdtune.adapters.hypernetwork.tags import HYPERNET_TAGS, resolve_hypernet_tags
+    from sdtune.adapters.tags import prompt_tags
 
     explicit = list(getattr(gen, "_hypernets", None) or [])
-    tags = [n for n in extract_extra_networks(prompt or "")[1] if n.kind == "hypernet"]
+    tags = prompt_tags(HYPERNET_TAGS, prompt)
     pipe = gen.model.pipe
     if not explicit and not tags and not isinstance(getattr(pipe, "_sdtune_hypernetworks", None),
                                                     PipelineHypernetworks):
         return None
     specs = explicit
     if tags:
-        from sdtune.adapters.hypernetwork.tags import resolve_hypernet_tags
-
         specs = explicit + resolve_hypernet_tags(tags, list(getattr(gen, "_hypernet_dirs", None) or []))
     return PipelineHypernetworks.for_pipeline(gen.model).set(specs)
 

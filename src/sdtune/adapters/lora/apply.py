@@ -36,7 +36,10 @@ from sdtune.adapters.lora.models import (
     unet_layout_of,
 )
 from sdtune.adapters.lora.network import LoraNetwork, check_family
+from sdtune.adapters.stack import parse_specs as parse_adapter_specs
+from sdtune.adapters.stack import per_pipeline
 from sdtune.errors import SdtuneError
+from sdtune.models.hashing import file_key
 
 log = logging.getLogger(__name__)
 
@@ -94,29 +97,8 @@ class LoadedLora:
     key: tuple | None = None
 
 
-def _file_key(path: Path) -> tuple:
-    st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
 def parse_specs(loras: Iterable[LoraSpec] | None) -> list[tuple[Any, float]]:
-    out: list[tuple[Any, float]] = []
-    for item in loras or []:
-        if isinstance(item, (str, Path, LoraNetwork)):
-            out.append((item, 1.0))
-            continue
-        try:
-            src, weight = item
-        except (TypeError, ValueError):
-            raise SdtuneError(f"a LoRA is given as a path or (path, weight), not {item!r}") from None
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise SdtuneError(f"LoRA weight {weight!r} for {src} is not a number") from None
-        if weight != weight or weight in (float("inf"), float("-inf")):
-            raise SdtuneError(f"LoRA weight {weight} for {src} is not a finite number")
-        out.append((src, weight))
-    return out
+    return parse_adapter_specs(loras, LoraNetwork, "LoRA", "weight")
 
 
 class PipelineLoras:
@@ -141,13 +123,7 @@ class PipelineLoras:
         so everything that uses the pipeline shares it."""
         from sdtune.adapters.lora.verify import pipeline_for
 
-        pipe = pipeline_for(pipe_or_loaded)
-        existing = getattr(pipe, "_sdtune_loras", None)
-        if isinstance(existing, cls):
-            return existing
-        stack = cls(pipe_or_loaded, **kwargs)
-        pipe._sdtune_loras = stack
-        return stack
+        return per_pipeline(pipeline_for(pipe_or_loaded), "_sdtune_loras", cls, lambda: cls(pipe_or_loaded, **kwargs))
 
     # -- loading ----------------------------------------------------------------------------------------------
 
@@ -167,7 +143,7 @@ class PipelineLoras:
             path = Path(src).expanduser()
             if not path.is_file():
                 raise SdtuneError(f"LoRA {src}: no such file")
-            key = _file_key(path)
+            key = file_key(path)
             if key in self._by_key:
                 return self.loaded[self._by_key[key]]
         net, path = self._read(src)

@@ -19,12 +19,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def lora_tags(prompt: str) -> list[Any]:
-    from sdtune.prompts.extra_networks import extract_extra_networks
-
-    return [n for n in extract_extra_networks(prompt or "")[1] if n.kind in ("lora", "lyco")]
-
-
 def search_dirs(generator: Any) -> list[Path]:
     """--lora-dir folders first, then the folders of the fixed --lora files (deduplicated, in order)."""
     from sdtune.adapters.lora.apply import parse_specs
@@ -42,10 +36,11 @@ def search_dirs(generator: Any) -> list[Path]:
 
 def update_generator_loras(generator: Any, prompt: str, negative_prompt: str = "") -> None:
     """Make the fixed LoRAs plus this prompt's tags active on `generator` (see the module docstring)."""
-    from sdtune.adapters.lora.tags import resolve_lora_tags
+    from sdtune.adapters.lora.tags import LORA_TAGS, resolve_lora_tags
+    from sdtune.adapters.tags import prompt_tags
 
-    tags = lora_tags(prompt)
-    neg = lora_tags(negative_prompt)
+    tags = prompt_tags(LORA_TAGS, prompt)
+    neg = prompt_tags(LORA_TAGS, negative_prompt)
     if neg:
         log.warning("LoRA tags in the negative prompt are not applied (as in A1111): %s",
                     ", ".join(f"<{n.kind}:{n.name}:{n.weight:g}>" for n in neg))

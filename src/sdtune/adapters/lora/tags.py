@@ -5,42 +5,20 @@ change it; other files: sha256 of the whole file)."""
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sdtune.adapters.args import parse_file_weight
-from sdtune.errors import SdtuneError
+from sdtune.adapters.tags import TagKind, resolve_tags
+from sdtune.models.hashing import memo_sha256
 
-log = logging.getLogger(__name__)
-
-LORA_EXTS = (".safetensors", ".pt", ".ckpt", ".bin")
-_HASHES: dict[tuple, str] = {}
-
-
-def lora_sha256(path: str | Path) -> str:
-    """kohya/A1111 "addnet" sha256 for .safetensors (tensor data only), plain sha256 for other files."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key in _HASHES:
-        return _HASHES[key]
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        if p.suffix.lower() == ".safetensors":
-            n = int.from_bytes(f.read(8), "little")
-            f.seek(8 + n)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
+LORA_TAGS = TagKind(tag="lora", kinds=("lora", "lyco"), noun="LoRA", dir_option="--lora-dir",
+                    exts=(".safetensors", ".pt", ".ckpt", ".bin"))
 
 
 def lora_short_hash(path: str | Path) -> str:
     """A1111's LoRA short hash (12 hex digits)."""
-    return lora_sha256(path)[:12]
+    return memo_sha256(path, tensor_data_only=True)[:12]
 
 
 def _clean_name(name: str) -> str:
@@ -78,56 +56,6 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return parse_file_weight(text, "--lora", "weight")
 
 
-def _tag_fields(tag: Any) -> tuple[str, float, str]:
-    if isinstance(tag, (tuple, list)):
-        name, weight = tag[0], tag[1] if len(tag) > 1 else 1.0
-        return str(name), float(weight), "lora"
-    return str(tag.name), float(getattr(tag, "weight", 1.0)), str(getattr(tag, "kind", "lora"))
-
-
-def _candidates(search_dirs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
-    out = []
-    for d in search_dirs:
-        root = Path(d).expanduser()
-        if not root.is_dir():
-            raise SdtuneError(f"LoRA folder {root} does not exist")
-        for f in sorted(root.rglob("*")):
-            if f.is_file() and f.suffix.lower() in LORA_EXTS:
-                out.append((root, f))
-    return out
-
-
 def resolve_lora_tags(tags: Iterable[Any], search_dirs: Sequence[str | Path]) -> list[tuple[Path, float]]:
-    """`<lora:name:weight>` tags -> [(file, weight)], in tag order.
-
-    tags: the prompt layer's ExtraNetwork objects (kind, name, weight) or (name, weight) pairs; kinds other than
-    lora/lyco are ignored. name is a file stem (A1111), or a path relative to a search folder without extension
-    (`style/ink`). Folders are searched recursively in the given order; the first folder with a match wins, and
-    an exact-case match beats a case-insensitive one. An unknown name raises an SdtuneError listing near names."""
-    wanted = [(n, w) for n, w, kind in map(_tag_fields, tags) if kind in ("lora", "lyco")]
-    if not wanted:
-        return []
-    if not search_dirs:
-        raise SdtuneError(f"the prompt uses <lora:{wanted[0][0]}:...> but no LoRA folder is given; pass --lora-dir")
-    files = _candidates(search_dirs)
-    out: list[tuple[Path, float]] = []
-    for name, weight in wanted:
-        rel = name.replace("\\", "/")
-        exact = [(root, f) for root, f in files
-                 if f.stem == rel or f.relative_to(root).with_suffix("").as_posix() == rel]
-        loose = [(root, f) for root, f in files if f.stem.lower() == rel.lower()
-                 or f.relative_to(root).with_suffix("").as_posix().lower() == rel.lower()]
-        matches = exact or loose
-        found = [f for root, f in matches if root == matches[0][0]] if matches else []  # first folder wins
-        if not found:
-            stems = sorted({f.stem for _, f in files})
-            lower = {s.lower(): s for s in stems}
-            near = [lower[m] for m in difflib.get_close_matches(name.lower(), list(lower), n=5, cutoff=0.5)]
-            hint = f"; did you mean {', '.join(near)}?" if near else (
-                f"; available: {', '.join(stems[:10])}" + (" ..." if len(stems) > 10 else "") if stems else
-                "; the folders contain no LoRA files")
-            raise SdtuneError(f"<lora:{name}> not found in {', '.join(str(d) for d in search_dirs)}{hint}")
-        if len(found) > 1:
-            log.warning("<lora:%s> matches %d files in %s; using %s", name, len(found), matches[0][0], found[0])
-        out.append((found[0], weight))
-    return out
+    """`<lora:name:weight>` (and `<lyco:...>`) tags -> [(file, weight)], in tag order (`adapters.tags`)."""
+    return resolve_tags(LORA_TAGS, tags, search_dirs)

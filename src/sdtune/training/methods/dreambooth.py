@@ -22,13 +22,13 @@ import torch
 from sdtune.errors import SdtuneError
 from sdtune.training.config import opt
 from sdtune.training.methods.base import TrainingMethod, trainable
+from sdtune.training.methods.text_encoders import check_text_encoder_lr, text_encoder_group, text_encoders_of
 from sdtune.training.prior import PersonalizeMixin, PersonalizeOptions, check_personalize_options
 
 if TYPE_CHECKING:
     from sdtune.models.loading import LoadedModel
     from sdtune.training.config import TrainConfig
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -62,12 +62,7 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
 
     @classmethod
     def check_options(cls, options: Any, config: TrainConfig) -> None:
-        if options.text_encoder_lr is not None:
-            if not options.text_encoder_lr >= 0:
-                raise SdtuneError(f"text_encoder_lr {options.text_encoder_lr} must be >= 0")
-            if not options.train_text_encoder:
-                raise SdtuneError("text_encoder_lr is set but the text encoder is not trained; add "
-                                  "--train-text-encoder")
+        check_text_encoder_lr(options.text_encoder_lr, options.train_text_encoder, "--train-text-encoder")
         check_personalize_options(options, cls.name, cls.prior_default, config.resolution)
 
     def _parts(self) -> list[tuple[str, torch.nn.Module]]:
@@ -75,12 +70,10 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         pipe = self.model.pipe
         parts: list[tuple[str, torch.nn.Module]] = [("unet", pipe.unet)]
         if self.options.train_text_encoder:
-            parts += [(n, getattr(pipe, n)) for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None]
+            parts += text_encoders_of(pipe)
         return parts
 
     def setup(self, model: LoadedModel, config: TrainConfig) -> list[dict[str, Any]]:
-        from sdtune.training.schedules import LRSchedule
-
         self.model, self.config = model, config
         groups: list[dict[str, Any]] = []
         te_params: list[torch.nn.Parameter] = []
@@ -92,9 +85,7 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
                 te_params += trainable(module.parameters())
         self.trains_text_encoder = bool(te_params)  # type: ignore[misc]
         if te_params:
-            peak = LRSchedule.from_config(config.lr, config.lr_scheduler, config.warmup_steps, config.steps).peak
-            te_lr = self.options.text_encoder_lr
-            groups.append({"params": te_params, "lr_scale": 1.0 if te_lr is None else te_lr / peak})
+            groups.append(text_encoder_group(te_params, config, self.options.text_encoder_lr))
         return groups
 
     def prepare_data(self, trainer: Any) -> None:
@@ -122,12 +113,8 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
                 expected[k].copy_(v.to(expected[k].device, expected[k].dtype))
 
     def metadata(self) -> dict[str, str]:
-        meta = {"sdtune_dreambooth_text_encoder": str(bool(self.options.train_text_encoder))}
-        if self.options.prompt:
-            meta["sdtune_instance_prompt"] = self.options.prompt
-        if self.prior is not None:
-            meta.update({"sdtune_class_prompt": self.prior.prompt, "sdtune_prior_weight": f"{self.prior.weight:g}"})
-        return meta
+        return {"sdtune_dreambooth_text_encoder": str(bool(self.options.train_text_encoder)),
+                **self.personalize_metadata()}
 
     def save(self, path: str | Path, step: int, metadata: Mapping[str, str]) -> Path:
         from sdtune.formats.checkpoint import save_single_file

@@ -28,6 +28,12 @@ import torch
 from sdtune.errors import SdtuneError
 from sdtune.training.config import opt
 from sdtune.training.methods.base import TrainingMethod, trainable
+from sdtune.training.methods.text_encoders import (
+    TEXT_ENCODERS,
+    check_text_encoder_lr,
+    text_encoder_group,
+    text_encoders_of,
+)
 from sdtune.training.prior import PersonalizeMixin, PersonalizeOptions, check_personalize_options
 
 if TYPE_CHECKING:
@@ -38,7 +44,6 @@ DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 PRESETS = {"attn": list(DEFAULT_TARGETS), "ff": ["ff.net.0.proj", "ff.net.2"],
            "conv": ["conv1", "conv2", "conv_shortcut"], "proj": ["proj_in", "proj_out"]}
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 ADAPTER = "sdtune"
 
 
@@ -105,11 +110,7 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
             raise SdtuneError(f"lora dropout {options.dropout} must be in [0, 1)")
         if not options.targets:
             raise SdtuneError("lora targets is empty; use e.g. attn (to_q to_k to_v to_out.0), ff, conv")
-        if options.text_encoder_lr is not None:
-            if not options.text_encoder_lr >= 0:
-                raise SdtuneError(f"text_encoder_lr {options.text_encoder_lr} must be >= 0")
-            if not options.text_encoder:
-                raise SdtuneError("text_encoder_lr is set but the text encoder is not trained; add --text-encoder")
+        check_text_encoder_lr(options.text_encoder_lr, options.text_encoder, "--text-encoder")
         check_personalize_options(options, cls.name, cls.prior_default, config.resolution)
 
     @property
@@ -124,13 +125,10 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
         assert self.model is not None
         if not self.options.text_encoder:
             return []
-        return [(n, getattr(self.model.pipe, n)) for n in TEXT_ENCODERS if getattr(self.model.pipe, n, None)
-                is not None]
+        return text_encoders_of(self.model.pipe)
 
     def setup(self, model: LoadedModel, config: TrainConfig) -> list[dict[str, Any]]:
         from peft import LoraConfig
-
-        from sdtune.training.schedules import LRSchedule
 
         self.model, self.config = model, config
         unet = model.pipe.unet
@@ -154,9 +152,7 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
             te_params += trainable(te.parameters())
         self.trains_text_encoder = bool(te_params)  # type: ignore[misc]  (instance value: no text cache)
         if te_params:
-            peak = LRSchedule.from_config(config.lr, config.lr_scheduler, config.warmup_steps, config.steps).peak
-            te_lr = self.options.text_encoder_lr
-            groups.append({"params": te_params, "lr_scale": 1.0 if te_lr is None else te_lr / peak})
+            groups.append(text_encoder_group(te_params, config, self.options.text_encoder_lr))
         self._targets = targets
         return groups
 
@@ -213,11 +209,7 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
                 "sdtune_lora_rank": str(self.options.rank), "sdtune_lora_alpha": f"{self.alpha:g}",
                 "sdtune_lora_scale": f"{self.scale:g}",
                 "sdtune_lora_text_encoder": str(bool(self.options.text_encoder))}
-        if self.options.prompt:
-            meta["sdtune_instance_prompt"] = self.options.prompt
-        if self.prior is not None:
-            meta.update({"sdtune_class_prompt": self.prior.prompt, "sdtune_prior_weight": f"{self.prior.weight:g}"})
-        return meta
+        return {**meta, **self.personalize_metadata()}
 
     def save(self, path: str | Path, step: int, metadata: Mapping[str, str]) -> Path:
         from sdtune.adapters.lora import lora_deltas_from_peft, network_from_peft, save_lora, verify_lora_file

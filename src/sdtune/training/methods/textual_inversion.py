@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
+from sdtune.adapters.textual_inversion.files import FORMAT_EXT, FORMATS, Embedding, file_stem_for, write_embedding
 from sdtune.errors import SdtuneError
 from sdtune.prompts.embeddings import MAX_VECTORS, EmbeddingRegistry
-from sdtune.textual_inversion.files import FORMAT_EXT, FORMATS, Embedding, file_stem_for, write_embedding
 from sdtune.training.config import opt
 from sdtune.training.methods.base import TrainingMethod
 

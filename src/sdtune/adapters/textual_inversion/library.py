@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 from sdtune.errors import SdtuneError
 from sdtune.prompts.embeddings import EmbeddingRegistry
-from sdtune.textual_inversion.files import EMBEDDING_EXTS, Embedding, read_embedding
+from sdtune.adapters.textual_inversion.files import EMBEDDING_EXTS, Embedding, read_embedding
 
 log = logging.getLogger(__name__)
 MAX_FILE_BYTES = 64 * 2**20  # embeddings are kilobytes; larger weight files in a folder are models, not read

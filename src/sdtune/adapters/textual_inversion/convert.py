@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.textual_inversion.files import FORMAT_EXT, read_embedding, write_embedding
+from sdtune.adapters.textual_inversion.files import FORMAT_EXT, read_embedding, write_embedding
 
 
 def convert_embedding(src: str | Path, target: str, out: str | Path, *, model: str | None = None,
@@ -27,7 +27,7 @@ def convert_embedding(src: str | Path, target: str, out: str | Path, *, model: s
     note = ""
     if model is not None:
         from sdtune.models import load_model
-        from sdtune.textual_inversion.library import _slots_of, fit_check
+        from sdtune.adapters.textual_inversion.library import _slots_of, fit_check
 
         loaded = load_model(model, device="cpu")
         why = fit_check(emb, _slots_of(loaded.pipe))
