@@ -140,6 +140,32 @@ def test_supplied_class_images_are_validated(tmp_path, data, sd1):
                options=LoraOptions(class_prompt="a shape", class_data=str(tmp_path / "grey"))).check_values()
 
 
+def test_class_images_use_their_own_captions(tmp_path, data, sd1, monkeypatch):
+    """kohya-style regularization images: a class image's .txt caption is its prompt in the prior term; images
+    without one use --class-prompt."""
+    from sdtune.training.methods.base import TrainingMethod
+
+    folder = _write(tmp_path / "reg", 3, (32, 32))
+    (folder / "0.txt").write_text("a red circle on a white background\n")
+    (folder / "1.txt").write_text("  \n")  # empty: the class prompt applies
+    seen: list[str] = []
+    original = TrainingMethod.conditioning
+
+    def recording(self, batch):
+        seen.extend(batch.captions)
+        return original(self, batch)
+
+    monkeypatch.setattr(TrainingMethod, "conditioning", recording)
+    said: list[str] = []
+    opts = LoraOptions(prompt="a sks shape", class_prompt="a shape", class_data=str(folder))
+    train(config(tmp_path, data, "lora", options=opts, steps=12, batch_size=2), model=copy.deepcopy(sd1),
+          echo=said.append)
+    assert any("3 class image(s)" in s and "1 with their own caption" in s for s in said)
+    instance = {t.read_text().strip() for t in data.glob("*.txt")} | {"a sks shape"}
+    class_caps = set(seen) - instance
+    assert class_caps == {"a red circle on a white background", "a shape"}
+
+
 def test_prior_on_sdxl_uses_time_ids(tmp_path, data):
     opts = LoraOptions(class_prompt="a photo of a shape", num_class_images=1)
     r = train(config(tmp_path, data, "lora", options=opts), model=tiny_loaded("sdxl"), echo=lambda s: None)

@@ -14,7 +14,10 @@ prior-preservation loss). Class images come from `--class-data DIR` or are gener
 prompt, count, resolution, sampler settings), so a rerun or `--resume` reuses them. They are encoded to latents
 once, like the instance images; the class prompt's text encoding is cached while the text encoder is frozen.
 
-Supplied class images (`--class-data`): every image must be RGB (another mode -> an error naming the files: convert
+Supplied class images (`--class-data`) may carry a `.txt` caption each (kohya's regularization images): that
+caption is used for the image, the class prompt for images without one. Captioned class images of many kinds
+(e.g. generated from the base model's own varied prompts) protect more of what the model knew than one prompt.
+Every image must be RGB (another mode -> an error naming the files: convert
 them) and at least the training resolution on its shorter side (smaller -> an error: upscaled class images would
 teach the model blur). Larger or non-square images are centre-cropped and resized to the training size with one
 warning, as training images are.
@@ -114,9 +117,19 @@ def apply_instance_prompt(trainer: Any, prompt: str | None) -> None:
 
 # ------------------------------------------------------------------------------------------- class images
 
-def load_class_folder(folder: str | Path, resolution: int, *, load: bool = True) -> tuple[list[Any], list[str]]:
-    """(RGB PIL images at resolution x resolution, warnings) from a folder; SdtuneError on bad images.
-    load=False: only check (modes and sizes from the file headers)."""
+def class_caption(image_path: Path) -> str | None:
+    """The non-empty `.txt` sidecar caption of a class image, else None (the class prompt applies)."""
+    sidecar = image_path.with_suffix(".txt")
+    if not sidecar.is_file():
+        return None
+    text = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+    return text or None
+
+
+def load_class_folder(folder: str | Path, resolution: int, *,
+                      load: bool = True) -> tuple[list[Any], list[str], list[str | None]]:
+    """(RGB PIL images at resolution x resolution, warnings, per-image sidecar captions or None) from a folder;
+    SdtuneError on bad images. load=False: only check (modes and sizes from the file headers)."""
     from PIL import Image
 
     from sdtune.training.images import fit_image
@@ -126,7 +139,7 @@ def load_class_folder(folder: str | Path, resolution: int, *, load: bool = True)
                    and not p.name.startswith("."))
     if not files:
         raise SdtuneError(f"class_data folder {root} holds no images ({', '.join(IMAGE_EXTS)})")
-    bad_mode, small, unreadable, images, resized = [], [], [], [], 0
+    bad_mode, small, unreadable, images, captions, resized = [], [], [], [], [], 0
     for f in files:
         try:
             with Image.open(f) as im:
@@ -142,6 +155,7 @@ def load_class_folder(folder: str | Path, resolution: int, *, load: bool = True)
                     resized += 1
                 if load:
                     images.append(fit_image(im.copy(), (resolution, resolution)))
+                    captions.append(class_caption(f))
         except (OSError, ValueError) as exc:
             unreadable.append(f"{f.name} ({exc})")
 
@@ -161,7 +175,7 @@ def load_class_folder(folder: str | Path, resolution: int, *, load: bool = True)
     if resized and load:
         warnings.append(f"class_data: {resized} of {len(images)} image(s) are not {resolution}x{resolution}; they "
                         "are centre-cropped and resized to it")
-    return images, warnings
+    return images, warnings, captions
 
 
 def class_cache_key(trainer: Any, class_prompt: str, count: int) -> tuple[str, dict[str, Any]]:
@@ -210,15 +224,19 @@ class PriorPreservation:
         self.is_sdxl = trainer.is_sdxl
         self.device = trainer.device
         if options.class_data:
-            images, warnings = load_class_folder(options.class_data, trainer.resolution)
+            images, warnings, captions = load_class_folder(options.class_data, trainer.resolution)
             for w in warnings:
                 trainer.echo(f"warning: {w}")
             source = str(options.class_data)
         else:
             images = generated_class_images(trainer, self.prompt, options.num_class_images)
+            captions = [None] * len(images)
             source = "generated"
+        self.captions = [c or self.prompt for c in captions]
         self.latents = trainer._encode(images, flip_variants=False)
-        trainer.echo(f"prior preservation: {len(self.latents)} class image(s) ({source}) with {self.prompt!r}, "
+        own = sum(c is not None for c in captions)
+        how = f"{own} with their own caption, the others with {self.prompt!r}" if own else f"with {self.prompt!r}"
+        trainer.echo(f"prior preservation: {len(self.latents)} class image(s) ({source}), {how}, "
                      f"weight {self.weight:g}")
 
     def loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor:
@@ -233,7 +251,7 @@ class PriorPreservation:
         if self.is_sdxl:
             r = float(self.resolution)
             ids = torch.tensor([[r, r, 0.0, 0.0, r, r]] * n, device=batch.latents.device)
-        cond = self.method.conditioning(Batch(latents=lat, captions=[self.prompt] * n, time_ids=ids,
+        cond = self.method.conditioning(Batch(latents=lat, captions=[self.captions[i] for i in picks], time_ids=ids,
                                               step=batch.step))
         return self.weight * diffusion_loss(lat.to(batch.latents.dtype), cond)
 
