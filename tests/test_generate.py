@@ -219,6 +219,20 @@ def test_cli_writes_numbered_pngs_and_grid(model_dir, tmp_path, capsys):
     assert np.array_equal(pixels(Image.open(out / "00000-7.png")), pixels(Image.open(out / "00002-7.png")))
 
 
+def test_cli_prompt_option_equals_the_argument(model_dir, tmp_path, capsys):
+    common = ["--model", str(model_dir), "--steps", "2", "--width", "32", "--height", "32", "--device", "cpu",
+              "--seed", "3", "--negative-prompt", "blue"]
+    assert cli(["generate", "a red circle", *common, "--out", str(tmp_path / "a")]) == 0
+    assert cli(["generate", "--prompt", "a red circle", *common, "--out", str(tmp_path / "b")]) == 0
+    a, b = (Image.open(tmp_path / d / "00000-3.png") for d in "ab")
+    assert np.array_equal(pixels(a), pixels(b))
+    assert "Negative prompt: blue" in a.info["parameters"]
+    capsys.readouterr()
+    assert cli(["generate", "x", "-p", "y", *common, "--out", str(tmp_path / "c")]) == 2
+    assert "give the prompt once" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_cli_from_png_reproduces_bit_for_bit(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli(["generate", "a yellow star", "--negative", "blue, dark", "--model", str(model_dir), "--steps", "3",

@@ -162,7 +162,8 @@ def register(cli: click.Group) -> None:
 
     @cli.command("generate")
     @click.argument("prompt", required=False)
-    @click.option("--negative", "negative_prompt", metavar="TEXT", help="Negative prompt.")
+    @click.option("--prompt", "-p", "prompt_option", metavar="TEXT", help="The prompt (instead of PROMPT).")
+    @click.option("--negative", "--negative-prompt", "negative_prompt", metavar="TEXT", help="Negative prompt.")
     @click.option("--model", "-m", metavar="MODEL", help="Diffusers folder, .safetensors/.ckpt file, or `tiny` "
                   "(default: tiny).")
     @click.option("--vae", metavar="VAE", help="Replace the model's VAE (folder or file).")
@@ -202,7 +203,7 @@ def register(cli: click.Group) -> None:
                   help="Repeat the settings stored in a PNG's A1111 metadata; other options override them.")
     @click.option("--no-grid", is_flag=True, help="Do not save a grid image when several images are made.")
     @click.option("--list-samplers", is_flag=True, help="Print the sampler names and exit.")
-    def generate(prompt: str | None, model: str | None, vae: str | None, refiner: str | None, out: Path,
+    def generate(prompt: str | None, prompt_option: str | None, model: str | None, vae: str | None, refiner: str | None, out: Path,
                  device: str | None, dtype: str | None, from_png: Path | None, no_grid: bool, list_samplers: bool,
                  **settings: Any) -> None:
         """Generate images from PROMPT (A1111 txt2img).
@@ -217,6 +218,9 @@ def register(cli: click.Group) -> None:
 
             click.echo("\n".join(sampler_names()))
             return
+        if prompt is not None and prompt_option is not None:
+            raise SdtuneError("give the prompt once: as PROMPT or with --prompt, not both")
+        prompt = prompt if prompt is not None else prompt_option
         overrides = {k: v for k, v in settings.items() if v is not None}
         loras = overrides.pop("loras", ())
         lora_dirs = overrides.pop("lora_dirs", ())

@@ -235,7 +235,8 @@ class PriorPreservation:
         self.captions = [c or self.prompt for c in captions]
         self.latents = trainer._encode(images, flip_variants=False)
         own = sum(c is not None for c in captions)
-        how = f"{own} with their own caption, the others with {self.prompt!r}" if own else f"with {self.prompt!r}"
+        how = "each with its own caption" if own == len(captions) else \
+            f"{own} with their own caption, the others with {self.prompt!r}" if own else f"with {self.prompt!r}"
         trainer.echo(f"prior preservation: {len(self.latents)} class image(s) ({source}), {how}, "
                      f"weight {self.weight:g}")
 
