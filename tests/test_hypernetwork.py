@@ -50,6 +50,19 @@ def test_module_layout_follows_a1111_indices():
         Hypernetwork([8], HypernetworkSettings(layer_structure=[2, 1]))
 
 
+@pytest.mark.parametrize("init", ["Normal", "XavierNormal"])
+def test_fresh_layer_norm_network_starts_near_identity(init):
+    # A1111 draws LayerNorm weights from N(0, 0.01) whatever the init; a unit gain would make the first delta as
+    # large as the context itself (normalised LayerNorm output) and wreck the base model from step 0.
+    s = HypernetworkSettings(layer_structure=[1, 2, 1], activation_func="relu", is_layer_norm=True,
+                             weight_initialization=init)
+    m = Hypernetwork([64], s).init_weights(0).layers["64"][0]
+    norms = [layer for layer in m.linear if isinstance(layer, torch.nn.LayerNorm)]
+    assert norms and all(n.weight.abs().max() < 0.1 and not n.bias.any() for n in norms)
+    x = torch.randn(4, 64)
+    assert ((m(x) - x).norm() / x.norm()) < 0.05
+
+
 def test_strength_scales_the_residual():
     hn = _randomised(Hypernetwork([8]))
     m = hn.layers["8"][0]

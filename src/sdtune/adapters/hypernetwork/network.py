@@ -117,12 +117,12 @@ class HypernetworkModule(nn.Module):
         nonlin = "leaky_relu" if act == "leakyrelu" else "relu"
         with torch.no_grad():
             for layer in self.linear:
-                if isinstance(layer, nn.LayerNorm):
-                    layer.reset_parameters()
-                if not isinstance(layer, nn.Linear):
+                if not isinstance(layer, (nn.Linear, nn.LayerNorm)):
                     continue
                 w, b = layer.weight, layer.bias
-                if init == "Normal":
+                # A1111 gives LayerNorm weights N(0, 0.01) whatever the init: the residual starts near identity.
+                # (A unit LayerNorm gain would add a delta as large as the context itself at step 0.)
+                if init == "Normal" or isinstance(layer, nn.LayerNorm):
                     w.normal_(0.0, 0.01, generator=generator)
                 elif init == "XavierUniform":
                     nn.init.xavier_uniform_(w, generator=generator)
