@@ -22,8 +22,8 @@ def train_group() -> None:
 
     \b
     OUT/ holds:
-      <name>.safetensors      the result: the best checkpoint (by validation loss when there is a
-                              validation set, else the last)
+      <name>.safetensors      the result: the best checkpoint (by --select-by: validation loss when
+                              there is a validation set, a judge metric with --judge, else the last)
       checkpoints/            evaluated checkpoints (--keep-checkpoints all|best|last)
       samples/                sample grids (--sample-every N --sample-prompt TEXT)
       state/                  the resumable state (Ctrl-C / SIGTERM save it; continue with --resume)

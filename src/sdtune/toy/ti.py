@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.toy import world
-from sdtune.toy.judge import judge
+from sdtune.toy.concept_eval import CONTEXT, ConceptJudge
 
 TEMPLATES = ["a [filewords]", "a photo of a [filewords]", "a picture of a [filewords]", "a rendering of a [filewords]"]
 FIDELITY = ["a photo of a {t}", "a picture of a {t}", "a red {t} on a white background"]
-CONTEXT = [("blue", "black"), ("green", "gray"), ("yellow", "black"), ("purple", "white")]
 
 
 def write_concept_dataset(folder: str | Path, *, shape: str = "star", colour: str = "red", n: int = 5,
@@ -49,23 +48,22 @@ def write_templates(path: str | Path) -> Path:
     return p
 
 
+def concept_judge(token: str, shape: str, seeds: list[int], *, keep: int = 0) -> ConceptJudge:
+    """The shared judge (`toy.concept_eval`) with this module's prompts (fidelity includes the training context)."""
+    return ConceptJudge(shape=shape, term=token, seeds=seeds, fidelity=FIDELITY, context=CONTEXT, per_prompt=True,
+                        keep=keep)
+
+
+def _legacy(m: dict[str, Any]) -> dict[str, Any]:
+    """concept_eval's names -> this module's (shape_fidelity, context_kept, context_shape, fidelity[...])."""
+    out = {"shape_fidelity": m["fidelity"], "context_kept": m["context"], "context_shape": m["context_shape"]}
+    out.update({k: v for k, v in m.items() if k.startswith("fidelity[") or k == "images"})
+    return out
+
+
 def judge_prompts(generate: Any, token: str, shape: str, seeds: list[int], *, keep: int = 0) -> dict[str, Any]:
     """Metrics of `generate(prompts, seeds) -> images` for the fidelity and context prompts with `token`."""
-    fid_prompts = [p.format(t=token) for p in FIDELITY]
-    ctx = [(f"a {c} {token} on a {b} background", c, b) for c, b in CONTEXT]
-    images = generate(fid_prompts + [p for p, _, _ in ctx], seeds)
-    n = len(seeds)
-    fid = [judge(im) for im in images[:len(fid_prompts) * n]]
-    ctx_v = [judge(im) for im in images[len(fid_prompts) * n:]]
-    ctx_ok = [v.colour == c and v.background == b for i, v in enumerate(ctx_v) for c, b in [ctx[i // n][1:]]]
-    out = {"shape_fidelity": sum(v.shape == shape for v in fid) / len(fid),
-           "context_kept": sum(ctx_ok) / len(ctx_ok),
-           "context_shape": sum(v.shape == shape for v in ctx_v) / len(ctx_v)}
-    for j, p in enumerate(fid_prompts):
-        out[f"fidelity[{p}]"] = sum(v.shape == shape for v in fid[j * n:(j + 1) * n]) / n
-    if keep:
-        out["images"] = [im for k in range(len(fid_prompts) + len(ctx)) for im in images[k * n:k * n + keep]]
-    return out
+    return _legacy(concept_judge(token, shape, seeds, keep=keep).score(generate))
 
 
 def generator_fn(gen: Any, steps: int = 20, cfg: float = 7.0) -> Any:
@@ -97,12 +95,11 @@ def train_concept(model: Any, work: Path, *, token: str = "<star>", shape: str =
     seed_list = list(range(seeds))
     rows: list[dict[str, Any]] = []
 
+    concept = concept_judge(token, shape, seed_list)
+
     def evaluator(ctx: Any) -> dict[str, float]:
         t0 = time.perf_counter()
-        # one batch of all seeds per prompt (seeds s0, s0+1, ... as in A1111)
-        m = judge_prompts(lambda ps, ss: [im for pr in ps for im in ctx.generate([pr], [ss[0]], batch_size=len(ss))],
-                          token, shape, seed_list)
-        m = {k: float(v) for k, v in m.items() if not k.startswith("fidelity[")}
+        m = {k: float(v) for k, v in _legacy(concept(ctx)).items() if not k.startswith("fidelity[")}
         rows.append({"step": ctx.step, **m, "eval_seconds": round(time.perf_counter() - t0, 1)})
         return m
 

@@ -151,6 +151,15 @@ class TrainConfig:
                                  section="eval", kind="str", metavar="P[,D]")
     select_by: str = opt("val_loss", "Metric that picks the best checkpoint: val_loss, or an evaluator metric; "
                          "append :min or :max (default min for *loss*, max otherwise).", section="eval", kind="str")
+    judge: str | None = opt(None, "Toy world: judge every checkpoint's images of this shape (star, heart, ...) and "
+                            "report fidelity, context and judge_score (select with --select-by judge_score).",
+                            section="eval", kind="str", metavar="SHAPE")
+    judge_term: str | None = opt(None, "The concept words in the judge's prompts, e.g. '<star>' or 'sks shape' "
+                                 "(default: the ti token, or --prompt without its leading 'a photo of a').",
+                                 section="eval", kind="str", metavar="TEXT")
+    judge_seeds: int = opt(4, "Images per judge prompt (seeds 0..N-1).", section="eval", kind="int")
+    judge_any_model: bool = opt(False, "Allow --judge with a model other than tiny (the judge reads only toy-world "
+                                "images: for models trained on the toy world).", section="eval", kind="bool")
     # -- logging
     progress: bool = opt(True, "Show a progress bar.", section="log", kind="bool")
     tensorboard: bool = opt(True, "Write TensorBoard logs to OUT/tensorboard when tensorboard is installed.",
@@ -320,7 +329,8 @@ class TrainConfig:
         parse_early_stop(self.early_stop)
         if self.early_stop and parse_early_stop(self.early_stop) and self.save_every == 0:
             raise SdtuneError("early_stop needs save_every > 0 (checkpoints are evaluated when they are saved)")
-        parse_select_by(self.select_by)
+        select_metric, _ = parse_select_by(self.select_by)
+        self._check_judge(select_metric)
         if self.sample_every and not self.sample_prompts:
             raise SdtuneError("sample_every is set but there are no sample prompts; add --sample-prompt TEXT")
         if self.sample_prompts and not self.sample_seeds:
@@ -342,6 +352,19 @@ class TrainConfig:
         cls.check_options(self.options if isinstance(self.options, getattr(cls, "Options", NoOptions))
                           else cls.Options(), self)
         return self
+
+    def _check_judge(self, select_metric: str) -> None:
+        if self.judge is None:
+            if select_metric == "judge_score":
+                raise SdtuneError("select_by judge_score needs the toy-world judge; add --judge SHAPE (e.g. star)")
+            return
+        if str(self.model).strip().lower() != "tiny" and not self.judge_any_model:
+            raise SdtuneError(f"judge {self.judge!r} reads toy-world images only, and model {self.model!r} is not "
+                              "tiny; add --judge-any-model if it was trained on the toy world")
+        _at_least("judge_seeds", self.judge_seeds, 1)
+        from sdtune.toy.concept_eval import judge_from_config
+
+        judge_from_config(self)
 
     def check_paths(self, *, model: bool = True, data: bool = True) -> TrainConfig:
         """Files and folders: model/vae/data/val_dir exist, the output folder is (or can be) a writable folder."""

@@ -46,7 +46,8 @@ BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 # Settings that may differ on resume without changing the maths of the steps already taken.
 RESUME_FREE = {"steps", "save_every", "keep_checkpoints", "keep_states", "resume", "sample_every", "sample_prompts",
                "sample_seeds", "sample_negative", "sample_steps", "sample_cfg", "sample_sampler", "early_stop",
-               "select_by", "progress", "tensorboard", "out", "device"}
+               "select_by", "progress", "tensorboard", "out", "device", "judge", "judge_term", "judge_seeds",
+               "judge_any_model"}
 
 
 @dataclass
@@ -248,6 +249,7 @@ class Trainer:
         # -- the method (checked before the model loads)
         if self.method is None:
             self.method = get_method(cfg.method)(cfg.options)
+        self._add_judge()
         select_metric, select_mode = parse_select_by(cfg.select_by)
         early = parse_early_stop(cfg.early_stop)
         has_val = cfg.val_split > 0 or cfg.val_dir is not None
@@ -335,6 +337,23 @@ class Trainer:
         if cfg.val_split > 0 or cfg.val_dir is not None:
             if self.val is None:
                 raise SdtuneError("the validation set is empty")
+
+    def _add_judge(self) -> None:
+        """`config.judge`: the toy-world concept judge joins the evaluator (its metrics after the given one's)."""
+        from sdtune.toy.concept_eval import judge_from_config
+
+        concept = judge_from_config(self.config)
+        if concept is None:
+            return
+        given = self.evaluator
+        if given is None:
+            self.evaluator = concept
+            return
+
+        def both(ctx: EvalContext) -> dict[str, float]:
+            return {**dict(given(ctx) or {}), **concept(ctx)}
+
+        self.evaluator = both
 
     def _seed_all(self, seed: int) -> None:
         random.seed(seed)
