@@ -5,9 +5,15 @@ from 20 images, then measure with the judge.
     python scripts/accept_lora.py --out runs/accept --only lora               # one variant (run several in parallel)
     python scripts/accept_lora.py --out runs/accept --summary                 # the table from the saved results
 
-Variants: lora (no prior preservation), lora_prior (prior preservation with generated class images), dreambooth
-(full UNet fine-tune, prior preservation), outline (a second LoRA: the "outlined" style on known shapes, for the
-two-LoRA test), two (heart LoRA + outline LoRA together; needs lora and outline).
+Variants: lora (no prior preservation), lora_prior (prior preservation), dreambooth (full UNet fine-tune, prior
+preservation), outline (a second LoRA: the "outlined" style on known shapes, for the two-LoRA test), two (heart
+LoRA + outline LoRA together; needs lora and outline).
+
+Data: 20 hearts of random colour and background, each caption naming its colour ("a {colour} sks shape", half
+of them also "on a {background} background"). Class images for prior preservation (default
+`--class-source base-prompts`): 40 images the base model makes for random base prompts, each captioned with its
+prompt (kohya-style regularization images), cached in OUT/reg_images. Latents: posterior means (`--latents mean`),
+what the tiny model was trained on.
 
 Measured per variant (judge = sdtune.toy.judge, no learned weights):
   * identifier: "a sks shape", seeds 0..S-1 -> % hearts;
@@ -29,8 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-TEMPLATES = ("a sks shape", "a {colour} sks shape", "a sks shape on a {background} background",
-             "a {colour} sks shape on a {background} background")
+# Every caption names the colour: what varies across the images and is not the concept belongs in the caption
+# (a caption without it teaches the identifier to stand for "any colour", and the LoRA's weaker hold on colour
+# words then shows in base prompts too: measured 52% colour agreement on base prompts with colour-free captions).
+TEMPLATES = ("a {colour} sks shape", "a {colour} sks shape on a {background} background")
 VARIANTS = ("lora", "lora_prior", "dreambooth", "outline", "two")
 
 
@@ -48,6 +56,27 @@ def make_data(folder: Path, n: int, seed: int, style: bool = False) -> Path:
         scenes = [world.random_scene(rng, shapes=("heart",), styles=("solid",)) for _ in range(n)]
         caps = [rng.choice(TEMPLATES).format(colour=s.colour, background=s.background) for s in scenes]
     write_dataset(folder, scenes, caps)
+    return folder
+
+
+def make_reg_images(folder: Path, n: int, args) -> Path:
+    """Regularization (class) images as kohya users make them: the base model's own images for varied prompts of
+    the class ("a {colour} {shape} on a {background} background", every known shape), each with its prompt as
+    the .txt caption, so the prior term protects what those words meant before."""
+    from sdtune.generate import GenerationParams, Generator
+    from sdtune.toy.evaluate import base_prompts
+
+    if (folder / f"{n - 1:04d}.txt").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed + 7)
+    gen = Generator(args.model)
+    prompts = base_prompts()
+    for i in range(n):
+        prompt = rng.choice(prompts)[0]
+        img = gen.generate(GenerationParams(prompt=prompt, seed=i, steps=args.gen_steps, cfg_scale=7.0))[0].image
+        img.save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(prompt + "\n")
     return folder
 
 
@@ -129,17 +158,20 @@ def train_variant(variant: str, args, out: Path) -> dict:
     data = make_data(out / ("data_outline" if variant == "outline" else "data_heart"), args.images, args.seed,
                      style=variant == "outline")
     common = dict(model=args.model, data=str(data), out=str(out / variant), batch_size=args.batch, save_every=0,
-                  progress=False, tensorboard=False, seed=args.seed, sample_steps=args.gen_steps, latents="sample")
+                  progress=False, tensorboard=False, seed=args.seed, sample_steps=args.gen_steps, latents=args.latents,
+                  caption_dropout=args.caption_dropout)
     class_prompt = "a shape on a background"
+    class_data = str(make_reg_images(out / "reg_images", args.class_images, args)) \
+        if args.class_source == "base-prompts" and variant in ("lora_prior", "dreambooth") else None
     if variant in ("lora", "lora_prior", "outline"):
         opts = LoraOptions(rank=args.rank, alpha=args.rank, targets=args.targets.split(","))
         if variant == "lora_prior":
             opts = LoraOptions(rank=args.rank, alpha=args.rank, targets=args.targets.split(","),
                                class_prompt=class_prompt, num_class_images=args.class_images,
-                               prior_weight=args.prior_weight)
+                               class_data=class_data, prior_weight=args.prior_weight)
         cfg = TrainConfig(method="lora", steps=args.lora_steps, lr=args.lora_lr, options=opts, **common)
     else:
-        opts = DreamBoothOptions(class_prompt=class_prompt, num_class_images=args.class_images,
+        opts = DreamBoothOptions(class_prompt=class_prompt, num_class_images=args.class_images, class_data=class_data,
                                  prior_weight=args.prior_weight, save_precision="fp32", diffusers_folder=True)
         cfg = TrainConfig(method="dreambooth", steps=args.db_steps, lr=args.db_lr, options=opts, **common)
     t, c = time.perf_counter(), time.process_time()
@@ -219,6 +251,12 @@ def main() -> None:
     ap.add_argument("--db-lr", type=float, default=2e-4)
     ap.add_argument("--class-images", type=int, default=40)
     ap.add_argument("--prior-weight", type=float, default=1.0)
+    ap.add_argument("--class-source", default="base-prompts", choices=("base-prompts", "class-prompt"),
+                    help="class images: the base model's images of varied captioned base prompts (kohya-style "
+                    "regularization images), or generated by the trainer from the one class prompt")
+    ap.add_argument("--latents", default="auto", choices=("auto", "mean", "sample"),
+                    help="auto: posterior means for the tiny model (its sdtune.json), what it was trained on")
+    ap.add_argument("--caption-dropout", type=float, default=0.0)
     ap.add_argument("--gen-steps", type=int, default=20)
     ap.add_argument("--ident-seeds", type=int, default=16)
     ap.add_argument("--ctx-seeds", type=int, default=2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import random
@@ -192,6 +193,11 @@ def export(args) -> None:
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.save_pretrained(args.out, safe_serialization=True)
+    # trainers read this (--latents auto): the UNet was trained on VAE posterior means, not samples
+    (Path(args.out) / "sdtune.json").write_text(json.dumps({
+        "latents": "mean",
+        "why": "the tiny UNet was trained on VAE posterior means; trainers default to them (--latents auto)"},
+        indent=2) + "\n", encoding="utf-8")
     print(f"exported step {int(st['step'])} ({'ema' if args.ema else 'raw'}) to {args.out}")
 
 

@@ -125,6 +125,33 @@ def all_finite_files(out):
     return all(all(torch.isfinite(t).all() for t in load_file(f).values() if t.is_floating_point()) for f in files)
 
 
+def test_latents_auto_follows_the_model_marker(tmp_path, data, pristine):
+    """--latents auto: posterior means for a model whose folder's sdtune.json says so (the bundled tiny model),
+    samples otherwise; the run then equals one given that mode explicitly."""
+    from sdtune.models import load_model
+    from sdtune.training.latents import resolve_latents_mode
+
+    assert resolve_latents_mode("auto", load_model("tiny")) == "mean"
+    assert resolve_latents_mode("auto", pristine) == "sample"
+    assert resolve_latents_mode("sample", load_model("tiny")) == "sample"
+    marked = copy.deepcopy(pristine)
+    marked.source = tmp_path / "marked"
+    marked.source.mkdir()
+    (marked.source / "sdtune.json").write_text('{"latents": "mean"}')
+    said: list[str] = []
+    auto = train(config(tmp_path, data, "auto", latents="auto", save_every=0), model=copy.deepcopy(marked),
+                 echo=said.append)
+    assert any("latents: posterior means" in s for s in said)
+    mean = train(config(tmp_path, data, "mean", latents="mean", save_every=0), model=copy.deepcopy(pristine),
+                 **quiet())
+    sample = train(config(tmp_path, data, "sample", latents="auto", save_every=0), model=copy.deepcopy(pristine),
+                   **quiet())
+    assert auto.losses == mean.losses
+    assert sample.losses != mean.losses
+    (marked.source / "sdtune.json").write_text("not json")
+    assert resolve_latents_mode("auto", marked) == "sample"
+
+
 def test_huge_learning_rate_rolls_back_and_never_saves_nan(tmp_path, data, model):
     cfg = config(tmp_path, data, steps=8, save_every=1, lr=1e12, max_grad_norm=0.0)  # step 1 saves, later overflow
     trainer = Trainer(cfg, model=model, **quiet())

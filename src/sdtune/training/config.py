@@ -88,8 +88,10 @@ class TrainConfig:
                               kind="path", metavar="DIR")
     skip_bad: bool = opt(False, "Skip unreadable images with a warning instead of stopping.", section="data",
                          kind="bool")
-    latents: str = opt("sample", "Latents to train on: a fresh sample of the VAE posterior each step, or its "
-                       "mean.", section="data", kind="str", choices=("sample", "mean"))
+    latents: str = opt("auto", "Latents to train on: a fresh sample of the VAE posterior each step, or its "
+                       "mean; auto = what the model was trained on (mean for the bundled tiny model, as its "
+                       "sdtune.json says; sample otherwise).", section="data", kind="str",
+                       choices=("auto", "sample", "mean"))
     # -- augmentation
     flip: float = opt(0.0, "Chance of a horizontal flip (mirrors text and asymmetric features).",
                       section="augment", kind="float")

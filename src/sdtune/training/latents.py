@@ -78,3 +78,20 @@ def encode_latents(vae: Any, images: Sequence[Image.Image | torch.Tensor], *, ba
                 progress(done, len(jobs))
     return [CachedLatent(means[(i, False)], stds[(i, False)],
                          means.get((i, True)), stds.get((i, True))) for i in range(len(tensors))]
+
+
+def resolve_latents_mode(mode: str, model: Any) -> str:
+    """`auto` -> the latents the model was trained on: its folder's `sdtune.json` may say {"latents": "mean"}
+    (the bundled tiny model does: training on posterior samples adds noise it never saw, and a LoRA then learns
+    that noise for every prompt); else "sample", what SD models were trained on."""
+    if mode != "auto":
+        return mode
+    import json
+    from pathlib import Path
+
+    marker = Path(str(getattr(model, "source", ""))) / "sdtune.json"
+    try:
+        declared = json.loads(marker.read_text(encoding="utf-8")).get("latents") if marker.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        declared = None
+    return declared if declared in ("sample", "mean") else "sample"

@@ -285,6 +285,11 @@ class Trainer:
             raise SdtuneError(f"resolution {self.resolution} does not fit {model.name}: use a multiple of {multiple} "
                               f"(native {native})")
         # -- data
+        from sdtune.training.latents import resolve_latents_mode
+
+        self.latents_mode = resolve_latents_mode(cfg.latents, model)
+        if cfg.latents == "auto" and self.latents_mode == "mean":
+            self.echo(f"latents: posterior means ({model.name} was trained on them)")
         self._load_data(multiple)
         self.aug = Augment(crop=cfg.crop, zoom=(1.0, cfg.zoom), flip_p=cfg.flip, shuffle=cfg.shuffle_tags,
                            keep_first=cfg.keep_tokens, tag_dropout=cfg.tag_dropout, caption_dropout=cfg.caption_dropout)
@@ -476,7 +481,7 @@ class Trainer:
         items = self.dataset.items
         examples = [make_example(items[order[p]], self.aug, example_rng(self.config.seed, self.epoch, p),
                                  index=order[p], with_pixels=not self.cached) for p in positions]
-        sample = self.config.latents == "sample"
+        sample = self.latents_mode == "sample"
         if self.cached:
             lats = [self.latent_cache[ex.index].get(ex.flipped, generator=gen if sample else None) for ex in examples]
         else:

@@ -219,7 +219,7 @@ class PriorPreservation:
         self.prompt = options.class_prompt.strip()
         self.weight = float(options.prior_weight)
         self.seed = trainer.config.seed
-        self.sample = trainer.config.latents == "sample"
+        self.sample = trainer.latents_mode == "sample"
         self.resolution = trainer.resolution
         self.is_sdxl = trainer.is_sdxl
         self.device = trainer.device
