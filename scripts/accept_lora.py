@@ -193,7 +193,12 @@ def run_variant(variant: str, args, out: Path) -> dict:
         res = {"variant": "two", "loras": [a["final"], b["final"]],
                **evaluate_model(gen, args, style="outline", what="two")}
     else:
-        trained = train_variant(variant, args, out)
+        saved = out / variant / "result.json"
+        if args.skip_train and saved.exists():  # re-judge the saved file with this run's evaluation settings
+            trained = {k: v for k, v in json.loads(saved.read_text()).items()
+                       if k in ("train_s", "train_cpu_s", "final", "steps", "lr", "last_loss", "options")}
+        else:
+            trained = train_variant(variant, args, out)
         if variant == "dreambooth":
             gen = Generator(trained["final"])   # the single-file checkpoint, as A1111 would load it
         else:
@@ -239,6 +244,8 @@ def main() -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--only", default=None, help="comma-separated: base," + ",".join(VARIANTS))
     ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--skip-train", action="store_true",
+                    help="re-evaluate the files of earlier runs in OUT (e.g. with more --ident-seeds)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=20)
