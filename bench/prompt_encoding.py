@@ -46,15 +46,10 @@ def load(model: str):
     if model == "random":
         return tiny_pipeline("sd1"), "tiny_pipeline('sd1') (random, CLIP vocab, width 64, 2 layers)"
     if model == "clip-l":
-        import torch
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from sdtune.models.testing import clip_l_text_encoder
 
         pipe = tiny_pipeline("sd1")
-        torch.manual_seed(0)
-        pipe.text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
-            pad_token_id=49407)).eval()
+        pipe.text_encoder = clip_l_text_encoder(seed=0)
         return pipe, "tiny_pipeline('sd1') with a random CLIP ViT-L/14-size text encoder (12 layers, width 768)"
     if model == "tiny":
         from sdtune.toy.tiny import tiny_model_path

@@ -32,24 +32,17 @@ HERE = Path(__file__).resolve().parent
 
 
 def build(model: str):
-    import torch
-
     from sdtune.models.testing import tiny_pipeline
 
     if model == "random":
         return tiny_pipeline("sd1"), "tiny_pipeline('sd1'): random, CLIP vocabulary (49408), text width 64"
     if model == "clip-l":
         from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
 
-        from sdtune.models.testing import UNET_CFG
+        from sdtune.models.testing import UNET_CFG, clip_l_text_encoder
 
         pipe = tiny_pipeline("sd1")
-        torch.manual_seed(0)
-        pipe.text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
-            pad_token_id=49407)).eval()
+        pipe.text_encoder = clip_l_text_encoder(seed=0)
         cfg = dict(UNET_CFG["sd1"], cross_attention_dim=768)
         pipe.unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                          norm_num_groups=32, **cfg).eval()

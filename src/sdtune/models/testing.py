@@ -78,6 +78,19 @@ def tiny_pipeline(family: str, seed: int = 0) -> Any:
     return build_pipeline(family, c)
 
 
+def clip_l_text_encoder(seed: int = 0) -> Any:
+    """A random text encoder of CLIP ViT-L/14's size (SD1's: 12 layers, width 768), for benchmarks where the
+    encoder's real cost matters."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407)).eval()
+
+
 def save_tiny_pipeline(folder: Any, family: str = "sd1", seed: int = 0) -> Any:
     """`tiny_pipeline(family)` saved as a diffusers folder (a model path for the CLI and `load_model`); returns the
     pipeline, to build adapters that fit it."""
