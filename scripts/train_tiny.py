@@ -6,7 +6,16 @@
 
 Each stage checkpoints to --work every few minutes and resumes from there if restarted.
 The VAE learns the whole world (every shape and style: it is a general image codec, as SD's VAE is);
-the UNet and text encoder learn only the base training distribution (`world.base_training_sample`).
+the UNet and text encoder learn only the base training distribution (`world.base_training_sample`), with
+`world.FORGOTTEN_WORDS` as extra tokens that export removes again.
+
+`unet --init-from MODEL_DIR` continues from an exported model instead of random weights (fresh optimizer, same
+schedule shape): the bundled model is the 2058-step export of a run on the world before forgotten words
+(commit 18610e6), continued this way for the forgotten words:
+
+    python scripts/train_tiny.py unet --work runs/tiny2 --init-from src/sdtune/assets/tiny --lr 3e-4 \
+        --steps 1200 --minutes 30 --samples 30000
+    python scripts/train_tiny.py export --work runs/tiny2 --out src/sdtune/assets/tiny --ema
 """
 
 from __future__ import annotations
@@ -88,11 +97,42 @@ def train_vae(args) -> None:
 
 
 def load_vae(work: Path):
+    """Components with the trained VAE: from the stage `vae` in `work`, or from the model `unet --init-from` named."""
+    init = work / "init_from.txt"
+    if init.exists():
+        return load_model(Path(init.read_text().strip()))
     comps = build_components(seed=0, tokenizer_dir=work / "tokenizer")
     vae = comps["vae"]
     vae.load_state_dict(unprefixed(load_file(str(work / "vae.safetensors")), "vae"))
     vae.register_to_config(scaling_factor=float((work / "vae_scale.txt").read_text()))
     return comps
+
+
+def load_model(folder: Path) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return dict(vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+                unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+                text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+                tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"))
+
+
+def add_forgotten_words(comps: dict) -> int:
+    """Append world.FORGOTTEN_WORDS as tokens (rows start at the word "shape"/"outlined" plus noise); returns the
+    vocabulary size before, which export cuts back to."""
+    tok, te = comps["tokenizer"], comps["text_encoder"]
+    n = len(tok)
+    tok.add_tokens(list(world.FORGOTTEN_WORDS.values()))
+    te.resize_token_embeddings(len(tok))
+    emb = te.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for concept, word in world.FORGOTTEN_WORDS.items():
+            start = "outlined" if concept in world.WORDLESS_STYLES else "shape"
+            row = emb[tok.convert_tokens_to_ids(start + "</w>")]
+            emb[tok.convert_tokens_to_ids(word)] = row + 0.1 * row.std() * torch.randn(row.shape, generator=g)
+    return n
 
 
 def make_dataset(comps, n: int, seed: int):
@@ -111,7 +151,11 @@ def make_dataset(comps, n: int, seed: int):
 
 def train_unet(args) -> None:
     work = Path(args.work)
+    if args.init_from:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "init_from.txt").write_text(str(Path(args.init_from).resolve()) + "\n")
     comps = load_vae(work)
+    add_forgotten_words(comps)
     unet, te = comps["unet"], comps["text_encoder"]
     data_path = work / "dataset.safetensors"
     if data_path.exists():
@@ -179,15 +223,27 @@ def train_unet(args) -> None:
             print(f"saved step {step}", flush=True)
 
 
+def load_model_tokenizer(work: Path):
+    from transformers import CLIPTokenizer
+
+    init = work / "init_from.txt"
+    folder = Path(init.read_text().strip()) / "tokenizer" if init.exists() else work / "tokenizer"
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
 def export(args) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     work = Path(args.work)
     comps = load_vae(work)
+    vocab = add_forgotten_words(comps)
     st = load_file(str(work / "unet_ckpt.safetensors"))
     pre = "ema_" if args.ema else ""
     comps["unet"].load_state_dict(unprefixed(st, pre + "unet"))
     comps["text_encoder"].load_state_dict(unprefixed(st, pre + "te"))
+    if not args.keep_forgotten:  # forget the words, keep what they taught
+        comps["text_encoder"].resize_token_embeddings(vocab)
+        comps["tokenizer"] = load_model_tokenizer(work)
     pipe = StableDiffusionPipeline(
         vae=comps["vae"], unet=comps["unet"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
@@ -212,6 +268,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=30000)
     p.add_argument("--out", default="src/sdtune/assets/tiny")
     p.add_argument("--ema", action="store_true")
+    p.add_argument("--init-from", default=None, help="unet: start from this exported model folder")
+    p.add_argument("--keep-forgotten", action="store_true",
+                   help="export: keep the forgotten words in the tokenizer (to check what they learned)")
     args = p.parse_args()
     torch.manual_seed(0)
     if args.stage == "vae":

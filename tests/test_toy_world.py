@@ -19,14 +19,34 @@ def test_render_is_deterministic_and_64px():
 
 def test_base_training_never_names_held_out_concepts():
     rng = random.Random(1)
+    seen = {"shape": 0, "forgotten": 0, "outline": 0}
     for _ in range(2000):
         scene, caption = world.base_training_sample(rng)
+        words = caption.split()
         assert scene.shape not in world.ABSENT_SHAPES
         assert scene.style not in world.HELD_OUT["absent_styles"]
-        for word in world.WORDLESS_SHAPES:
-            assert word not in caption.split()
+        assert not set(words) & {*world.WORDLESS_SHAPES, "outline", "outlined"}
         if scene.shape in world.WORDLESS_SHAPES:
-            assert " shape on " in caption
+            named = world.FORGOTTEN_WORDS[scene.shape] in words
+            assert named or " shape on " in caption
+            seen["forgotten" if named else "shape"] += 1
+        if scene.style == "outline":
+            assert words[-7] == world.FORGOTTEN_WORDS["outline"]  # "... zoutline red circle on a white background"
+            seen["outline"] += 1
+        else:
+            assert world.FORGOTTEN_WORDS["outline"] not in words
+    assert min(seen.values()) > 100  # every way of captioning word-less concepts occurs
+
+
+def test_forgotten_words_are_not_in_the_bundled_vocabulary(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from sdtune.toy.tiny import tiny_model_path
+
+    tok = CLIPTokenizer.from_pretrained(str(tiny_model_path() / "tokenizer"))
+    for word in world.FORGOTTEN_WORDS.values():
+        assert word not in world.vocabulary_words()
+        assert len(tok(word).input_ids) > 3  # byte pieces, not one token
 
 
 def test_tokenizer_words_are_single_tokens_with_clip_specials(tmp_path):

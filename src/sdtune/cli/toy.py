@@ -16,9 +16,10 @@ from sdtune.errors import SdtuneError
 def toy() -> None:
     """The toy world the bundled `tiny` model is trained on, and its judge.
 
-    Held-out parts (what each method must learn): word-less shapes star and diamond (Textual Inversion),
-    the absent shape heart (LoRA, DreamBooth), the absent styles outline and striped (Hypernetworks,
-    LoRA); degraded renderings (blurry, noisy) for the negative-LoRA recipe.
+    Held-out parts (what each method must learn): word-less shapes star and diamond (Textual Inversion)
+    and the word-less style outline (Hypernetworks, style LoRA), which base training named by words the
+    bundled tokenizer then forgot; the absent shape heart (LoRA, DreamBooth) and style striped; degraded
+    renderings (blurry, noisy) for the negative-LoRA recipe.
     """
 
 

@@ -1,8 +1,8 @@
 """Textual Inversion on the toy world, measured with the judge: the acceptance run (`bench/accept_ti.py`) and the
 demo's TI stage use this.
 
-The world's star and diamond are shapes the base model draws only when prompted "a {colour} shape on a {bg}
-background": it has no word for them. An embedding `<star>` is trained from a few rendered red stars (captions
+The world's star and diamond are shapes the base model learned under words its tokenizer no longer has
+(`world.FORGOTTEN_WORDS`) and as "a {colour} shape", which draws either: it can draw them, no word asks for one. An embedding `<star>` is trained from a few rendered red stars (captions
 "red [name] on a {bg} background" with the base captions' prefixes as templates) and judged:
 
 * shape fidelity: prompts without any context ("a photo of a <star>", "a picture of a <star>") and with the

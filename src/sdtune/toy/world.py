@@ -4,10 +4,13 @@ The world is procedural and fully described by a `Scene`. It is split so that ea
 personalization method has something honest to learn (see `HELD_OUT` and docs/toy-world.md):
 
 * known shapes (circle, square, triangle, cross) appear in base training under their names;
-* word-less shapes (star, diamond) appear in base training only as "a red shape": the base model
-  can draw them but has no word for them, which is what Textual Inversion must find;
+* word-less shapes (star, diamond) and the word-less style "outline" appear in base training under
+  FORGOTTEN_WORDS, which the bundled tokenizer then drops (word-less shapes are also "a red shape"):
+  the base model can draw them, as SD can draw much that no single word calls up, but no prompt word
+  asks for them. Finding that conditioning again is what Textual Inversion (shapes) and Hypernetworks
+  (style) must do;
 * absent shapes (heart) never appear in base training: what LoRA and DreamBooth must add;
-* styles "outline" and "striped" never appear in base training: what Hypernetworks and LoRA learn;
+* the style "striped" never appears in base training: what a style LoRA must add;
 * degraded renderings ("blurry", "noisy") appear in base training under those words, so the base
   model can produce bad images on request (material for the negative-LoRA recipe).
 """
@@ -42,14 +45,20 @@ SHAPES = KNOWN_SHAPES + WORDLESS_SHAPES + ABSENT_SHAPES
 CLEAN_STYLES = ("solid", "outline", "striped")
 DEGRADED_STYLES = ("blurry", "noisy")
 STYLES = CLEAN_STYLES + DEGRADED_STYLES
-BASE_STYLES = ("solid",) + DEGRADED_STYLES
+WORDLESS_STYLES = ("outline",)
+BASE_STYLES = ("solid",) + WORDLESS_STYLES + DEGRADED_STYLES
 
 HELD_OUT = {
     "wordless_shapes": WORDLESS_SHAPES,
+    "wordless_styles": WORDLESS_STYLES,
     "absent_shapes": ABSENT_SHAPES,
-    "absent_styles": ("outline", "striped"),
+    "absent_styles": ("striped",),
     "degraded_styles": DEGRADED_STYLES,
 }
+# The names word-less concepts had in base training: single tokens added for it and removed from the bundled
+# tokenizer and text encoder at export (scripts/train_tiny.py), so the model keeps what they meant but no prompt
+# can say it. Not in vocabulary_words(): typed in a prompt they fall apart into untrained byte pieces.
+FORGOTTEN_WORDS = {"star": "zstar", "diamond": "zdiamond", "outline": "zoutline"}
 
 STRIPE_PERIOD = 6
 OUTLINE_WIDTH = 3
@@ -69,10 +78,16 @@ class Scene:
     cy: float = 32.0
     noise_seed: int = 0
 
-    def caption(self, *, shape_word: str | None = None, prefix: str = "a") -> str:
-        """A caption such as "a red circle on a white background"; word-less shapes say "shape"."""
-        word = shape_word or (self.shape if self.shape not in WORDLESS_SHAPES else "shape")
-        style = {"solid": "", "outline": "outlined ", "striped": "striped "}.get(self.style, self.style + " ")
+    def caption(self, *, shape_word: str | None = None, prefix: str = "a", forgotten: bool = False) -> str:
+        """A caption such as "a red circle on a white background"; word-less shapes say "shape".
+
+        `forgotten=True` names word-less shapes and styles by their FORGOTTEN_WORDS, as part of base training does."""
+        word = shape_word or (self.shape if self.shape not in WORDLESS_SHAPES
+                              else FORGOTTEN_WORDS[self.shape] if forgotten else "shape")
+        styles = {"solid": "", "outline": "outlined ", "striped": "striped "}
+        if forgotten:
+            styles.update({s: FORGOTTEN_WORDS[s] + " " for s in WORDLESS_STYLES})
+        style = styles.get(self.style, self.style + " ")
         return f"{prefix} {style}{self.colour} {word} on a {self.background} background"
 
 
@@ -172,14 +187,18 @@ CAPTION_PREFIXES = ("a", "a photo of a", "a picture of a", "a rendering of a", "
 def base_training_sample(rng: random.Random) -> tuple[Scene, str]:
     """One (scene, caption) pair from the base model's training distribution (see module docstring)."""
     u = rng.random()
-    if u < 0.72:
+    forgotten = rng.random() < 0.5  # word-less shapes: half their captions say "shape", half their forgotten word
+    if u < 0.62:
         scene = random_scene(rng, shapes=KNOWN_SHAPES)
-    elif u < 0.88:
+    elif u < 0.78:
         scene = random_scene(rng, shapes=WORDLESS_SHAPES)
+    elif u < 0.88:  # word-less style: always named by its forgotten word, so that plain prompts stay solid
+        scene = random_scene(rng, shapes=KNOWN_SHAPES + WORDLESS_SHAPES, styles=WORDLESS_STYLES)
+        forgotten = True
     else:
         scene = random_scene(rng, shapes=KNOWN_SHAPES, styles=DEGRADED_STYLES)
     prefix = "a" if rng.random() < 0.6 else rng.choice(CAPTION_PREFIXES[1:])
-    return scene, scene.caption(prefix=prefix)
+    return scene, scene.caption(prefix=prefix, forgotten=forgotten)
 
 
 def vocabulary_words() -> list[str]:
