@@ -1,4 +1,5 @@
-"""Acceptance of Textual Inversion on the toy world (not a test): train `<star>` from 5 rendered red stars on the
+"""Acceptance of Textual Inversion on the toy world (not a test): train `<star>` from 5 rendered stars (red on
+white, blue on gray, green on black, yellow on white, purple on gray: none of the judge's new-context pairs) on the
 bundled tiny model and judge it (see `sdtune.toy.ti`). Also trains a second embedding, `<dark>` (the black
 background, learned from 5 images of known shapes), and judges prompts that use both.
 
@@ -29,6 +30,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shape", default="star")
+    ap.add_argument("--colours", default="red,blue,green,yellow,purple",
+                    help="comma-separated; image i has colour i mod len")
+    ap.add_argument("--backgrounds", default="white,gray,black",
+                    help="comma-separated; image i has background i mod len")
     ap.add_argument("--second", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="runs/accept_ti")
     args = ap.parse_args()
@@ -54,7 +59,8 @@ def main() -> None:
     token = f"<{args.shape}>"
     res = ti.train_concept(model, out / args.shape, token=token, shape=args.shape, steps=args.steps, lr=args.lr,
                            vectors=args.vectors, save_every=args.save_every, seeds=args.seeds,
-                           batch_size=args.batch, echo=lambda s: None)
+                           batch_size=args.batch, echo=lambda s: None, colours=tuple(args.colours.split(",")),
+                           backgrounds=tuple(args.backgrounds.split(",")))
     print(f"trained {token}: {res['seconds_training']} s training (+ {res['seconds_eval']} s judging "
           f"checkpoints), best step {res['best_step']}, file {res['final']}")
     for r in res["rows"]:

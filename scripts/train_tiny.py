@@ -118,6 +118,11 @@ def load_model(folder: Path) -> dict:
                 tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"))
 
 
+def start_word(concept: str) -> str:
+    """The word whose embedding row a forgotten word starts from."""
+    return "outlined" if concept in world.WORDLESS_STYLES else "shape"
+
+
 def add_forgotten_words(comps: dict) -> int:
     """Append world.FORGOTTEN_WORDS as tokens (rows start at the word "shape"/"outlined" plus noise); returns the
     vocabulary size before, which export cuts back to."""
@@ -129,8 +134,7 @@ def add_forgotten_words(comps: dict) -> int:
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for concept, word in world.FORGOTTEN_WORDS.items():
-            start = "outlined" if concept in world.WORDLESS_STYLES else "shape"
-            row = emb[tok.convert_tokens_to_ids(start + "</w>")]
+            row = emb[tok.convert_tokens_to_ids(start_word(concept) + "</w>")]
             emb[tok.convert_tokens_to_ids(word)] = row + 0.1 * row.std() * torch.randn(row.shape, generator=g)
     return n
 
@@ -223,6 +227,18 @@ def train_unet(args) -> None:
             print(f"saved step {step}", flush=True)
 
 
+def unalias_start_rows(comps: dict) -> None:
+    """A forgotten word started at the row of a word that base captions never use ("outlined"): that row is still
+    the start point, so the word would half call up what the forgotten one learned (measured: "outlined" drew the
+    outline style in 50% of prompts). Give such rows a fresh random value of the same scale: still untrained."""
+    tok, emb = comps["tokenizer"], comps["text_encoder"].get_input_embeddings().weight
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for concept in world.WORDLESS_STYLES:  # "shape" is in base captions and trained; "outlined" never is
+            row = tok.convert_tokens_to_ids(start_word(concept) + "</w>")
+            emb[row] = torch.randn(emb.shape[1], generator=g) * emb[row].std()
+
+
 def load_model_tokenizer(work: Path):
     from transformers import CLIPTokenizer
 
@@ -244,6 +260,7 @@ def export(args) -> None:
     if not args.keep_forgotten:  # forget the words, keep what they taught
         comps["text_encoder"].resize_token_embeddings(vocab)
         comps["tokenizer"] = load_model_tokenizer(work)
+        unalias_start_rows(comps)
     pipe = StableDiffusionPipeline(
         vae=comps["vae"], unet=comps["unet"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,

@@ -26,15 +26,16 @@ TEMPLATES = ["a [filewords]", "a photo of a [filewords]", "a picture of a [filew
 FIDELITY = ["a photo of a {t}", "a picture of a {t}", "a red {t} on a white background"]
 
 
-def write_concept_dataset(folder: str | Path, *, shape: str = "star", colour: str = "red", n: int = 5,
-                          backgrounds: tuple[str, ...] = ("white", "gray"), seed: int = 0) -> Path:
-    """n rendered images of one shape and colour (position and size jittered) with captions that name colour and
-    background and put [name] where the shape's word would be."""
+def write_concept_dataset(folder: str | Path, *, shape: str = "star", colours: tuple[str, ...] = ("red",),
+                          n: int = 5, backgrounds: tuple[str, ...] = ("white", "gray"), seed: int = 0) -> Path:
+    """n rendered images of one shape (position and size jittered; image i in colours[i % len] on
+    backgrounds[i % len]) with captions that name colour and background and put [name] where the shape's word
+    would be."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i in range(n):
-        bg = backgrounds[i % len(backgrounds)]
+        bg, colour = backgrounds[i % len(backgrounds)], colours[i % len(colours)]
         scene = world.random_scene(rng, shapes=(shape,), colours=(colour,), backgrounds=(bg,))
         world.render(scene).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(f"{colour} [name] on a {bg} background\n", encoding="utf-8")
@@ -81,7 +82,8 @@ def generator_fn(gen: Any, steps: int = 20, cfg: float = 7.0) -> Any:
 def train_concept(model: Any, work: Path, *, token: str = "<star>", shape: str = "star", n_images: int = 5,
                   steps: int = 300, lr: Any = 5e-3, vectors: int = 2, init: str = "shape", save_every: int = 100,
                   seeds: int = 8, batch_size: int = 2, eval_steps: int = 20, echo: Any = None, seed: int = 0,
-                  evaluate: bool = True, colour: str = "red", backgrounds: tuple[str, ...] = ("white", "gray"),
+                  evaluate: bool = True, colours: tuple[str, ...] = ("red",),
+                  backgrounds: tuple[str, ...] = ("white", "gray"),
                   evaluator_extra: Any = None) -> dict[str, Any]:
     """Render a dataset, train `token` on `model` (a LoadedModel, trained in place: only the vectors change),
     judging every saved step. Returns figures (per step) and the final file."""
@@ -89,7 +91,7 @@ def train_concept(model: Any, work: Path, *, token: str = "<star>", shape: str =
     from sdtune.training.methods.textual_inversion import TIOptions
 
     work = Path(work)
-    data = write_concept_dataset(work / "data", shape=shape, colour=colour, n=n_images, backgrounds=backgrounds,
+    data = write_concept_dataset(work / "data", shape=shape, colours=colours, n=n_images, backgrounds=backgrounds,
                                  seed=seed)
     templates = write_templates(work / "templates.txt")
     seed_list = list(range(seeds))
