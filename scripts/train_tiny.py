@@ -11,10 +11,11 @@ the UNet and text encoder learn only the base training distribution (`world.base
 
 `unet --init-from MODEL_DIR` continues from an exported model instead of random weights (fresh optimizer, same
 schedule shape): the bundled model is the 2058-step export of a run on the world before forgotten words
-(commit 18610e6), continued this way for the forgotten words:
+(commit 18610e6), continued this way for the forgotten words (docs/toy-world.md):
 
-    python scripts/train_tiny.py unet --work runs/tiny2 --init-from src/sdtune/assets/tiny --lr 3e-4 \
-        --steps 1200 --minutes 30 --samples 30000
+    python scripts/train_tiny.py unet --work runs/tiny2 --init-from src/sdtune/assets/tiny --lr 4e-4 \
+        --steps 1200 --minutes 28 --samples 30000
+    python scripts/train_tiny.py unet --work runs/tiny2 --lr 4e-4 --steps 2200 --minutes 14    # resumes at 1200
     python scripts/train_tiny.py export --work runs/tiny2 --out src/sdtune/assets/tiny --ema
 """
 
