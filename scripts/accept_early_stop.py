@@ -43,8 +43,9 @@ def ti_config(args: argparse.Namespace, work: Path) -> Any:
     from sdtune.training import TrainConfig
     from sdtune.training.methods.textual_inversion import TIOptions
 
-    data = ti.write_concept_dataset(work / "data", shape="star", n=5, seed=args.seed)
-    val = ti.write_concept_dataset(work / "val", shape="star", n=3, seed=args.seed + 100)
+    narrow = dict(colours=("red",), backgrounds=("white", "gray"))  # narrow data, as in the documented runs
+    data = ti.write_concept_dataset(work / "data", shape="star", n=5, seed=args.seed, **narrow)
+    val = ti.write_concept_dataset(work / "val", shape="star", n=3, seed=args.seed + 100, **narrow)
     templates = ti.write_templates(work / "templates.txt")
     return TrainConfig(method="ti", model=args.model, data=str(data), val_dir=str(val), steps=args.ti_steps,
                        lr=args.ti_lr, batch_size=2, flip=0.5, latents="mean", seed=args.seed,

@@ -2,8 +2,9 @@
 demo's TI stage use this.
 
 The world's star and diamond are shapes the base model learned under words its tokenizer no longer has
-(`world.FORGOTTEN_WORDS`) and as "a {colour} shape", which draws either: it can draw them, no word asks for one. An embedding `<star>` is trained from a few rendered red stars (captions
-"red [name] on a {bg} background" with the base captions' prefixes as templates) and judged:
+(`world.FORGOTTEN_WORDS`) and as "a {colour} shape", which draws either: it can draw them, no word asks for one.
+An embedding `<star>` is trained from 5 rendered stars in five colour/background pairs (captions
+"{colour} [name] on a {bg} background" with the base captions' prefixes as templates) and judged:
 
 * shape fidelity: prompts without any context ("a photo of a <star>", "a picture of a <star>") and with the
   training context ("a red <star> on a white background"): the judge must read the target shape;
@@ -22,12 +23,16 @@ from typing import Any
 from sdtune.toy import world
 from sdtune.toy.concept_eval import CONTEXT, ConceptJudge
 
+# the concept datasets' colour/background pairs (image i: COLOURS[i % 5] on BACKGROUNDS[i % 3]): none of them is a
+# pair the judge's new-context prompts ask for (concept_eval.CONTEXT); one colour only teaches "red star"
+COLOURS = ("red", "blue", "green", "yellow", "purple")
+BACKGROUNDS = ("white", "gray", "black")
 TEMPLATES = ["a [filewords]", "a photo of a [filewords]", "a picture of a [filewords]", "a rendering of a [filewords]"]
 FIDELITY = ["a photo of a {t}", "a picture of a {t}", "a red {t} on a white background"]
 
 
-def write_concept_dataset(folder: str | Path, *, shape: str = "star", colours: tuple[str, ...] = ("red",),
-                          n: int = 5, backgrounds: tuple[str, ...] = ("white", "gray"), seed: int = 0) -> Path:
+def write_concept_dataset(folder: str | Path, *, shape: str = "star", colours: tuple[str, ...] = COLOURS,
+                          n: int = 5, backgrounds: tuple[str, ...] = BACKGROUNDS, seed: int = 0) -> Path:
     """n rendered images of one shape (position and size jittered; image i in colours[i % len] on
     backgrounds[i % len]) with captions that name colour and background and put [name] where the shape's word
     would be."""
@@ -82,8 +87,8 @@ def generator_fn(gen: Any, steps: int = 20, cfg: float = 7.0) -> Any:
 def train_concept(model: Any, work: Path, *, token: str = "<star>", shape: str = "star", n_images: int = 5,
                   steps: int = 300, lr: Any = 5e-3, vectors: int = 2, init: str = "shape", save_every: int = 100,
                   seeds: int = 8, batch_size: int = 2, eval_steps: int = 20, echo: Any = None, seed: int = 0,
-                  evaluate: bool = True, colours: tuple[str, ...] = ("red",),
-                  backgrounds: tuple[str, ...] = ("white", "gray"),
+                  evaluate: bool = True, colours: tuple[str, ...] = COLOURS,
+                  backgrounds: tuple[str, ...] = BACKGROUNDS,
                   evaluator_extra: Any = None) -> dict[str, Any]:
     """Render a dataset, train `token` on `model` (a LoadedModel, trained in place: only the vectors change),
     judging every saved step. Returns figures (per step) and the final file."""
@@ -183,7 +188,7 @@ def report_lines(fig: dict[str, Any]) -> list[str]:
     b, e = fig["base"], fig["embedding"]
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
     return [
-        f"textual inversion: <star> trained from 5 rendered red stars, {fig['train_steps']} steps in "
+        f"textual inversion: <star> trained from 5 rendered stars, {fig['train_steps']} steps in "
         f"{fig['train_seconds']} s (file {fig['file']})",
         f"  star drawn, 'a photo of a <star>'-style prompts: base ('shape') {pct(b['shape_fidelity'])} -> "
         f"<star> {pct(e['shape_fidelity'])}",
