@@ -21,11 +21,11 @@ std is ~30% of its latents' spread; sampled latents add target noise the UNet ca
 LayerNorm starting at A1111's N(0, 0.01) gain (fixed in sdtune.adapters.hypernetwork.network; the unit gain it
 had made the first delta as large as the context: colour agreement fell 38 points before the fix, 8 after).
 
-Measured (tiny model, 2 seeds per prompt, 2000 steps, 4.7 min CPU on 1 thread): outline on circle/square 3% at
-strength 1 (base 0%), shape 98% (base 100%), colour 88% (base 98%): the goal is NOT met. The hypernetwork does
-not reproduce the style on its own training shapes either (triangle/cross 3%; a run trained with squares: 20% of
-square prompts). It hollows shapes only partly (the judge reads them as blurry): the tiny UNet has attention only
-at 8x8 latents and below, coarser than the 3-pixel outline, and a hypernetwork acts only through attention.
+Measured on the current tiny model (the outline is a forgotten-word style it can draw, docs/toy-world.md; 2 seeds
+per prompt, 1 thread): outline on circle/square 37-70% at strength 1 across recipes (best: `--sizes 64`, 2000
+steps, or 3000 steps with `--select-seeds 2`, which chooses step 2000), shape 90-100%, colour 98-100% (base 0% /
+100% / 100%); strength 0.5 gives 0% outlines. The goal is NOT met; all runs in bench/README.md. On the model
+before forgotten words the outline was 3% (no conditioning could ask for it).
 
     python scripts/accept_hypernetwork.py --out runs/accept_hn --threads 2   # writes report.json + report.md
 
