@@ -100,3 +100,10 @@ def test_info_bad_input_one_line_exit_2(tmp_path, capsys, kind):
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_info_names_the_bundled_model_tiny(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file called "tiny" here: the name means the bundled model, as --model tiny does
+    code, out, err = run(capsys, "tiny", "--hash")
+    assert code == 0 and err == ""
+    assert "family:   sd1" in out and "hash:" in out

@@ -42,9 +42,14 @@ def info(file: Path, as_json: bool, keys: bool, full: bool, with_hash: bool) -> 
       sdtune info lora.safetensors --full
       sdtune info embedding.pt --keys
       sdtune info ./my-diffusers-model --json
+      sdtune info tiny --hash           # the bundled toy model
     """
     from sdtune.formats.identify import identify
 
+    if not file.exists() and str(file).strip().lower() == "tiny":  # the bundled model, by the name --model takes
+        from sdtune.models.loading import resolve_spec
+
+        file = resolve_spec("tiny")[0]
     fi = identify(file)
     model_hash = None
     if with_hash:
