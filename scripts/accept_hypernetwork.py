@@ -23,7 +23,7 @@ had made the first delta as large as the context: colour agreement fell 38 point
 
 Measured on the current tiny model (the outline is a forgotten-word style it can draw, docs/toy-world.md; 2 seeds
 per prompt, 1 thread): outline on circle/square 37-70% at strength 1 across recipes (best: `--sizes 64`, 2000
-steps, or 3000 steps with `--select-seeds 2`, which chooses step 2000), shape 90-100%, colour 98-100% (base 0% /
+steps, or 3000 steps with `--select-seeds 2`, which chooses step 2000), shape 90-100%, colour 92-100% (base 0% /
 100% / 100%); strength 0.5 gives 0% outlines. The goal is NOT met; all runs in bench/README.md. On the model
 before forgotten words the outline was 3% (no conditioning could ask for it).
 
