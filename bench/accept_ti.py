@@ -20,6 +20,8 @@ from pathlib import Path
 
 
 def main() -> None:
+    from sdtune.toy import ti
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--steps", type=int, default=300)
@@ -30,9 +32,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shape", default="star")
-    ap.add_argument("--colours", default="red,blue,green,yellow,purple",
-                    help="comma-separated; image i has colour i mod len")
-    ap.add_argument("--backgrounds", default="white,gray,black",
+    ap.add_argument("--colours", default=",".join(ti.COLOURS), help="comma-separated; image i has colour i mod len")
+    ap.add_argument("--backgrounds", default=",".join(ti.BACKGROUNDS),
                     help="comma-separated; image i has background i mod len")
     ap.add_argument("--second", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="runs/accept_ti")
@@ -43,7 +44,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from sdtune.generate import Generator
     from sdtune.models import load_model
-    from sdtune.toy import ti
     from sdtune.toy.judge import judge
 
     out = Path(args.out)

@@ -192,7 +192,7 @@ def run_variant(variant: str, args, out: Path) -> dict:
                "outline_prompts": evaluate_model(gen, args, what="outline")["outline_prompts"]}
     elif variant == "two":
         a, b = (json.loads((out / v / "result.json").read_text()) for v in ("lora", "outline"))
-        wa, wb = (float(w) for w in args.two_weights.split(","))
+        wa, wb = args.two_weights
         gen = Generator(args.model, loras=[(a["final"], wa), (b["final"], wb)])
         res = {"variant": "two", "loras": [a["final"], b["final"]], "weights": [wa, wb],
                **evaluate_model(gen, args, style="outline", what="two")}
@@ -243,13 +243,23 @@ def summary(out: Path) -> str:
     return "\n".join(lines)
 
 
+def two_weights(text: str) -> tuple[float, float]:
+    """'0.6,1' -> (0.6, 1.0); anything else is a one-line usage error."""
+    try:
+        wa, wb = (float(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two weights; write e.g. 0.6,1") from None
+    return wa, wb
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/accept"))
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--only", default=None, help="comma-separated: base," + ",".join(VARIANTS))
     ap.add_argument("--summary", action="store_true")
-    ap.add_argument("--two-weights", default="1,1", help="two: weights of the heart and outline LoRAs")
+    ap.add_argument("--two-weights", default="1,1", type=two_weights,
+                    help="two: weights of the heart and outline LoRAs, e.g. 0.6,1")
     ap.add_argument("--skip-train", action="store_true",
                     help="re-evaluate the files of earlier runs in OUT (e.g. with more --ident-seeds)")
     ap.add_argument("--threads", type=int, default=1)

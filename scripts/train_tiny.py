@@ -124,11 +124,11 @@ def start_word(concept: str) -> str:
     return "outlined" if concept in world.WORDLESS_STYLES else "shape"
 
 
-def add_forgotten_words(comps: dict) -> int:
-    """Append world.FORGOTTEN_WORDS as tokens (rows start at the word "shape"/"outlined" plus noise); returns the
-    vocabulary size before, which export cuts back to."""
-    tok, te = comps["tokenizer"], comps["text_encoder"]
-    n = len(tok)
+def add_forgotten_words(comps: dict):
+    """Put a copy of the tokenizer with world.FORGOTTEN_WORDS as tokens in `comps` and grow the text encoder (rows
+    start at the word "shape"/"outlined" plus noise); returns the original tokenizer, which export restores."""
+    base_tok, te = comps["tokenizer"], comps["text_encoder"]
+    tok = comps["tokenizer"] = copy.deepcopy(base_tok)
     tok.add_tokens(list(world.FORGOTTEN_WORDS.values()))
     te.resize_token_embeddings(len(tok))
     emb = te.get_input_embeddings().weight
@@ -137,7 +137,7 @@ def add_forgotten_words(comps: dict) -> int:
         for concept, word in world.FORGOTTEN_WORDS.items():
             row = emb[tok.convert_tokens_to_ids(start_word(concept) + "</w>")]
             emb[tok.convert_tokens_to_ids(word)] = row + 0.1 * row.std() * torch.randn(row.shape, generator=g)
-    return n
+    return base_tok
 
 
 def make_dataset(comps, n: int, seed: int):
@@ -240,27 +240,19 @@ def unalias_start_rows(comps: dict) -> None:
             emb[row] = torch.randn(emb.shape[1], generator=g) * emb[row].std()
 
 
-def load_model_tokenizer(work: Path):
-    from transformers import CLIPTokenizer
-
-    init = work / "init_from.txt"
-    folder = Path(init.read_text().strip()) / "tokenizer" if init.exists() else work / "tokenizer"
-    return CLIPTokenizer.from_pretrained(str(folder))
-
-
 def export(args) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     work = Path(args.work)
     comps = load_vae(work)
-    vocab = add_forgotten_words(comps)
+    base_tok = add_forgotten_words(comps)
     st = load_file(str(work / "unet_ckpt.safetensors"))
     pre = "ema_" if args.ema else ""
     comps["unet"].load_state_dict(unprefixed(st, pre + "unet"))
     comps["text_encoder"].load_state_dict(unprefixed(st, pre + "te"))
     if not args.keep_forgotten:  # forget the words, keep what they taught
-        comps["text_encoder"].resize_token_embeddings(vocab)
-        comps["tokenizer"] = load_model_tokenizer(work)
+        comps["text_encoder"].resize_token_embeddings(len(base_tok))
+        comps["tokenizer"] = base_tok
         unalias_start_rows(comps)
     pipe = StableDiffusionPipeline(
         vae=comps["vae"], unet=comps["unet"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
