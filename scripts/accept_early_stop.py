@@ -15,8 +15,9 @@ the curve's first rows (checked), and "chosen vs last" compares the early run's 
 
 Every checkpoint (every --every steps): train loss (mean since the previous checkpoint), fixed-noise validation
 loss on separately rendered held-out images, and the judge (`sdtune.toy.concept_eval`): fidelity (context-free
-prompts draw the shape), context (a new colour and background both as asked), context_shape, judge_score =
-(fidelity + context) / 2. Writes OUT/<method>/result.json and OUT/report.md.
+prompts draw the shape), context (a new colour and background both as asked), context_shape (the shape drawn in
+those images), context_both (shape, colour and background all as asked: editability), judge_score =
+(fidelity + context_both) / 2. Writes OUT/<method>/result.json and OUT/report.md.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 # the captions of the measured LoRA runs (scripts/accept_lora.py's at the time; kept here so the runs repeat)
 HEART_TEMPLATES = ("a sks shape", "a {colour} sks shape", "a sks shape on a {background} background",
                    "a {colour} sks shape on a {background} background")
-METRICS = ("train_loss", "val_loss", "fidelity", "context", "context_shape", "judge_score")
+METRICS = ("train_loss", "val_loss", "fidelity", "context", "context_shape", "context_both", "judge_score")
 
 
 def ti_config(args: argparse.Namespace, work: Path) -> Any:
@@ -156,7 +157,7 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
          "judge_optimum_step": by("judge_score", max), "val_loss_optimum_step": by("val_loss", min),
          "stop_after_best_steps": res["early"]["step"] - chosen["step"], "patience_steps": res["patience"] * every,
          "chosen": chosen, "last": last,
-         "context_gain": chosen["context"] - last["context"], "fidelity_change": chosen["fidelity"] - last["fidelity"]}
+         "context_gain": chosen["context_both"] - last["context_both"], "fidelity_change": chosen["fidelity"] - last["fidelity"]}
     a["context_better"] = a["context_gain"] > 0
     a["fidelity_within_5pt"] = a["fidelity_change"] >= -0.05
     # the run's whole-curve judge optimum was chosen, and the run stopped at most `patience` checkpoints after it
@@ -164,13 +165,13 @@ def analyse(res: dict[str, Any]) -> dict[str, Any]:
     a["score_regret"] = max(r["judge_score"] for r in curve) - chosen["judge_score"]
     a["stops_within_patience"] = res["early"]["stopped"].startswith("early_stop") and chosen["step"] == opt and \
         0 <= res["early"]["step"] - opt <= a["patience_steps"]
-    a["context_degrades"] = max(r["context"] for r in curve) - last["context"]
+    a["context_degrades"] = max(r["context_both"] for r in curve) - last["context_both"]
     a["patience_sweep"] = []  # what other patiences would have done on the same curve (exact, see `simulate`)
     for pat in range(1, 7):
         b, st = simulate(curve, pat)
         row = next(r for r in curve if r["step"] == b)
         a["patience_sweep"].append({"patience": pat, "stop": st, "chosen": b, "fidelity": row["fidelity"],
-                                    "context": row["context"]})
+                                    "context_both": row["context_both"]})
     a["simulated_matches_early"] = simulate(early, res["patience"]) == (res["early"]["best_step"], res["early"]["step"])
     return a
 
@@ -184,8 +185,8 @@ def _close(x: Any, y: Any) -> bool:
 def table(res: dict[str, Any]) -> list[str]:
     a = res["analysis"]
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    lines = ["| step | train loss | val loss | fidelity % | context % | context shape % | judge score % | |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| step | train loss | val loss | fidelity % | context % | context shape % | context both % | "
+             "judge score % | |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in res["curve"]["rows"]:
         marks = [m for m, s in (("chosen", a["chosen_step"]), ("early stop", a["stopped_at"]),
                                 ("last", a["last_step"])) if r["step"] == s]
@@ -193,7 +194,7 @@ def table(res: dict[str, Any]) -> list[str]:
             marks.append("min val loss")
         tl = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
         lines.append(f"| {r['step']} | {tl} | {r['val_loss']:.5f} | {pct(r['fidelity'])} | {pct(r['context'])} | "
-                     f"{pct(r['context_shape'])} | {pct(r['judge_score'])} | {', '.join(marks)} |")
+                     f"{pct(r['context_shape'])} | {pct(r['context_both'])} | {pct(r['judge_score'])} | {', '.join(marks)} |")
     return lines
 
 
@@ -225,17 +226,18 @@ def report(out: Path) -> str:
                   f"* judge-score optimum of the whole curve: step {a['judge_optimum_step']} (the chosen one scores "
                   f"{100 * a['score_regret']:.1f} pt less); val-loss optimum: step {a['val_loss_optimum_step']}",
                   f"* chosen vs last (step {a['chosen_step']} vs {a['last_step']}): fidelity {100 * c['fidelity']:.1f}% vs "
-                  f"{100 * la['fidelity']:.1f}% ({100 * a['fidelity_change']:+.1f} pt), context "
-                  f"{100 * c['context']:.1f}% vs {100 * la['context']:.1f}% ({100 * a['context_gain']:+.1f} pt), "
+                  f"{100 * la['fidelity']:.1f}% ({100 * a['fidelity_change']:+.1f} pt), context both "
+                  f"{100 * c['context_both']:.1f}% vs {100 * la['context_both']:.1f}% ({100 * a['context_gain']:+.1f} "
+                  f"pt); context {100 * c['context']:.1f}% vs {100 * la['context']:.1f}%, "
                   f"context shape {100 * c['context_shape']:.1f}% vs {100 * la['context_shape']:.1f}%",
                   f"* chose the whole-curve optimum and stopped within patience ({a['patience_steps']} steps) "
                   "after it: "
-                  f"{ok(a['stops_within_patience'])}; chosen context better than last: {ok(a['context_better'])}; "
+                  f"{ok(a['stops_within_patience'])}; chosen context both better than last: {ok(a['context_better'])}; "
                   f"fidelity within 5 pt: {ok(a['fidelity_within_5pt'])}; early rows equal the curve's: "
                   f"{ok(a['early_rows_equal_curve_prefix'])}",
-                  "* other patiences on the same curve (stop -> chosen: fidelity / context): " + "; ".join(
+                  "* other patiences on the same curve (stop -> chosen: fidelity / context both): " + "; ".join(
                       f"{q['patience']}: {q['stop']} -> {q['chosen']}: {100 * q['fidelity']:.0f}% / "
-                      f"{100 * q['context']:.0f}%" for q in a.get("patience_sweep", [])), ""]
+                      f"{100 * q['context_both']:.0f}%" for q in a.get("patience_sweep", [])), ""]
     return "\n".join(parts)
 
 

@@ -36,15 +36,17 @@ def fake_generate(obey_context: bool, shape: str = "star"):
 def test_metrics_separate_fidelity_from_context():
     j = ConceptJudge(shape="star", term="<star>", seeds=[0, 1], per_prompt=True)
     good = j.score(fake_generate(True))
-    assert good["fidelity"] == good["context"] == good["context_shape"] == good["judge_score"] == 1.0
+    assert good["fidelity"] == good["context"] == good["context_shape"] == good["context_both"] == 1.0
+    assert good["judge_score"] == 1.0
     assert good["fidelity[a photo of a <star>]"] == 1.0
     # an overfit concept: always the training image, whatever the prompt asks for
     overfit = j.score(fake_generate(False))
     assert overfit["fidelity"] == 1.0 and overfit["context_shape"] == 1.0
     assert overfit["context"] == 0.0  # no context asks for red
-    assert overfit["judge_score"] == pytest.approx((1.0 + overfit["context"]) / 2)
+    assert overfit["context_both"] == 0.0 and overfit["judge_score"] == 0.5
     wrong = ConceptJudge(shape="heart", term="sks shape", seeds=[0]).score(fake_generate(True, "circle"))
-    assert wrong["fidelity"] == 0.0 and wrong["context"] == 1.0 and wrong["judge_score"] == 0.5
+    assert wrong["fidelity"] == 0.0 and wrong["context"] == 1.0 and wrong["context_both"] == 0.0
+    assert wrong["judge_score"] == 0.0  # obeying the context without the concept is not editability
     assert j.context_prompts()[0] == ("a blue <star> on a black background", "blue", "black")
 
 
@@ -121,12 +123,13 @@ def test_judged_run_selects_by_judge_score(tmp_path):
     scores = [row["judge_score"] for row in r.rows]
     for row in r.rows:
         assert row["mine"] == 1.0 and 0 <= row["fidelity"] <= 1 and 0 <= row["context"] <= 1
-        assert row["judge_score"] == pytest.approx((row["fidelity"] + row["context"]) / 2)
+        assert row["context_both"] <= min(row["context"], row["context_shape"])
+        assert row["judge_score"] == pytest.approx((row["fidelity"] + row["context_both"]) / 2)
     assert r.best_step == r.rows[scores.index(max(scores))]["step"]  # the first of the best
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["select_by"] == "judge_score" and summary["best_step"] == r.best_step
     header = next(csv.reader((tmp_path / "out" / "summary.csv").open()))
-    assert {"fidelity", "context", "context_shape", "judge_score"} <= set(header)
+    assert {"fidelity", "context", "context_shape", "context_both", "judge_score"} <= set(header)
 
 
 def test_early_stop_on_judge_score(tmp_path):

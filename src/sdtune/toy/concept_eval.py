@@ -12,7 +12,8 @@ Metrics (fractions of images, fixed seeds, one batch of all seeds per prompt):
   fidelity       context-free prompts ("a photo of a {t}"): the judge reads the target shape;
   context        new colour + background ("a blue {t} on a black background"): both read as asked;
   context_shape  the same images: the target shape is drawn;
-  judge_score    mean of fidelity and context (see `score`).
+  context_both   the same images: the target shape is drawn and colour and background are as asked (editability);
+  judge_score    mean of fidelity and context_both (see `score`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sdtune.errors import SdtuneError
 FIDELITY = ("a photo of a {t}", "a picture of a {t}", "a {t}")
 # colour/background pairs the concept datasets here never show together (TI: red on white/gray)
 CONTEXT = (("blue", "black"), ("green", "gray"), ("yellow", "black"), ("purple", "white"))
-METRICS = ("fidelity", "context", "context_shape", "judge_score")
+METRICS = ("fidelity", "context", "context_shape", "context_both", "judge_score")
 
 # generate(prompts, seeds) -> images, prompt-major (len(prompts) * len(seeds))
 GenerateFn = Callable[[list[str], list[int]], list[Any]]
@@ -63,9 +64,10 @@ class ConceptJudge:
         return [(f"a {c} {self.term} on a {b} background", c, b) for c, b in self.context]
 
     def score(self, generate: GenerateFn) -> dict[str, Any]:
-        """The metrics of `generate`'s images. judge_score = (fidelity + context) / 2: a checkpoint must both
-        draw the concept and obey the prompt; the mean (not the min) keeps the score moving when either side
-        improves, so early stopping sees progress instead of a plateau of ties at the weaker side's value."""
+        """The metrics of `generate`'s images. judge_score = (fidelity + context_both) / 2: a checkpoint must draw
+        the concept and, asked for it in a new context, draw it there as asked (context alone saturates when the
+        concept word simply loses its hold in long prompts, which is overfitting too); the mean (not the min) keeps
+        the score moving when either side improves, so early stopping sees progress instead of a plateau of ties."""
         from sdtune.toy.judge import judge
 
         fid_prompts = self.fidelity_prompts()
@@ -79,8 +81,9 @@ class ConceptJudge:
         ctx_ok = [v.colour == ctx[i // n][1] and v.background == ctx[i // n][2] for i, v in enumerate(ctx_v)]
         out: dict[str, Any] = {"fidelity": _share(v.shape == self.shape for v in fid),
                                "context": _share(ctx_ok),
-                               "context_shape": _share(v.shape == self.shape for v in ctx_v)}
-        out["judge_score"] = (out["fidelity"] + out["context"]) / 2
+                               "context_shape": _share(v.shape == self.shape for v in ctx_v),
+                               "context_both": _share(ok and v.shape == self.shape for ok, v in zip(ctx_ok, ctx_v))}
+        out["judge_score"] = (out["fidelity"] + out["context_both"]) / 2
         if self.per_prompt:
             for j, p in enumerate(fid_prompts):
                 out[f"fidelity[{p}]"] = _share(v.shape == self.shape for v in fid[j * n:(j + 1) * n])
