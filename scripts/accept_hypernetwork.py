@@ -138,6 +138,8 @@ def main() -> None:
     p.add_argument("--noise-offset", type=float, default=0.0)
     p.add_argument("--caption-dropout", type=float, default=0.2,
                    help="chance a caption becomes empty: trains the unconditional pass CFG subtracts")
+    p.add_argument("--keep-uncond", type=float, default=0.0,
+                   help="weight of the term keeping the empty-prompt prediction the base model's")
     p.add_argument("--latents", default="mean", choices=("sample", "mean"), help="VAE posterior sample or mean")
     p.add_argument("--seeds", type=int, default=4, help="images per eval prompt")
     p.add_argument("--sample-steps", type=int, default=20)
@@ -192,6 +194,7 @@ def main() -> None:
         cfg.options.layer_norm = args.layer_norm
         cfg.options.weight_init = args.weight_init
         cfg.options.dropout_structure = args.dropout_structure
+        cfg.options.keep_uncond = args.keep_uncond
         cfg.options.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         t0, c0 = time.perf_counter(), time.process_time()
         result = train(cfg, echo=lambda s: print(s, flush=True))

@@ -110,7 +110,7 @@ def judge_prompts(gen, prompts: list, seeds: int, steps: int, want_style: str | 
     from sdtune.generate import GenerationParams
     from sdtune.toy.judge import judge
 
-    n = hearts = ctx = both = styled = 0
+    n = hearts = ctx = both = styled = heart_styled = 0
     for prompt, wanted in prompts:
         params = GenerationParams(prompt=prompt, seed=0, batch_size=seeds, steps=steps, cfg_scale=7.0)
         for img in gen.generate(params):
@@ -122,9 +122,11 @@ def judge_prompts(gen, prompts: list, seeds: int, steps: int, want_style: str | 
             both += ok and v.shape == "heart"
             if want_style:
                 styled += v.style == want_style
+                heart_styled += v.style == want_style and v.shape == "heart"
     out = {"images": n, "heart": hearts / n, "context": ctx / n, "heart_and_context": both / n}
     if want_style:
         out["style"] = styled / n
+        out["heart_and_style"] = heart_styled / n  # both LoRAs show in the same image
     return out
 
 
@@ -183,6 +185,13 @@ def train_variant(variant: str, args, out: Path) -> dict:
             "last_loss": sum(r.losses[-20:]) / len(r.losses[-20:]), "options": cfg.to_dict()[cfg.method]}
 
 
+def result_dir(variant: str, args) -> str:
+    """Where a variant's result.json goes: two at other weights than 1,1 gets its own folder (two_0.6_1)."""
+    if variant == "two" and tuple(args.two_weights) != (1.0, 1.0):
+        return "two_" + "_".join(f"{w:g}" for w in args.two_weights)
+    return variant
+
+
 def run_variant(variant: str, args, out: Path) -> dict:
     from sdtune.generate import Generator
 
@@ -209,14 +218,15 @@ def run_variant(variant: str, args, out: Path) -> dict:
             gen = Generator(args.model, loras=[(trained["final"], 1.0)])
         res = {"variant": variant, **trained,
                **evaluate_model(gen, args, what="outline" if variant == "outline" else "heart")}
-    (out / variant).mkdir(parents=True, exist_ok=True)
-    (out / variant / "result.json").write_text(json.dumps(res, indent=1))
+    (out / result_dir(variant, args)).mkdir(parents=True, exist_ok=True)
+    (out / result_dir(variant, args) / "result.json").write_text(json.dumps(res, indent=1))
     return res
 
 
 def summary(out: Path) -> str:
     rows = {}
-    for v in ("base",) + VARIANTS:
+    twos = sorted(p.name for p in out.glob("two_*") if p.is_dir())
+    for v in ("base",) + VARIANTS + tuple(twos):
         p = out / v / "result.json"
         if p.exists():
             rows[v] = json.loads(p.read_text())
@@ -236,6 +246,9 @@ def summary(out: Path) -> str:
         change = f" ({100 * (b['agreement'] - base):+.1f} pt)" if b and base is not None and v != "base" else ""
         extra = f"; style outline {100 * ident['style']:.0f}%" if "style" in ident else ""
         cextra = f"; style outline {100 * ctx['style']:.0f}%" if "style" in ctx else ""
+        if "heart_and_style" in ident:
+            extra += f"; outlined heart {100 * ident['heart_and_style']:.0f}%"
+            cextra += f"; outlined heart {100 * ctx['heart_and_style']:.0f}%"
         bcol = f"{100 * b['agreement']:.1f}%{change}" if b else "-"
         label = f"{v} (weights {', '.join(f'{w:g}' for w in r['weights'])})" if "weights" in r else v
         lines.append(f"| {label} | {t} | {100 * ident['heart']:.0f}% of {ident['images']}{extra} | "

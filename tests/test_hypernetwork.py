@@ -380,3 +380,41 @@ def test_resumed_run_equals_an_uninterrupted_one(sd1, tmp_path):
     assert part.losses + rest.losses == full.losses
     a, b = read_hypernetwork(full.final).flat_state_dict(), read_hypernetwork(rest.final).flat_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_uncond_keeps_the_empty_prompt_prediction(sd1, tmp_path):
+    """keep_uncond distils the empty-prompt prediction towards the base model's: after the same training, the
+    hypernetwork changes it much less than without the term (which is what lets CFG amplify the learned style)."""
+    from sdtune.training import TrainConfig, train
+
+    data = write_toy_dataset(tmp_path / "data", 2, size=32)
+    hidden = sd1.pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1,
+                                    do_classifier_free_guidance=False)[0]
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        base = copy.deepcopy(sd1).pipe.unet(x, t, encoder_hidden_states=hidden).sample
+
+    def empty_prompt_change(keep: float) -> float:
+        cfg = TrainConfig(method="hypernetwork", data=str(data), out=str(tmp_path / f"k{keep}"), steps=6, lr=2e-2,
+                          resolution=32, save_every=0, progress=False, tensorboard=False, batch_size=2)
+        cfg.options.keep_uncond = keep
+        result = train(cfg, model=copy.deepcopy(sd1), echo=lambda s: None)
+        assert all(torch.isfinite(torch.tensor(result.losses)))
+        fresh = copy.deepcopy(sd1)
+        PipelineHypernetworks(fresh).set([(result.final, 1.0)])
+        with torch.no_grad():
+            with_hn = fresh.pipe.unet(x, t, encoder_hidden_states=hidden).sample
+        return float((with_hn - base).pow(2).mean())
+
+    free, kept = empty_prompt_change(0.0), empty_prompt_change(20.0)
+    assert free > 0 and kept < 0.5 * free, (free, kept)
+
+
+def test_keep_uncond_must_not_be_negative(tmp_path):
+    from sdtune.training import TrainConfig
+
+    cfg = TrainConfig(method="hypernetwork", data=str(tmp_path), out=str(tmp_path / "o"), steps=2)
+    cfg.options.keep_uncond = -1.0
+    with pytest.raises(SdtuneError, match="keep_uncond"):
+        cfg.check_values()

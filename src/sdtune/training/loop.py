@@ -37,6 +37,7 @@ from sdtune.errors import SdtuneError
 from sdtune.training.checkpoint import StateStore, TrainState, capture_rng, link_or_copy, restore_rng
 from sdtune.training.config import TrainConfig, parse_select_by
 from sdtune.training.methods import Batch, Conditioning, TrainingMethod, get_method
+from sdtune.training.methods.base import TargetFn
 from sdtune.training.noise import NoiseModel, step_generator
 from sdtune.training.runlog import RunLog, format_summary, write_summary
 from sdtune.training.schedules import LRSchedule, parse_early_stop
@@ -498,23 +499,25 @@ class Trainer:
     # ================================================================================================ the step
 
     def _unet_loss(self, latents: torch.Tensor, cond: Conditioning, noise: torch.Tensor, t: torch.Tensor,
-                   reduce: bool = True) -> torch.Tensor:
+                   reduce: bool = True, target_fn: TargetFn | None = None) -> torch.Tensor:
         noisy = self.noise.add_noise(latents, noise, t)
-        target = self.noise.target(latents, noise, t)
+        target = self.noise.target(latents, noise, t) if target_fn is None else target_fn(noisy, t)
         pred = self.unet(noisy, t, **cond.unet_kwargs()).sample
         if reduce:
             return self.noise.loss(pred, target, t)
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
-    def diffusion_loss(self, latents: torch.Tensor, cond: Conditioning, gen: torch.Generator) -> torch.Tensor:
-        """The noise-prediction loss of `latents` under `cond`, noise and timesteps drawn from `gen`."""
+    def diffusion_loss(self, latents: torch.Tensor, cond: Conditioning, gen: torch.Generator,
+                       target: TargetFn | None = None) -> torch.Tensor:
+        """The noise-prediction loss of `latents` under `cond`, noise and timesteps drawn from `gen`; `target`
+        (noisy latents, timesteps) -> the prediction to match instead of the noise (distillation)."""
         noise, t = self.noise.sample(latents, gen)
-        return self._unet_loss(latents, cond, noise, t)
+        return self._unet_loss(latents, cond, noise, t, target_fn=target)
 
     def _loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         cond = self.method.conditioning(batch)
         loss = self.diffusion_loss(batch.latents, cond, gen)
-        extra = self.method.extra_loss(batch, lambda lat, c: self.diffusion_loss(lat, c, gen))
+        extra = self.method.extra_loss(batch, lambda lat, c, target=None: self.diffusion_loss(lat, c, gen, target))
         return loss if extra is None else loss + extra
 
     def _optimizer_step(self, step: int) -> tuple[float, float | None]:

@@ -51,7 +51,10 @@ class Batch:
     step: int = 0                         # the optimizer step this batch belongs to (1-based)
 
 
-DiffusionLoss = Callable[[torch.Tensor, Conditioning], torch.Tensor]
+TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, timesteps) -> target
+# diffusion_loss(latents, cond, target=None): the loop's loss with this step's noise; `target` replaces the
+# noise target with another prediction (e.g. the base model's, to keep some behaviour unchanged)
+DiffusionLoss = Callable[..., torch.Tensor]
 
 
 class TrainingMethod:
@@ -135,8 +138,8 @@ class TrainingMethod:
         self._text_cache.clear()
 
     def extra_loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor | None:
-        """An extra term added to the step's loss (e.g. prior preservation). `diffusion_loss(latents, cond)` is
-        the loop's noise-prediction loss with this step's noise generator."""
+        """An extra term added to the step's loss (e.g. prior preservation). `diffusion_loss(latents, cond,
+        target=None)` is the loop's noise-prediction loss with this step's noise generator (see `DiffusionLoss`)."""
         return None
 
     def after_optimizer_step(self, step: int) -> None:

@@ -8,7 +8,7 @@ See `sdtune.adapters.hypernetwork`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -16,7 +16,7 @@ import torch
 
 from sdtune.errors import SdtuneError
 from sdtune.training.config import opt
-from sdtune.training.methods.base import TrainingMethod, trainable
+from sdtune.training.methods.base import Batch, DiffusionLoss, TrainingMethod, trainable
 
 if TYPE_CHECKING:
     from sdtune.models.loading import LoadedModel
@@ -45,6 +45,12 @@ class HypernetworkOptions:
                                    section="hypernetwork", kind="bool")
     sizes: list[int] = opt([], "Context widths that get modules (default: every attention width of the model, "
                            "e.g. SD1: 320 640 768 1280).", section="hypernetwork", kind="ints", metavar="WIDTH")
+    keep_uncond: float = opt(0.0, "Weight of a term that keeps the unconditional (empty-prompt) prediction equal "
+                             "to the base model's. A hypernetwork changes every prompt's context, the empty one "
+                             "that classifier-free guidance subtracts too, so guidance cancels most of what it "
+                             "learned; with the empty prompt kept, guidance amplifies it (e.g. 1; also set "
+                             "--caption-dropout 0). Costs one more UNet pass per step.", section="hypernetwork",
+                             kind="float", metavar="W")
     format: str = opt("safetensors", "File format: safetensors (sdtune) or a1111 (.pt, A1111/ComfyUI).",
                       section="hypernetwork", kind="str", choices=("safetensors", "a1111"))
 
@@ -75,6 +81,8 @@ class HypernetworkMethod(TrainingMethod):
     @classmethod
     def check_options(cls, options: Any, config: TrainConfig) -> None:
         settings_from_options(options)
+        if options.keep_uncond < 0:
+            raise SdtuneError(f"hypernetwork keep_uncond {options.keep_uncond} must be 0 (off) or a positive weight")
         if any(s < 1 for s in options.sizes):
             raise SdtuneError(f"hypernetwork sizes {options.sizes} must be positive widths, e.g. 320 640 768 1280")
 
@@ -101,6 +109,26 @@ class HypernetworkMethod(TrainingMethod):
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.network]
+
+    def extra_loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor | None:
+        """keep_uncond: the hypernetwork's empty-prompt prediction distilled towards the base model's (the
+        hypernetwork switched off) on the same noisy latents."""
+        weight = self.options.keep_uncond
+        if not weight:
+            return None
+        assert self.model is not None
+        unet = self.model.pipe.unet
+        empty = self.conditioning(replace(batch, captions=[""] * len(batch.captions)))
+
+        def base_prediction(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            entries, self.stack.entries = self.stack.entries, []
+            try:
+                with torch.no_grad():
+                    return unet(noisy, t, **empty.unet_kwargs()).sample
+            finally:
+                self.stack.entries = entries
+
+        return weight * diffusion_loss(batch.latents, empty, target=base_prediction)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.network.flat_state_dict().items()}
