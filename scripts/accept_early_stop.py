@@ -1,8 +1,8 @@
 """Acceptance of validation and early stopping on the toy world (issue 7): a deliberately too long Textual
-Inversion (`<star>` from 5 rendered red stars) and LoRA (the shape "heart" from 20 images) run with the judge on.
+Inversion (`<star>` from 5 rendered red stars) and LoRA (the shape "heart" from 10 red hearts) run with the judge on.
 
-    OMP_NUM_THREADS=1 nice -n 10 python scripts/accept_early_stop.py --only ti   --out runs/accept_es
-    OMP_NUM_THREADS=1 nice -n 10 python scripts/accept_early_stop.py --only lora --out runs/accept_es
+    OMP_NUM_THREADS=1 nice -n 10 python scripts/accept_early_stop.py --only ti   --out runs/accept_es4
+    OMP_NUM_THREADS=1 nice -n 10 python scripts/accept_early_stop.py --only lora --out runs/accept_es4
     # the LoRA on varied data (every colour/background pair seen in training):
     ... --only lora --out runs/accept_es_wide --no-lora-narrow --lora-images 20 --lora-lr 2e-3 --lora-steps 2000
     python scripts/accept_early_stop.py --out runs/accept_es --report          # tables from the saved results

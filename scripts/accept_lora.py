@@ -170,6 +170,9 @@ def train_variant(variant: str, args, out: Path) -> dict:
         if args.class_source == "base-prompts" and variant in ("lora_prior", "dreambooth") else None
     if variant in ("lora", "lora_prior", "outline"):
         opts = LoraOptions(rank=args.rank, alpha=args.rank, targets=args.targets.split(","))
+        if variant == "outline" and args.outline_te_lr:  # text-encoder LoRAs too: "outlined" becomes a word
+            opts = LoraOptions(rank=args.rank, alpha=args.rank, targets=args.targets.split(","), text_encoder=True,
+                               text_encoder_lr=args.outline_te_lr)
         if variant == "lora_prior":
             opts = LoraOptions(rank=args.rank, alpha=args.rank, targets=args.targets.split(","),
                                class_prompt=class_prompt, num_class_images=args.class_images,
@@ -283,6 +286,8 @@ def main() -> None:
     ap.add_argument("--targets", default="attn,ff,conv")
     ap.add_argument("--lora-steps", type=int, default=800)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--outline-te-lr", type=float, default=0.0,
+                    help="outline: also train text-encoder LoRAs at this rate (0: UNet only)")
     ap.add_argument("--db-steps", type=int, default=800)
     ap.add_argument("--db-lr", type=float, default=2e-4)
     ap.add_argument("--class-images", type=int, default=40)
