@@ -88,6 +88,7 @@ def summarise(records: list[dict], strength: float, seconds_per_image: float = 0
     return {"strength": strength, "images": len(records), "style_outline": styles.get(TARGET, 0) / n,
             "shape": sum(r["ok_shape"] for r in records) / n, "colour": sum(r["ok_colour"] for r in records) / n,
             "background": sum(r["ok_background"] for r in records) / n, "styles_seen": styles,
+            "hollow": sum(r.get("hollow", 0.0) for r in records) / n,  # continuous: the in-between of a style
             "seconds_per_image": seconds_per_image}
 
 
@@ -248,11 +249,12 @@ def main() -> None:
         trained = (f"trained {train_info['steps']} steps in {train_info['minutes']} min wall "
                    f"({train_info['cpu_minutes']} min CPU) on {train_info['torch_threads']} thread(s)")
     lines = [f"train shapes {', '.join(train_shapes)}; eval shapes {', '.join(eval_shapes)}; {trained}", "",
-             "| model | outline detected | shape agreement | colour agreement | background |", "|---|---|---|---|---|"]
+             "| model | outline detected | mean hollowness | shape agreement | colour agreement | background |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         name = {0.0: "base", -1.0: "VAE round trip of outlined renders (ceiling)"}.get(
             r["strength"], f"hypernetwork strength {r['strength']:g}")
-        lines.append(f"| {name} | {100 * r['style_outline']:.1f}% | {100 * r['shape']:.1f}% | "
+        lines.append(f"| {name} | {100 * r['style_outline']:.1f}% | {r['hollow']:.2f} | {100 * r['shape']:.1f}% | "
                      f"{100 * r['colour']:.1f}% | {100 * r['background']:.1f}% |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

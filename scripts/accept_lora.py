@@ -42,7 +42,8 @@ TEMPLATES = ("a {colour} sks shape", "a {colour} sks shape on a {background} bac
 VARIANTS = ("lora", "lora_prior", "dreambooth", "outline", "two")
 
 
-def make_data(folder: Path, n: int, seed: int, style: bool = False) -> Path:
+def make_data(folder: Path, n: int, seed: int, style: bool = False, heart_styles: tuple[str, ...] = ("solid",)
+              ) -> Path:
     from sdtune.toy import world
     from sdtune.toy.evaluate import write_dataset
 
@@ -56,8 +57,11 @@ def make_data(folder: Path, n: int, seed: int, style: bool = False) -> Path:
                   for _ in range(n)]
         caps = [s.caption() for s in scenes]
     else:
-        scenes = [world.random_scene(rng, shapes=("heart",), styles=("solid",)) for _ in range(n)]
-        caps = [rng.choice(TEMPLATES).format(colour=s.colour, background=s.background) for s in scenes]
+        # other styles than solid are named in the caption ("a blurry red sks shape"): the rendering is then not
+        # part of what "sks" means, which leaves it to a style LoRA
+        scenes = [world.random_scene(rng, shapes=("heart",), styles=heart_styles) for _ in range(n)]
+        caps = [rng.choice(TEMPLATES).format(colour=("" if s.style == "solid" else s.style + " ") + s.colour,
+                                             background=s.background) for s in scenes]
     write_dataset(folder, scenes, caps)
     return folder
 
@@ -160,9 +164,12 @@ def train_variant(variant: str, args, out: Path) -> dict:
     from sdtune.training.methods.dreambooth import DreamBoothOptions
     from sdtune.training.methods.lora import LoraOptions
 
-    data = make_data(out / ("data_outline" if variant == "outline" else "data_heart"), args.images, args.seed,
-                     style=variant == "outline")
-    common = dict(model=args.model, data=str(data), out=str(out / variant), batch_size=args.batch, save_every=0,
+    heart_styles = tuple(args.heart_styles.split(","))
+    heart_data = "data_heart" if heart_styles == ("solid",) else "data_heart_" + "_".join(heart_styles)
+    data = make_data(out / ("data_outline" if variant == "outline" else heart_data), args.images, args.seed,
+                     style=variant == "outline", heart_styles=heart_styles)
+    common = dict(model=args.model, data=str(data), out=str(out / variant), batch_size=args.batch,
+                  save_every=args.save_every, keep_checkpoints="all" if args.save_every else "best",
                   progress=False, tensorboard=False, seed=args.seed, sample_steps=args.gen_steps, latents=args.latents,
                   caption_dropout=args.caption_dropout)
     class_prompt = "a shape on a background"
@@ -286,6 +293,9 @@ def main() -> None:
     ap.add_argument("--targets", default="attn,ff,conv")
     ap.add_argument("--lora-steps", type=int, default=800)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--heart-styles", default="solid",
+                    help="styles of the heart images, e.g. solid,blurry,noisy (non-solid ones named in captions)")
+    ap.add_argument("--save-every", type=int, default=0, help="keep a checkpoint every N steps (0: the last only)")
     ap.add_argument("--outline-te-lr", type=float, default=0.0,
                     help="outline: also train text-encoder LoRAs at this rate (0: UNet only)")
     ap.add_argument("--db-steps", type=int, default=800)

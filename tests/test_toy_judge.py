@@ -40,3 +40,12 @@ def test_every_shape_in_every_colour_on_every_background():
             for bg in world.BACKGROUNDS:
                 scene = world.Scene(shape, colour, bg)
                 assert all(agreement(judge(world.render(scene)), scene).values()), scene
+
+
+def test_hollowness_separates_solid_from_outlined():
+    """`hollow` is the continuous reading behind the outline verdict (used to see a style's in-between)."""
+    for shape in ("circle", "square"):
+        for colour in ("red", "blue"):
+            solid = judge(world.render(world.Scene(shape, colour, "white")))
+            outlined = judge(world.render(world.Scene(shape, colour, "white", style="outline")))
+            assert solid.hollow < 0.1 and outlined.hollow > 0.9, (shape, colour, solid.hollow, outlined.hollow)

@@ -33,6 +33,7 @@ class Verdict:
     background_conf: float
     style_conf: float
     foreground_fraction: float
+    hollow: float = 0.0  # share of the shape's inner area left background-coloured: ~0 solid, ~1 outline
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -158,7 +159,8 @@ def judge(image: Image.Image) -> Verdict:
         style, style_conf = "blurry", min(1.0, blur_ratio / 6.0)
     else:
         style, style_conf = "solid", 1.0 - min(shade_frac, 1.0)
-    return Verdict(colour, shape, background, style, colour_conf, shape_conf, background_conf, float(style_conf), fg_frac)
+    return Verdict(colour, shape, background, style, colour_conf, shape_conf, background_conf, float(style_conf), fg_frac,
+                   hollow)
 
 
 def agreement(verdict: Verdict, scene: world.Scene) -> dict[str, bool]:
