@@ -1,0 +1,47 @@
+"""Two LoRAs together, one heart LoRA file or every checkpoint of a heart run against one style LoRA: how often
+the judge reads an outlined heart (scripts/accept_lora.py's "two" evaluation, without its bookkeeping).
+
+    python scripts/sweep_two_loras.py runs/acc6/lora_prior/checkpoints runs/acc3/outline/lora.safetensors --weights 1,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("heart", type=Path, help="a heart LoRA file, or a folder of them (checkpoints)")
+    ap.add_argument("style", type=Path, help="the style (outline) LoRA file")
+    ap.add_argument("--weights", default="1,1", type=lambda t: tuple(float(w) for w in t.split(",")))
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    import torch
+
+    import accept_lora
+    from sdtune.generate import Generator
+
+    torch.set_num_threads(args.threads)
+    files = sorted(args.heart.glob("*.safetensors")) if args.heart.is_dir() else [args.heart]
+    if not files or not all(f.is_file() for f in files) or not args.style.is_file():
+        raise SystemExit(f"no heart LoRA in {args.heart}, or no style LoRA {args.style}")
+    ev = SimpleNamespace(ident_seeds=16, ctx_seeds=2, gen_steps=20)
+    wh, ws = args.weights
+    for f in files:
+        gen = Generator(args.model, loras=[(str(f), wh), (str(args.style), ws)])
+        r = accept_lora.evaluate_model(gen, ev, style="outline", what="two")
+        row = {k: {m: round(x, 3) for m, x in v.items() if m != "images"} for k, v in r.items() if isinstance(v, dict)}
+        print(f"{f} weights {wh:g},{ws:g}: {json.dumps(row)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
