@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from sdtune.adapters.hypernetwork import (Hypernetwork, HypernetworkSettings, PipelineHypernetworks, context_widths,
                                           parse_hypernetwork_arg, read_hypernetwork, resolve_hypernet_tags,
                                           save_hypernetwork)
-from sdtune.adapters.hypernetwork.apply import attention_modules
+from sdtune.adapters.hypernetwork.apply import HypernetworkProcessor, attention_modules
 from sdtune.adapters.hypernetwork.io import from_a1111, to_a1111
 from sdtune.errors import SdtuneError
 from sdtune.training.testing import tiny_loaded, write_toy_dataset
@@ -307,6 +307,9 @@ def test_train_hypernetwork_saves_a1111_and_safetensors(sd1, tmp_path):
         assert any(not torch.equal(p, torch.zeros_like(p)) for p in hn.parameters())
         after = model.pipe.unet.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)  # the UNet stays frozen
+        # and the caller's model generates as before: the training processors are gone
+        processors = [m.processor for m in attention_modules(model.pipe.unet).values()]
+        assert not any(isinstance(p, HypernetworkProcessor) for p in processors)
         lrs = [r["lr"] for r in __import__("sdtune.training.runlog", fromlist=["x"]).read_log(result.log)
                if r["event"] == "step"]
         assert lrs[:3] == pytest.approx([1e-3, 1e-3, 1e-4])

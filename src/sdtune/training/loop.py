@@ -879,6 +879,7 @@ class Trainer:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             self.log.close()
+            self.method.teardown()
 
 
 def train(config: TrainConfig, **kwargs: Any) -> TrainResult:

@@ -142,6 +142,10 @@ class TrainingMethod:
         target=None)` is the loop's noise-prediction loss with this step's noise generator (see `DiffusionLoss`)."""
         return None
 
+    def teardown(self) -> None:
+        """Called once when the run ends, however it ends: undo changes to the live model that only training
+        needs (e.g. the hypernetwork's attention processors), so the caller's model generates as before."""
+
     def after_optimizer_step(self, step: int) -> None:
         """Called after each optimizer step (e.g. Textual Inversion restores the embedding rows it does not
         train)."""

@@ -110,6 +110,12 @@ class HypernetworkMethod(TrainingMethod):
     def modules(self) -> list[torch.nn.Module]:
         return [self.network]
 
+    def teardown(self) -> None:
+        from sdtune.adapters.hypernetwork.apply import uninstall
+
+        if self.model is not None:
+            uninstall(self.model.pipe.unet)
+
     def extra_loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor | None:
         """keep_uncond: the hypernetwork's empty-prompt prediction distilled towards the base model's (the
         hypernetwork switched off) on the same noisy latents."""
