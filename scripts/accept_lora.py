@@ -176,14 +176,13 @@ def train_variant(variant: str, args, out: Path) -> dict:
     class_data = str(make_reg_images(out / "reg_images", args.class_images, args)) \
         if args.class_source == "base-prompts" and variant in ("lora_prior", "dreambooth") else None
     if variant in ("lora", "lora_prior", "outline"):
-        opts = LoraOptions(rank=args.rank, alpha=args.rank, targets=args.targets.split(","))
+        extra: dict = {}
         if variant == "outline" and args.outline_te_lr:  # text-encoder LoRAs too: "outlined" becomes a word
-            opts = LoraOptions(rank=args.rank, alpha=args.rank, targets=args.targets.split(","), text_encoder=True,
-                               text_encoder_lr=args.outline_te_lr)
+            extra = dict(text_encoder=True, text_encoder_lr=args.outline_te_lr)
         if variant == "lora_prior":
-            opts = LoraOptions(rank=args.rank, alpha=args.rank, targets=args.targets.split(","),
-                               class_prompt=class_prompt, num_class_images=args.class_images,
-                               class_data=class_data, prior_weight=args.prior_weight)
+            extra = dict(class_prompt=class_prompt, num_class_images=args.class_images, class_data=class_data,
+                         prior_weight=args.prior_weight)
+        opts = LoraOptions(rank=args.rank, alpha=args.rank, targets=args.targets.split(","), **extra)
         cfg = TrainConfig(method="lora", steps=args.lora_steps, lr=args.lora_lr, options=opts, **common)
     else:
         opts = DreamBoothOptions(class_prompt=class_prompt, num_class_images=args.class_images, class_data=class_data,

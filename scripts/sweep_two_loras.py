@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("--weights", default="1,1", type=lambda t: tuple(float(w) for w in t.split(",")))
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grid", type=Path, default=None,
+                    help="also save seeds 0-3 of 'a outlined sks shape' per file, one row each, to this PNG")
     args = ap.parse_args()
     import torch
 
@@ -36,11 +38,22 @@ def main() -> None:
         raise SystemExit(f"no heart LoRA in {args.heart}, or no style LoRA {args.style}")
     ev = SimpleNamespace(ident_seeds=16, ctx_seeds=2, gen_steps=20)
     wh, ws = args.weights
+    rows = []
     for f in files:
         gen = Generator(args.model, loras=[(str(f), wh), (str(args.style), ws)])
         r = accept_lora.evaluate_model(gen, ev, style="outline", what="two")
         row = {k: {m: round(x, 3) for m, x in v.items() if m != "images"} for k, v in r.items() if isinstance(v, dict)}
         print(f"{f} weights {wh:g},{ws:g}: {json.dumps(row)}", flush=True)
+        if args.grid:
+            from sdtune.generate import GenerationParams
+
+            params = GenerationParams(prompt="a outlined sks shape", seed=0, batch_size=4, steps=20, cfg_scale=7.0)
+            rows.append([img.image for img in gen.generate(params)])
+    if args.grid:
+        from sdtune.generate.grid import make_grid
+
+        make_grid([im for row in rows for im in row], cols=4).save(args.grid)
+        print(f"grid: {args.grid}")
 
 
 if __name__ == "__main__":

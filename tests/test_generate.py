@@ -287,3 +287,15 @@ def test_cli_list_samplers(capsys):
     assert cli(["generate", "--list-samplers"]) == 0
     names = capsys.readouterr().out.splitlines()
     assert "DPM++ 2M Karras" in names and "Euler a" in names
+
+
+def test_make_grid_layout():
+    from PIL import Image
+
+    from sdtune.generate.grid import make_grid
+
+    ims = [Image.new("RGB", (8, 6), (i * 30, 0, 0)) for i in range(8)]
+    assert make_grid(ims).size == (3 * 8, 3 * 6)             # as square as possible
+    sheet = make_grid(ims, cols=4)
+    assert sheet.size == (4 * 8, 2 * 6)
+    assert sheet.getpixel((8 * 3, 6)) == (7 * 30, 0, 0)      # row 2, column 4: the 8th image

@@ -12,13 +12,17 @@ def grid_shape(n: int) -> tuple[int, int]:
     return cols, math.ceil(n / cols)
 
 
-def make_grid(images: Sequence[Any], background: str = "black") -> Any:
-    """Paste images row by row into one PIL image; cells take the largest image's size."""
+def make_grid(images: Sequence[Any], background: str = "black", cols: int | None = None) -> Any:
+    """Paste images row by row into one PIL image; cells take the largest image's size. `cols` fixes the number
+    of columns (default: as square as possible)."""
     from PIL import Image
 
     if not images:
         raise ValueError("make_grid needs at least one image")
-    cols, rows = grid_shape(len(images))
+    if cols is None:
+        cols, rows = grid_shape(len(images))
+    else:
+        cols, rows = cols, math.ceil(len(images) / cols)
     w = max(im.width for im in images)
     h = max(im.height for im in images)
     sheet = Image.new("RGB", (cols * w, rows * h), background)
