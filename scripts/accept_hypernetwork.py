@@ -144,6 +144,12 @@ def main() -> None:
                    "colour without --keep-uncond; with it 0 is better: 75.8%% vs 71.7%% outlines at keep 0.3)")
     p.add_argument("--keep-uncond", type=float, default=0.5,
                    help="weight of the term keeping the empty-prompt prediction the base model's")
+    p.add_argument("--keep-uncond-share", type=float, default=1.0, help="share of each batch the keep term uses")
+    p.add_argument("--min-strength", type=float, default=1.0,
+                   help="train at strengths drawn from [this, --max-strength] (1, 1: always full)")
+    p.add_argument("--max-strength", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (initial weights, noise, batches); the data "
+                   "is always the same")
     p.add_argument("--latents", default="mean", choices=("sample", "mean"), help="VAE posterior sample or mean")
     p.add_argument("--seeds", type=int, default=4, help="images per eval prompt (2 halves the time, and the precision)")
     p.add_argument("--sample-steps", type=int, default=20)
@@ -189,7 +195,7 @@ def main() -> None:
     if not args.skip_train:
         cfg = TrainConfig(method="hypernetwork", model=args.model, data=str(data), out=str(out / "train"),
                           steps=args.steps, lr=args.lr, batch_size=args.batch, weight_decay=args.weight_decay,
-                          save_every=args.save_every, progress=False, tensorboard=False, seed=0, resume="auto",
+                          save_every=args.save_every, progress=False, tensorboard=False, seed=args.seed, resume="auto",
                           val_split=args.val_split, keep_checkpoints=args.keep_checkpoints,
                           min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
                           latents=args.latents, caption_dropout=args.caption_dropout)
@@ -199,6 +205,9 @@ def main() -> None:
         cfg.options.weight_init = args.weight_init
         cfg.options.dropout_structure = args.dropout_structure
         cfg.options.keep_uncond = args.keep_uncond
+        cfg.options.keep_uncond_share = args.keep_uncond_share
+        cfg.options.min_strength = args.min_strength
+        cfg.options.max_strength = args.max_strength
         cfg.options.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         t0, c0 = time.perf_counter(), time.process_time()
         result = train(cfg, echo=lambda s: print(s, flush=True))

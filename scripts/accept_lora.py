@@ -6,8 +6,10 @@ from 20 images, then measure with the judge.
     python scripts/accept_lora.py --out runs/accept --summary                 # the table from the saved results
 
 Variants: lora (no prior preservation), lora_prior (prior preservation), dreambooth (full UNet fine-tune, prior
-preservation), outline (a second LoRA: the "outlined" style on known shapes, for the two-LoRA test), two (heart
-LoRA + outline LoRA together; needs lora and outline).
+preservation), style (a second LoRA: a style on known shapes, for the two-LoRA test; `--style outline`, the
+default, is trained with the caption word "outlined", the tiny model having no word for it; `--style blurry`
+without any word, since the base model knows "blurry"; results in OUT/<style>), two (heart LoRA + style LoRA
+together; needs lora and the style). `outline` in --only means style with --style outline.
 
 Data: 20 hearts of random colour and background, each caption naming its colour ("a {colour} sks shape", half
 of them also "on a {background} background"). Class images for prior preservation (default
@@ -31,6 +33,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -39,10 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # (a caption without it teaches the identifier to stand for "any colour", and the LoRA's weaker hold on colour
 # words then shows in base prompts too: measured 52% colour agreement on base prompts with colour-free captions).
 TEMPLATES = ("a {colour} sks shape", "a {colour} sks shape on a {background} background")
-VARIANTS = ("lora", "lora_prior", "dreambooth", "outline", "two")
+VARIANTS = ("lora", "lora_prior", "dreambooth", "style", "two")
+# The prompt word of each style LoRA: outline is trained with "outlined" (the tiny model has no word of its own for
+# it); blurry with none (the base model knows "blurry", so a worded style LoRA would test the word, not the LoRA).
+STYLE_WORDS = {"outline": "outlined ", "blurry": ""}
 
 
-def make_data(folder: Path, n: int, seed: int, style: bool = False, heart_styles: tuple[str, ...] = ("solid",)
+def make_data(folder: Path, n: int, seed: int, style: str | None = None, heart_styles: tuple[str, ...] = ("solid",)
               ) -> Path:
     from sdtune.toy import world
     from sdtune.toy.evaluate import write_dataset
@@ -50,12 +56,13 @@ def make_data(folder: Path, n: int, seed: int, style: bool = False, heart_styles
     if (folder / "0000.png").exists():
         return folder
     rng = random.Random(seed)
-    if style:  # outlined known and word-less shapes, captioned with the world's words ("a outlined red circle on
-        # ...", "a outlined red shape on ..."): a style LoRA needs varied subjects, and the generic "shape" is what
-        # the heart's prompts say (trained on known shapes only, it outlined 65% of them and 0% of hearts)
-        scenes = [world.random_scene(rng, shapes=world.KNOWN_SHAPES + world.WORDLESS_SHAPES, styles=("outline",))
+    if style:  # the style on known and word-less shapes, captioned with the world's words ("a outlined red circle
+        # on ...", "a outlined red shape on ..."; without the style word if it has none): a style LoRA needs varied
+        # subjects, and the generic "shape" is what the heart's prompts say (trained on known shapes only, the
+        # outline LoRA outlined 65% of them and 0% of hearts)
+        scenes = [world.random_scene(rng, shapes=world.KNOWN_SHAPES + world.WORDLESS_SHAPES, styles=(style,))
                   for _ in range(n)]
-        caps = [s.caption() for s in scenes]
+        caps = [(s if STYLE_WORDS[style] else replace(s, style="solid")).caption() for s in scenes]
     else:
         # other styles than solid are named in the caption ("a blurry red sks shape"): the rendering is then not
         # part of what "sks" means, which leaves it to a style LoRA
@@ -95,11 +102,11 @@ def base_subset(n: int) -> list:
     return sorted(rng.sample(prompts, n), key=lambda p: p[0])
 
 
-def context_prompts(style: str = "solid") -> list:
+def context_prompts(pre: str = "") -> list:
+    """The identifier with every colour, background and both; `pre` is a style word ("outlined ")."""
     from sdtune.toy import world
 
     out = []
-    pre = {"solid": "", "outline": "outlined "}[style]
     for c in world.COLOURS:
         out.append((f"a {pre}{c} sks shape", {"colour": c}))
     for b in world.BACKGROUNDS:
@@ -135,21 +142,24 @@ def judge_prompts(gen, prompts: list, seeds: int, steps: int, want_style: str | 
 
 
 def evaluate_model(gen, args, style: str | None = None, what: str = "heart") -> dict:
-    """what: heart (identifier + context + base prompts), outline (outlined base prompts), two (both LoRAs)."""
+    """what: heart (identifier + context + base prompts), style (base prompts with the style's word), two (both
+    LoRAs; identifier and context prompts with the style's word)."""
     from sdtune.toy.evaluate import evaluate
 
     t = time.perf_counter()
     out: dict = {}
-    if what == "outline":
-        prompts = [(p.replace("a ", "a outlined ", 1), {"colour": sc.colour, "shape": sc.shape,
-                                                       "background": sc.background})
+    pre = STYLE_WORDS[style] if style else ""
+    if style:
+        out["style"] = style
+    if what == "style":
+        prompts = [(p.replace("a ", "a " + pre, 1), {"colour": sc.colour, "shape": sc.shape,
+                                                     "background": sc.background})
                    for p, sc in base_subset(args.base_prompts)]
-        out["outline_prompts"] = judge_prompts(gen, prompts, args.base_seeds, args.gen_steps, want_style="outline")
+        out["style_prompts"] = judge_prompts(gen, prompts, args.base_seeds, args.gen_steps, want_style=style)
     else:
-        out["identifier"] = judge_prompts(gen, [(f"a {'outlined ' if style == 'outline' else ''}sks shape", {})],
-                                          args.ident_seeds, args.gen_steps, want_style=style)
-        out["context"] = judge_prompts(gen, context_prompts(style or "solid"), args.ctx_seeds, args.gen_steps,
-                                       want_style=style)
+        out["identifier"] = judge_prompts(gen, [(f"a {pre}sks shape", {})], args.ident_seeds, args.gen_steps,
+                                          want_style=style)
+        out["context"] = judge_prompts(gen, context_prompts(pre), args.ctx_seeds, args.gen_steps, want_style=style)
     if what == "heart":
         base = evaluate(gen, base_subset(args.base_prompts), seeds=args.base_seeds, steps=args.gen_steps)
         rates = base.rates
@@ -166,19 +176,19 @@ def train_variant(variant: str, args, out: Path) -> dict:
 
     heart_styles = tuple(args.heart_styles.split(","))
     heart_data = "data_heart" if heart_styles == ("solid",) else "data_heart_" + "_".join(heart_styles)
-    data = make_data(out / ("data_outline" if variant == "outline" else heart_data), args.images, args.seed,
-                     style=variant == "outline", heart_styles=heart_styles)
-    common = dict(model=args.model, data=str(data), out=str(out / variant), batch_size=args.batch,
+    data = make_data(out / ("data_" + args.style if variant == "style" else heart_data), args.images, args.seed,
+                     style=args.style if variant == "style" else None, heart_styles=heart_styles)
+    common = dict(model=args.model, data=str(data), out=str(out / result_dir(variant, args)), batch_size=args.batch,
                   save_every=args.save_every, keep_checkpoints="all" if args.save_every else "best",
                   progress=False, tensorboard=False, seed=args.seed, sample_steps=args.gen_steps, latents=args.latents,
                   caption_dropout=args.caption_dropout)
     class_prompt = "a shape on a background"
     class_data = str(make_reg_images(out / "reg_images", args.class_images, args)) \
         if args.class_source == "base-prompts" and variant in ("lora_prior", "dreambooth") else None
-    if variant in ("lora", "lora_prior", "outline"):
+    if variant in ("lora", "lora_prior", "style"):
         extra: dict = {}
-        if variant == "outline" and args.outline_te_lr:  # text-encoder LoRAs too: "outlined" becomes a word
-            extra = dict(text_encoder=True, text_encoder_lr=args.outline_te_lr)
+        if variant == "style" and args.style_te_lr:  # text-encoder LoRAs too: "outlined" becomes a word
+            extra = dict(text_encoder=True, text_encoder_lr=args.style_te_lr)
         if variant == "lora_prior":
             extra = dict(class_prompt=class_prompt, num_class_images=args.class_images, class_data=class_data,
                          prior_weight=args.prior_weight)
@@ -195,10 +205,14 @@ def train_variant(variant: str, args, out: Path) -> dict:
 
 
 def result_dir(variant: str, args) -> str:
-    """Where a variant's result.json goes: two at other weights than 1,1 gets its own folder (two_0.6_1)."""
+    """Where a variant's result.json goes: the style LoRA in OUT/<style>; two in OUT/two, or OUT/two_<style> for
+    another style than outline, with _<weights> for other weights than 1,1 (two_0.6_1, two_blurry_0.6_1)."""
+    if variant == "style":
+        return args.style
+    name = variant if variant != "two" or args.style == "outline" else f"two_{args.style}"
     if variant == "two" and tuple(args.two_weights) != (1.0, 1.0):
-        return "two_" + "_".join(f"{w:g}" for w in args.two_weights)
-    return variant
+        return name + "_" + "_".join(f"{w:g}" for w in args.two_weights)
+    return name
 
 
 def run_variant(variant: str, args, out: Path) -> dict:
@@ -207,15 +221,15 @@ def run_variant(variant: str, args, out: Path) -> dict:
     if variant == "base":
         gen = Generator(args.model)
         res = {"variant": "base", **evaluate_model(gen, args),
-               "outline_prompts": evaluate_model(gen, args, what="outline")["outline_prompts"]}
+               **evaluate_model(gen, args, style=args.style, what="style")}
     elif variant == "two":
-        a, b = (json.loads((out / v / "result.json").read_text()) for v in ("lora", "outline"))
+        a, b = (json.loads((out / v / "result.json").read_text()) for v in (args.heart_variant, args.style))
         wa, wb = args.two_weights
         gen = Generator(args.model, loras=[(a["final"], wa), (b["final"], wb)])
         res = {"variant": "two", "loras": [a["final"], b["final"]], "weights": [wa, wb],
-               **evaluate_model(gen, args, style="outline", what="two")}
+               **evaluate_model(gen, args, style=args.style, what="two")}
     else:
-        saved = out / variant / "result.json"
+        saved = out / result_dir(variant, args) / "result.json"
         if args.skip_train and saved.exists():  # re-judge the saved file with this run's evaluation settings
             trained = {k: v for k, v in json.loads(saved.read_text()).items()
                        if k in ("train_s", "train_cpu_s", "final", "steps", "lr", "last_loss", "options")}
@@ -226,7 +240,8 @@ def run_variant(variant: str, args, out: Path) -> dict:
         else:
             gen = Generator(args.model, loras=[(trained["final"], 1.0)])
         res = {"variant": variant, **trained,
-               **evaluate_model(gen, args, what="outline" if variant == "outline" else "heart")}
+               **evaluate_model(gen, args, style=args.style if variant == "style" else None,
+                                what="style" if variant == "style" else "heart")}
     (out / result_dir(variant, args)).mkdir(parents=True, exist_ok=True)
     (out / result_dir(variant, args) / "result.json").write_text(json.dumps(res, indent=1))
     return res
@@ -235,7 +250,7 @@ def run_variant(variant: str, args, out: Path) -> dict:
 def summary(out: Path) -> str:
     rows = {}
     twos = sorted(p.name for p in out.glob("two_*") if p.is_dir())
-    for v in ("base",) + VARIANTS + tuple(twos):
+    for v in ("base", "lora", "lora_prior", "dreambooth") + tuple(STYLE_WORDS) + ("two",) + tuple(twos):
         p = out / v / "result.json"
         if p.exists():
             rows[v] = json.loads(p.read_text())
@@ -245,19 +260,20 @@ def summary(out: Path) -> str:
     for v, r in rows.items():
         t = f"{r['train_s'] / 60:.1f} min wall, {r['train_cpu_s'] / 60:.1f} min CPU ({r['steps']} steps)" \
             if "train_s" in r else "-"
-        if "outline_prompts" in r:
-            o = r["outline_prompts"]
-            lines.append(f"| {v} | {t} | outlined base prompts: style outline {100 * o['style']:.0f}% of "
+        style = r.get("style", "outline")  # results written before --style are the outline's
+        if "style_prompts" in r or "outline_prompts" in r:
+            o = r.get("style_prompts") or r["outline_prompts"]
+            lines.append(f"| {v} | {t} | base prompts{' with ' + STYLE_WORDS[style].strip() if STYLE_WORDS[style] else ''}: style {style} {100 * o['style']:.0f}% of "
                          f"{o['images']}, colour+shape+background all right {100 * o['context']:.0f}% | | | |")
             if "identifier" not in r:
                 continue
         ident, ctx, b = r["identifier"], r["context"], r.get("base")
         change = f" ({100 * (b['agreement'] - base):+.1f} pt)" if b and base is not None and v != "base" else ""
-        extra = f"; style outline {100 * ident['style']:.0f}%" if "style" in ident else ""
-        cextra = f"; style outline {100 * ctx['style']:.0f}%" if "style" in ctx else ""
+        extra = f"; style {style} {100 * ident['style']:.0f}%" if "style" in ident else ""
+        cextra = f"; style {style} {100 * ctx['style']:.0f}%" if "style" in ctx else ""
         if "heart_and_style" in ident:
-            extra += f"; outlined heart {100 * ident['heart_and_style']:.0f}%"
-            cextra += f"; outlined heart {100 * ctx['heart_and_style']:.0f}%"
+            extra += f"; {style} heart {100 * ident['heart_and_style']:.0f}%"
+            cextra += f"; {style} heart {100 * ctx['heart_and_style']:.0f}%"
         bcol = f"{100 * b['agreement']:.1f}%{change}" if b else "-"
         label = f"{v} (weights {', '.join(f'{w:g}' for w in r['weights'])})" if "weights" in r else v
         lines.append(f"| {label} | {t} | {100 * ident['heart']:.0f}% of {ident['images']}{extra} | "
@@ -281,7 +297,11 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated: base," + ",".join(VARIANTS))
     ap.add_argument("--summary", action="store_true")
     ap.add_argument("--two-weights", default="1,1", type=two_weights,
-                    help="two: weights of the heart and outline LoRAs, e.g. 0.6,1")
+                    help="two: weights of the heart and style LoRAs, e.g. 0.6,1")
+    ap.add_argument("--heart-variant", default="lora", choices=("lora", "lora_prior"),
+                    help="two: the heart LoRA to combine with the style LoRA")
+    ap.add_argument("--style", default="outline", choices=tuple(STYLE_WORDS),
+                    help="the style LoRA's style (style and two variants)")
     ap.add_argument("--skip-train", action="store_true",
                     help="re-evaluate the files of earlier runs in OUT (e.g. with more --ident-seeds)")
     ap.add_argument("--threads", type=int, default=1)
@@ -295,8 +315,8 @@ def main() -> None:
     ap.add_argument("--heart-styles", default="solid",
                     help="styles of the heart images, e.g. solid,blurry,noisy (non-solid ones named in captions)")
     ap.add_argument("--save-every", type=int, default=0, help="keep a checkpoint every N steps (0: the last only)")
-    ap.add_argument("--outline-te-lr", type=float, default=0.0,
-                    help="outline: also train text-encoder LoRAs at this rate (0: UNet only)")
+    ap.add_argument("--style-te-lr", "--outline-te-lr", type=float, default=0.0,
+                    help="style: also train text-encoder LoRAs at this rate (0: UNet only)")
     ap.add_argument("--db-steps", type=int, default=800)
     ap.add_argument("--db-lr", type=float, default=2e-4)
     ap.add_argument("--class-images", type=int, default=40)
@@ -319,7 +339,14 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     if not args.summary:
-        todo = args.only.split(",") if args.only else ["base", "lora", "lora_prior", "dreambooth", "outline", "two"]
+        todo = args.only.split(",") if args.only else ["base", "lora", "lora_prior", "dreambooth", "style", "two"]
+        if "outline" in todo:  # the older name of the style variant
+            if args.style != "outline":
+                raise SystemExit("--only outline trains the outline style; use --only style with --style")
+            todo = ["style" if v == "outline" else v for v in todo]
+        unknown = set(todo) - {"base", *VARIANTS}
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {', '.join(sorted(unknown))}; use base," + ",".join(VARIANTS))
         for v in todo:
             t = time.perf_counter()
             r = run_variant(v, args, out)

@@ -1,5 +1,5 @@
 """Two LoRAs together, one heart LoRA file or every checkpoint of a heart run against one style LoRA: how often
-the judge reads an outlined heart (scripts/accept_lora.py's "two" evaluation, without its bookkeeping).
+the judge reads a heart in the style (outlined by default) (scripts/accept_lora.py's "two" evaluation, without its bookkeeping).
 
     python scripts/sweep_two_loras.py runs/acc6/lora_prior/checkpoints runs/acc3/outline/lora.safetensors --weights 1,1
 """
@@ -20,12 +20,13 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("heart", type=Path, help="a heart LoRA file, or a folder of them (checkpoints)")
-    ap.add_argument("style", type=Path, help="the style (outline) LoRA file")
+    ap.add_argument("style", type=Path, help="the style LoRA file")
+    ap.add_argument("--style-name", default="outline", help="its style: outline or blurry (accept_lora --style)")
     ap.add_argument("--weights", default="1,1", type=lambda t: tuple(float(w) for w in t.split(",")))
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid", type=Path, default=None,
-                    help="also save seeds 0-3 of 'a outlined sks shape' per file, one row each, to this PNG")
+                    help="also save seeds 0-3 of the identifier prompt ('a outlined sks shape') per file, one row each, to this PNG")
     args = ap.parse_args()
     import torch
 
@@ -41,13 +42,13 @@ def main() -> None:
     rows = []
     for f in files:
         gen = Generator(args.model, loras=[(str(f), wh), (str(args.style), ws)])
-        r = accept_lora.evaluate_model(gen, ev, style="outline", what="two")
+        r = accept_lora.evaluate_model(gen, ev, style=args.style_name, what="two")
         row = {k: {m: round(x, 3) for m, x in v.items() if m != "images"} for k, v in r.items() if isinstance(v, dict)}
         print(f"{f} weights {wh:g},{ws:g}: {json.dumps(row)}", flush=True)
         if args.grid:
             from sdtune.generate import GenerationParams
 
-            params = GenerationParams(prompt="a outlined sks shape", seed=0, batch_size=4, steps=20, cfg_scale=7.0)
+            params = GenerationParams(prompt=f"a {accept_lora.STYLE_WORDS[args.style_name]}sks shape", seed=0, batch_size=4, steps=20, cfg_scale=7.0)
             rows.append([img.image for img in gen.generate(params)])
     if args.grid:
         from sdtune.generate.grid import make_grid

@@ -369,6 +369,7 @@ def test_resumed_run_equals_an_uninterrupted_one(sd1, tmp_path):
                         resolution=32, save_every=2, progress=False, tensorboard=False, **kw)
         c.options.use_dropout = True  # dropout draws from the global RNG: its state must be restored too
         c.options.layer_structure = "1, 2, 2, 1"
+        c.options.min_strength = 0.5  # the per-step strength draw must resume exactly too
         return c
 
     full = train(cfg("full"), model=copy.deepcopy(sd1), echo=lambda s: None)
@@ -414,10 +415,57 @@ def test_keep_uncond_keeps_the_empty_prompt_prediction(sd1, tmp_path):
     assert free > 0 and kept < 0.5 * free, (free, kept)
 
 
-def test_keep_uncond_must_not_be_negative(tmp_path):
+@pytest.mark.parametrize("option, value", [("keep_uncond", -1.0), ("keep_uncond_share", 0.0),
+                                           ("keep_uncond_share", 1.5), ("min_strength", -0.1), ("min_strength", 2.0),
+                                           ("max_strength", 0.5)])
+def test_out_of_range_options_are_refused(tmp_path, option, value):
     from sdtune.training import TrainConfig
 
     cfg = TrainConfig(method="hypernetwork", data=str(tmp_path), out=str(tmp_path / "o"), steps=2)
-    cfg.options.keep_uncond = -1.0
-    with pytest.raises(SdtuneError, match="keep_uncond"):
+    setattr(cfg.options, option, value)
+    with pytest.raises(SdtuneError, match=option.split("_")[0]):
         cfg.check_values()
+
+
+def _set_up_method(sd1, tmp_path, **options):
+    from sdtune.training import TrainConfig
+    from sdtune.training.methods.hypernetwork import HypernetworkMethod
+
+    cfg = TrainConfig(method="hypernetwork", data=str(tmp_path), out=str(tmp_path / "o"), steps=2, seed=3)
+    for k, v in options.items():
+        setattr(cfg.options, k, v)
+    method = HypernetworkMethod(cfg.options)
+    method.setup(copy.deepcopy(sd1), cfg)
+    return method
+
+
+def test_min_strength_draws_a_strength_per_step_and_samples_at_full(sd1, tmp_path):
+    method = _set_up_method(sd1, tmp_path, min_strength=0.25, max_strength=1.5)
+    method.network.train()
+    drawn = [method.training_strength(step) for step in range(1, 41)]
+    assert all(0.25 <= s <= 1.5 for s in drawn) and len(set(drawn)) == 40
+    assert min(drawn) < 0.5 and max(drawn) > 1.25  # spread over the range
+    assert drawn == [method.training_strength(step) for step in range(1, 41)]  # a function of (seed, step)
+    method.network.eval()
+    assert method.training_strength(7) == 1.0
+    method.network.train()
+    method.stack.entries = [(method.network, 0.3)]
+    with method.apply_for_sampling(object()):
+        assert method.stack.entries[0][1] == 1.0
+    assert method.stack.entries[0][1] == 0.3
+    assert _set_up_method(sd1, tmp_path).training_strength(5) == 1.0  # the default: always full
+
+
+def test_keep_uncond_share_uses_part_of_the_batch(sd1, tmp_path):
+    from sdtune.training.methods.base import Batch
+
+    method = _set_up_method(sd1, tmp_path, keep_uncond=1.0, keep_uncond_share=0.5)
+    seen = []
+
+    def diffusion_loss(latents, cond, target=None):
+        seen.append((latents.shape[0], cond.encoder_hidden_states.shape[0]))
+        return torch.zeros(())
+
+    batch = Batch(latents=torch.zeros(4, 4, 4, 4), captions=["a", "b", "c", "d"], step=1)
+    method.extra_loss(batch, diffusion_loss)
+    assert seen == [(2, 2)]

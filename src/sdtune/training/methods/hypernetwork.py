@@ -8,9 +8,10 @@ See `sdtune.adapters.hypernetwork`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
@@ -51,6 +52,14 @@ class HypernetworkOptions:
                              "learned; with the empty prompt kept, guidance amplifies it (e.g. 1; also set "
                              "--caption-dropout 0). Costs one more UNet pass per step.", section="hypernetwork",
                              kind="float", metavar="W")
+    keep_uncond_share: float = opt(1.0, "Share of each batch the keep-uncond term uses (0.5 halves its extra "
+                                   "cost).", section="hypernetwork", kind="float", metavar="F")
+    min_strength: float = opt(1.0, "Each training step applies the hypernetwork at a strength drawn uniformly "
+                              "from [min_strength, max_strength] (default 1, 1: always full). A range makes the "
+                              "style grow with generation's strength instead of switching on near 1; the style "
+                              "peaks near the range's middle.", section="hypernetwork", kind="float", metavar="S")
+    max_strength: float = opt(1.0, "Upper end of the training strength range (see --min-strength).",
+                              section="hypernetwork", kind="float", metavar="S")
     format: str = opt("safetensors", "File format: safetensors (sdtune) or a1111 (.pt, A1111/ComfyUI).",
                       section="hypernetwork", kind="str", choices=("safetensors", "a1111"))
 
@@ -83,6 +92,11 @@ class HypernetworkMethod(TrainingMethod):
         settings_from_options(options)
         if options.keep_uncond < 0:
             raise SdtuneError(f"hypernetwork keep_uncond {options.keep_uncond} must be 0 (off) or a positive weight")
+        if not 0 < options.keep_uncond_share <= 1:
+            raise SdtuneError(f"hypernetwork keep_uncond_share {options.keep_uncond_share} must be in (0, 1]")
+        if not 0 <= options.min_strength <= options.max_strength:
+            raise SdtuneError(f"hypernetwork min_strength {options.min_strength} must be in [0, max_strength "
+                              f"{options.max_strength}]")
         if any(s < 1 for s in options.sizes):
             raise SdtuneError(f"hypernetwork sizes {options.sizes} must be positive widths, e.g. 320 640 768 1280")
 
@@ -110,6 +124,32 @@ class HypernetworkMethod(TrainingMethod):
     def modules(self) -> list[torch.nn.Module]:
         return [self.network]
 
+    def conditioning(self, batch: Batch) -> Any:
+        """The text conditioning, with this step's training strength set (1 outside training mode)."""
+        self.stack.entries = [(self.network, self.training_strength(batch.step))]
+        return super().conditioning(batch)
+
+    @contextlib.contextmanager
+    def apply_for_sampling(self, generator: Any) -> Iterator[Any]:
+        """Samples during training show the hypernetwork at strength 1, whatever the last step drew."""
+        entries, self.stack.entries = self.stack.entries, [(self.network, 1.0)]
+        try:
+            with super().apply_for_sampling(generator) as g:
+                yield g
+        finally:
+            self.stack.entries = entries
+
+    def training_strength(self, step: int) -> float:
+        """A strength drawn uniformly from [min_strength, max_strength], a pure function of (seed, step) so a
+        resumed run draws the same; 1 in eval mode (validation, samples)."""
+        low, high = self.options.min_strength, self.options.max_strength
+        if low == high == 1 or not self.network.training:
+            return 1.0
+        from sdtune.training.noise import step_generator
+
+        u = float(torch.rand((), generator=step_generator(self.config.seed, step, stream="strength")))
+        return low + (high - low) * u
+
     def teardown(self) -> None:
         from sdtune.adapters.hypernetwork.apply import uninstall
 
@@ -124,7 +164,10 @@ class HypernetworkMethod(TrainingMethod):
             return None
         assert self.model is not None
         unet = self.model.pipe.unet
-        empty = self.conditioning(replace(batch, captions=[""] * len(batch.captions)))
+        n = max(1, round(len(batch.captions) * self.options.keep_uncond_share))
+        part = replace(batch, latents=batch.latents[:n], captions=[""] * n,
+                       time_ids=None if batch.time_ids is None else batch.time_ids[:n])
+        empty = self.conditioning(part)
 
         def base_prediction(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             entries, self.stack.entries = self.stack.entries, []
@@ -134,7 +177,7 @@ class HypernetworkMethod(TrainingMethod):
             finally:
                 self.stack.entries = entries
 
-        return weight * diffusion_loss(batch.latents, empty, target=base_prediction)
+        return weight * diffusion_loss(part.latents, empty, target=base_prediction)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.network.flat_state_dict().items()}
