@@ -200,7 +200,8 @@ def train_variant(variant: str, args, out: Path) -> dict:
         cfg = TrainConfig(method="dreambooth", steps=args.db_steps, lr=args.db_lr, options=opts, **common)
     t, c = time.perf_counter(), time.process_time()
     r = train(cfg, echo=lambda s: print(f"[{variant}] {s}", flush=True))
-    return {"train_s": time.perf_counter() - t, "train_cpu_s": time.process_time() - c, "final": str(r.final), "steps": cfg.steps, "lr": cfg.lr,
+    return {"train_s": time.perf_counter() - t, "train_cpu_s": time.process_time() - c, "final": str(r.final),
+            "steps": cfg.steps, "lr": cfg.lr,
             "last_loss": sum(r.losses[-20:]) / len(r.losses[-20:]), "options": cfg.to_dict()[cfg.method]}
 
 
@@ -263,8 +264,10 @@ def summary(out: Path) -> str:
         style = r.get("style", "outline")  # results written before --style are the outline's
         if "style_prompts" in r or "outline_prompts" in r:
             o = r.get("style_prompts") or r["outline_prompts"]
-            lines.append(f"| {v} | {t} | base prompts{' with ' + STYLE_WORDS[style].strip() if STYLE_WORDS[style] else ''}: style {style} {100 * o['style']:.0f}% of "
-                         f"{o['images']}, colour+shape+background all right {100 * o['context']:.0f}% | | | |")
+            word = STYLE_WORDS[style].strip()
+            lines.append(f"| {v} | {t} | base prompts{' with ' + word if word else ''}: style {style} "
+                         f"{100 * o['style']:.0f}% of {o['images']}, colour+shape+background all right "
+                         f"{100 * o['context']:.0f}% | | | |")
             if "identifier" not in r:
                 continue
         ident, ctx, b = r["identifier"], r["context"], r.get("base")

@@ -1,5 +1,6 @@
 """Two LoRAs together, one heart LoRA file or every checkpoint of a heart run against one style LoRA: how often
-the judge reads a heart in the style (outlined by default) (scripts/accept_lora.py's "two" evaluation, without its bookkeeping).
+the judge reads a heart in the style, outlined by default (scripts/accept_lora.py's "two" evaluation, without its
+bookkeeping).
 
     python scripts/sweep_two_loras.py runs/acc6/lora_prior/checkpoints runs/acc3/outline/lora.safetensors --weights 1,1
 """
@@ -26,7 +27,8 @@ def main() -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid", type=Path, default=None,
-                    help="also save seeds 0-3 of the identifier prompt ('a outlined sks shape') per file, one row each, to this PNG")
+                    help="also save seeds 0-3 of the identifier prompt ('a outlined sks shape') per file, one row "
+                    "each, to this PNG")
     args = ap.parse_args()
     import torch
 
@@ -48,7 +50,8 @@ def main() -> None:
         if args.grid:
             from sdtune.generate import GenerationParams
 
-            params = GenerationParams(prompt=f"a {accept_lora.STYLE_WORDS[args.style_name]}sks shape", seed=0, batch_size=4, steps=20, cfg_scale=7.0)
+            params = GenerationParams(prompt=f"a {accept_lora.STYLE_WORDS[args.style_name]}sks shape", seed=0,
+                                      batch_size=4, steps=20, cfg_scale=7.0)
             rows.append([img.image for img in gen.generate(params)])
     if args.grid:
         from sdtune.generate.grid import make_grid
