@@ -55,9 +55,10 @@ class HypernetworkOptions:
     keep_uncond_share: float = opt(1.0, "Share of each batch the keep-uncond term uses (0.5 halves its extra "
                                    "cost).", section="hypernetwork", kind="float", metavar="F")
     min_strength: float = opt(1.0, "Each training step applies the hypernetwork at a strength drawn uniformly "
-                              "from [min_strength, max_strength] (default 1, 1: always full). A range makes the "
-                              "style grow with generation's strength instead of switching on near 1; the style "
-                              "peaks near the range's middle.", section="hypernetwork", kind="float", metavar="S")
+                              "from [min_strength, max_strength] (default 1, 1: always full). The learned style "
+                              "then holds over that range of generation strengths and peaks inside it (toy world: "
+                              "0.75-1.25 beat always-1 at strength 1).", section="hypernetwork", kind="float",
+                              metavar="S")
     max_strength: float = opt(1.0, "Upper end of the training strength range (see --min-strength).",
                               section="hypernetwork", kind="float", metavar="S")
     format: str = opt("safetensors", "File format: safetensors (sdtune) or a1111 (.pt, A1111/ComfyUI).",
