@@ -96,11 +96,8 @@ def summarise(records: list[dict], strength: float, seconds_per_image: float = 0
 
 def vae_ceiling(gen, prompts, seeds: int) -> dict:
     """The eval scenes rendered outlined (world jitter), encoded and decoded by the model's VAE, then judged."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
     from sdtune.toy import world
+    from sdtune.toy.evaluate import vae_round_trip
     from sdtune.toy.judge import agreement, judge
 
     vae = gen.model.pipe.vae
@@ -110,11 +107,7 @@ def vae_ceiling(gen, prompts, seeds: int) -> dict:
         for _ in range(seeds):
             s = world.random_scene(rng, shapes=(scene.shape,), colours=(scene.colour,),
                                    backgrounds=(scene.background,), styles=(TARGET,))
-            x = torch.from_numpy(np.asarray(world.render(s), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-            with torch.no_grad():
-                y = vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample.float().cpu()
-            img = Image.fromarray(((y[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
-            v = judge(img)
+            v = judge(vae_round_trip(vae, [world.render(s)])[0])
             records.append({**{f"ok_{k}": ok for k, ok in agreement(v, replace(s, style="solid")).items()},
                             "style": v.style})
     return summarise(records, -1.0)

@@ -22,12 +22,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import numpy as np
     import torch
-    from PIL import Image
 
     from sdtune.models import load_model
     from sdtune.toy import world
+    from sdtune.toy.evaluate import vae_round_trip
     from sdtune.toy.judge import judge
 
     torch.set_num_threads(args.threads)
@@ -35,14 +34,9 @@ def main() -> None:
     rng = random.Random(1)
     for style in world.STYLES:
         for shapes in (("circle", "square"), ("heart",), ("triangle", "cross")):
-            hits = 0
-            for _ in range(args.n):
-                scene = world.random_scene(rng, shapes=shapes, styles=(style,))
-                x = torch.from_numpy(np.asarray(world.render(scene), dtype=np.float32) / 127.5 - 1)
-                with torch.no_grad():
-                    y = vae.decode(vae.encode(x.permute(2, 0, 1)[None]).latent_dist.mean).sample[0]
-                img = Image.fromarray(((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
-                hits += judge(img).style == style
+            scenes = [world.random_scene(rng, shapes=shapes, styles=(style,)) for _ in range(args.n)]
+            images = vae_round_trip(vae, [world.render(s) for s in scenes])
+            hits = sum(judge(img).style == style for img in images)
             print(f"{style:8s} {'/'.join(shapes):16s} read as {style}: {100 * hits / args.n:.1f}% of {args.n}",
                   flush=True)
 

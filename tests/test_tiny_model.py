@@ -3,9 +3,7 @@ world, and the demo runs end to end."""
 
 import random
 
-import numpy as np
 import pytest
-import torch
 
 from sdtune.toy import world
 from sdtune.toy.judge import agreement, judge
@@ -32,18 +30,14 @@ def test_tiny_is_bundled_sd1_architecture(tiny):
 
 def test_reloaded_vae_reconstructions_read_like_the_originals(tiny):
     """A VAE can reach a low loss and still come back with wrong colours; the judge is the check."""
-    vae = tiny.pipe.vae
+    from sdtune.toy.evaluate import vae_round_trip
+
     rng = random.Random(11)
     scenes = [world.random_scene(rng, styles=("solid", "outline")) for _ in range(48)]
-    x = torch.from_numpy(np.stack([np.asarray(world.render(s), dtype=np.float32) for s in scenes]) / 127.5 - 1)
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(x.permute(0, 3, 1, 2)).latent_dist.mean).sample
-    images = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
-    from PIL import Image
-
+    images = vae_round_trip(tiny.pipe.vae, [world.render(s) for s in scenes])
     same = {k: 0 for k in ("colour", "shape", "background")}
-    for scene, arr in zip(scenes, images):
-        found = agreement(judge(Image.fromarray(arr)), scene)
+    for scene, img in zip(scenes, images):
+        found = agreement(judge(img), scene)
         for k in same:
             same[k] += found[k]
     rates = {k: v / len(scenes) for k, v in same.items()}

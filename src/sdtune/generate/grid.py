@@ -19,10 +19,7 @@ def make_grid(images: Sequence[Any], background: str = "black", cols: int | None
 
     if not images:
         raise ValueError("make_grid needs at least one image")
-    if cols is None:
-        cols, rows = grid_shape(len(images))
-    else:
-        cols, rows = cols, math.ceil(len(images) / cols)
+    cols, rows = grid_shape(len(images)) if cols is None else (cols, math.ceil(len(images) / cols))
     w = max(im.width for im in images)
     h = max(im.height for im in images)
     sheet = Image.new("RGB", (cols * w, rows * h), background)

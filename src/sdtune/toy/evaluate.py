@@ -67,6 +67,19 @@ def evaluate(generator, prompts: list[tuple[str, world.Scene]], *, seeds: int = 
     return EvalReport({a: counts[a] / max(n, 1) for a in ATTRIBUTES}, n, elapsed / max(n, 1), records)
 
 
+def vae_round_trip(vae, images: list) -> list:
+    """Images encoded (posterior mean) and decoded by `vae`: what a model built on that VAE can draw at best, so
+    the judge's reading of them is a ceiling for anything trained on it."""
+    import torch
+
+    from sdtune.training.images import to_image, to_tensor
+
+    x = torch.stack([to_tensor(im) for im in images]).to(vae.device, vae.dtype)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return [to_image(t) for t in y]
+
+
 def write_dataset(folder, scenes: list[world.Scene], captions: list[str]) -> list:
     """Write rendered scenes as PNGs with `.txt` caption sidecars (the layout every trainer here reads)."""
     from pathlib import Path
