@@ -48,7 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-TARGET = "outline"
+# the judge's continuous reading of each style: the in-between a lower strength should show
+MEASURE = {"outline": "hollow", "blurry": "blur"}
 
 
 def make_dataset(folder: Path, n: int, shapes: tuple[str, ...], style: str, seed: int, captions: str) -> None:
@@ -74,28 +75,29 @@ def make_dataset(folder: Path, n: int, shapes: tuple[str, ...], style: str, seed
     write_dataset(folder, scenes, caps)
 
 
-def evaluate_with(gen, hn_path: Path | None, strength: float, prompts, seeds: int, steps: int, cfg: float) -> dict:
+def evaluate_with(gen, hn_path: Path | None, strength: float, prompts, seeds: int, steps: int, cfg: float,
+                  style: str) -> dict:
     from sdtune.toy.evaluate import evaluate
 
     gen.set_hypernetworks([(hn_path, strength)] if hn_path is not None and strength else [])
     rep = evaluate(gen, prompts, seeds=seeds, steps=steps, cfg_scale=cfg)
-    return summarise(rep.records, strength, rep.seconds_per_image)
+    return summarise(rep.records, strength, style, rep.seconds_per_image)
 
 
-def summarise(records: list[dict], strength: float, seconds_per_image: float = 0.0) -> dict:
+def summarise(records: list[dict], strength: float, style: str, seconds_per_image: float = 0.0) -> dict:
     n = max(len(records), 1)
     styles: dict[str, int] = {}
     for r in records:
         styles[r["style"]] = styles.get(r["style"], 0) + 1
-    return {"strength": strength, "images": len(records), "style_outline": styles.get(TARGET, 0) / n,
+    measure = MEASURE[style]
+    return {"strength": strength, "images": len(records), "style": style, "style_rate": styles.get(style, 0) / n,
             "shape": sum(r["ok_shape"] for r in records) / n, "colour": sum(r["ok_colour"] for r in records) / n,
             "background": sum(r["ok_background"] for r in records) / n, "styles_seen": styles,
-            "hollow": sum(r.get("hollow", 0.0) for r in records) / n,  # continuous: the in-between of a style
-            "seconds_per_image": seconds_per_image}
+            measure: sum(r.get(measure, 0.0) for r in records) / n, "seconds_per_image": seconds_per_image}
 
 
-def vae_ceiling(gen, prompts, seeds: int) -> dict:
-    """The eval scenes rendered outlined (world jitter), encoded and decoded by the model's VAE, then judged."""
+def vae_ceiling(gen, prompts, seeds: int, style: str) -> dict:
+    """The eval scenes rendered in `style` (world jitter), encoded and decoded by the model's VAE, then judged."""
     from sdtune.toy import world
     from sdtune.toy.evaluate import vae_round_trip
     from sdtune.toy.judge import agreement, judge
@@ -106,17 +108,19 @@ def vae_ceiling(gen, prompts, seeds: int) -> dict:
     for _, scene in prompts:
         for _ in range(seeds):
             s = world.random_scene(rng, shapes=(scene.shape,), colours=(scene.colour,),
-                                   backgrounds=(scene.background,), styles=(TARGET,))
+                                   backgrounds=(scene.background,), styles=(style,))
             v = judge(vae_round_trip(vae, [world.render(s)])[0])
             records.append({**{f"ok_{k}": ok for k, ok in agreement(v, replace(s, style="solid")).items()},
-                            "style": v.style})
-    return summarise(records, -1.0)
+                            **v.as_dict()})
+    return summarise(records, -1.0, style)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/accept_hypernetwork"))
     p.add_argument("--model", default="tiny")
+    p.add_argument("--style", default="outline", choices=tuple(MEASURE),
+                   help="the world's style the images are drawn in (the captions never name it)")
     p.add_argument("--images", type=int, default=50)
     p.add_argument("--train-shapes", default="triangle,cross,star")
     p.add_argument("--eval-shapes", default="circle,square")
@@ -142,6 +146,10 @@ def main() -> None:
     p.add_argument("--min-strength", type=float, default=0.75,
                    help="train at strengths drawn from [this, --max-strength] (1, 1: always full)")
     p.add_argument("--max-strength", type=float, default=1.25)
+    p.add_argument("--strength-target", default="full", choices=("full", "blend", "mix"),
+                   help="full: every training strength aims at the images; blend: at strength s, the base "
+                   "model's prediction moved the share s towards them; mix: the images with weight s and the base "
+                   "model's own images for the same captions with weight 1 - s")
     p.add_argument("--seed", type=int, default=0, help="training seed (initial weights, noise, batches); the data "
                    "is always the same")
     p.add_argument("--latents", default="mean", choices=("sample", "mean"), help="VAE posterior sample or mean")
@@ -155,9 +163,9 @@ def main() -> None:
     p.add_argument("--layer-norm", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--keep-checkpoints", default="all")
     p.add_argument("--select-seeds", type=int, default=0,
-                   help="pick the checkpoint with the most outlines on the TRAINING shapes' prompts (0 = the last)")
+                   help="pick the checkpoint with the most STYLE images on the TRAINING shapes' prompts (0 = the last)")
     p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
-                   help="also judge VAE round trips of outlined renders of the eval scenes")
+                   help="also judge VAE round trips of the eval scenes rendered in the style")
     p.add_argument("--skip-train", action="store_true", help="reuse OUT/train/hypernetwork.safetensors")
     args = p.parse_args()
     train_shapes, eval_shapes = tuple(args.train_shapes.split(",")), tuple(args.eval_shapes.split(","))
@@ -176,13 +184,13 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    spec = {"images": args.images, "shapes": list(train_shapes), "captions": args.captions, "style": TARGET}
+    spec = {"images": args.images, "shapes": list(train_shapes), "captions": args.captions, "style": args.style}
     spec_file = out / "data.json"
     if not data.exists() or not spec_file.exists() or json.loads(spec_file.read_text()) != spec:
         import shutil
 
         shutil.rmtree(data, ignore_errors=True)
-        make_dataset(data, args.images, train_shapes, TARGET, seed=0, captions=args.captions)
+        make_dataset(data, args.images, train_shapes, args.style, seed=0, captions=args.captions)
         spec_file.write_text(json.dumps(spec) + "\n")
     hn_path = out / "train" / "hypernetwork.safetensors"
     train_info: dict = {}
@@ -202,6 +210,7 @@ def main() -> None:
         cfg.options.keep_uncond_share = args.keep_uncond_share
         cfg.options.min_strength = args.min_strength
         cfg.options.max_strength = args.max_strength
+        cfg.options.strength_target = args.strength_target
         cfg.options.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         t0, c0 = time.perf_counter(), time.process_time()
         result = train(cfg, echo=lambda s: print(s, flush=True))
@@ -223,26 +232,26 @@ def main() -> None:
         sel_prompts = base_prompts(train_shapes)
         sel = []
         for c in ckpts:
-            r = evaluate_with(gen, c, 1.0, sel_prompts, args.select_seeds, args.sample_steps, args.cfg)
-            sel.append((r["style_outline"], r["colour"], r["shape"], c.name))
-            print(f"selection {c.name}: outline {r['style_outline']:.3f} colour {r['colour']:.3f} "
+            r = evaluate_with(gen, c, 1.0, sel_prompts, args.select_seeds, args.sample_steps, args.cfg, args.style)
+            sel.append((r["style_rate"], r["colour"], r["shape"], c.name))
+            print(f"selection {c.name}: {args.style} {r['style_rate']:.3f} colour {r['colour']:.3f} "
                   f"shape {r['shape']:.3f}", flush=True)
         best = max(sel)
         hn_path = out / "train" / "checkpoints" / best[3]
-        train_info["selection"] = {"by": "outline, then colour, then shape on training-shape prompts",
+        train_info["selection"] = {"by": f"{args.style}, then colour, then shape on training-shape prompts",
                                    "rows": sel, "chosen": best[3]}
         print(f"chosen: {hn_path}", flush=True)
-    rows = [evaluate_with(gen, None, 0.0, prompts, args.seeds, args.sample_steps, args.cfg)]
+    rows = [evaluate_with(gen, None, 0.0, prompts, args.seeds, args.sample_steps, args.cfg, args.style)]
     print("base:", json.dumps(rows[-1]), flush=True)
     for s in [float(x) for x in args.strengths.split(",")]:
-        rows.append(evaluate_with(gen, hn_path, s, prompts, args.seeds, args.sample_steps, args.cfg))
+        rows.append(evaluate_with(gen, hn_path, s, prompts, args.seeds, args.sample_steps, args.cfg, args.style))
         print(f"strength {s:g}:", json.dumps(rows[-1]), flush=True)
     gen.set_hypernetworks([])
     if args.ceiling:
-        rows.append(vae_ceiling(gen, prompts, args.seeds))
+        rows.append(vae_ceiling(gen, prompts, args.seeds, args.style))
         print("VAE ceiling:", json.dumps(rows[-1]), flush=True)
     base, full = rows[0], rows[1]
-    verdict = {"outline_at_1_ge_80": full["style_outline"] >= 0.8,
+    verdict = {f"{args.style}_at_1_ge_80": full["style_rate"] >= 0.8,
                "shape_drop_le_10": base["shape"] - full["shape"] <= 0.10,
                "colour_drop_le_10": base["colour"] - full["colour"] <= 0.10}
     report = {"evaluated_file": str(hn_path), "args": {k: str(v) for k, v in vars(args).items()}, "train": train_info,
@@ -255,13 +264,14 @@ def main() -> None:
         trained = (f"trained {train_info['steps']} steps in {train_info['minutes']} min wall "
                    f"({train_info['cpu_minutes']} min CPU) on {train_info['torch_threads']} thread(s)")
     lines = [f"train shapes {', '.join(train_shapes)}; eval shapes {', '.join(eval_shapes)}; {trained}", "",
-             "| model | outline detected | mean hollowness | shape agreement | colour agreement | background |",
+             f"| model | {args.style} detected | mean {MEASURE[args.style]} | shape agreement | colour agreement "
+             "| background |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        name = {0.0: "base", -1.0: "VAE round trip of outlined renders (ceiling)"}.get(
+        name = {0.0: "base", -1.0: f"VAE round trip of {args.style} renders (ceiling)"}.get(
             r["strength"], f"hypernetwork strength {r['strength']:g}")
-        lines.append(f"| {name} | {100 * r['style_outline']:.1f}% | {r['hollow']:.2f} | {100 * r['shape']:.1f}% | "
-                     f"{100 * r['colour']:.1f}% | {100 * r['background']:.1f}% |")
+        lines.append(f"| {name} | {100 * r['style_rate']:.1f}% | {r[MEASURE[args.style]]:.2f} | "
+                     f"{100 * r['shape']:.1f}% | {100 * r['colour']:.1f}% | {100 * r['background']:.1f}% |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print("goal:", verdict)

@@ -469,3 +469,68 @@ def test_keep_uncond_share_uses_part_of_the_batch(sd1, tmp_path):
     batch = Batch(latents=torch.zeros(4, 4, 4, 4), captions=["a", "b", "c", "d"], step=1)
     method.extra_loss(batch, diffusion_loss)
     assert seen == [(2, 2)]
+
+
+def test_blend_target_moves_the_base_prediction_the_strength_share_towards_the_images(sd1, tmp_path):
+    """strength_target blend: a step at strength s matches base + s * (images' target - base), where base is the
+    UNet with the hypernetwork off; at strength 1 (and with the default, full) the images' target is kept."""
+    from sdtune.training.methods.base import Batch
+
+    method = _set_up_method(sd1, tmp_path, strength_target="blend", min_strength=0.25, max_strength=1.0)
+    _randomised(method.network)
+    method.network.train()
+    batch = Batch(latents=torch.zeros(2, 4, 4, 4), captions=["a red cross", "a blue star"], step=4)
+    cond = method.conditioning(batch)
+    s = method.stack.entries[0][1]
+    assert 0.25 <= s < 1
+    noisy, t = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([300, 700])
+    images_target = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with_hn = method.model.pipe.unet(noisy, t, **cond.unet_kwargs()).sample
+        blended = method.target(batch, cond)(noisy, t, images_target)
+    base = method.base_prediction(noisy, t, cond)
+    assert not torch.allclose(base, with_hn)  # the hypernetwork is on in the step and off in the base
+    assert method.stack.entries[0][1] == s  # and back on after the base prediction
+    torch.testing.assert_close(blended, base + s * (images_target - base))
+    method.stack.entries = [(method.network, 1.0)]
+    assert method.target(batch, cond) is None
+    full = _set_up_method(sd1, tmp_path, min_strength=0.25)
+    full.network.train()
+    assert full.target(batch, full.conditioning(batch)) is None
+
+
+def test_mix_trains_on_the_base_models_own_images_weighted_by_one_minus_strength(sd1, tmp_path):
+    """strength_target mix: the base model's image for each training caption is generated once (hypernetwork
+    off), cached, and at strength s < 1 its loss joins with weight (1 - s) / s; at strength 1 it is left out."""
+    from sdtune.training import TrainConfig, train
+    from sdtune.training.methods.base import Batch
+    from sdtune.training.methods.hypernetwork import HypernetworkMethod
+
+    data = write_toy_dataset(tmp_path / "data", 3, size=32)
+    said: list[str] = []
+    cfg = TrainConfig(method="hypernetwork", data=str(data), out=str(tmp_path / "mix"), steps=3, lr=1e-2,
+                      resolution=32, save_every=0, progress=False, tensorboard=False, batch_size=2, sample_steps=2,
+                      latents="mean")
+    cfg.options.strength_target, cfg.options.min_strength, cfg.options.max_strength = "mix", 0.5, 1.0
+    method = HypernetworkMethod(cfg.options)
+    result = train(cfg, method=method, model=copy.deepcopy(sd1), echo=said.append)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    cached = list((tmp_path / "mix" / "base_images").glob("*/*.png"))
+    assert len(cached) == 3 and any("generating 3 base image(s)" in s for s in said)
+    assert len(method.base_latents) == 3
+
+    seen = []
+
+    def diffusion_loss(latents, cond, target=None):
+        seen.append(latents)
+        return torch.ones(())
+
+    batch = Batch(latents=torch.zeros(2, 4, 4, 4), captions=["a", "b"], indices=[2, 0], step=1)
+    method.stack.entries = [(method.network, 0.8)]
+    assert float(method.extra_loss(batch, diffusion_loss)) == pytest.approx(0.25)  # (1 - 0.8) / 0.8, first half
+    torch.testing.assert_close(seen[0], method.base_latents[2].get(False)[None])
+    method.stack.entries = [(method.network, 1.0)]
+    assert method.extra_loss(batch, diffusion_loss) is None
+    cfg.options.max_strength = 1.5
+    with pytest.raises(SdtuneError, match="max_strength"):
+        HypernetworkMethod.check_options(cfg.options, cfg)

@@ -42,10 +42,13 @@ def test_every_shape_in_every_colour_on_every_background():
                 assert all(agreement(judge(world.render(scene)), scene).values()), scene
 
 
-def test_hollowness_separates_solid_from_outlined():
-    """`hollow` is the continuous reading behind the outline verdict (used to see a style's in-between)."""
+def test_continuous_readings_separate_solid_from_outlined_and_blurry():
+    """`hollow` and `blur` are the continuous readings behind the outline and blurry verdicts (used to see a
+    style's in-between)."""
     for shape in ("circle", "square"):
         for colour in ("red", "blue"):
             solid = judge(world.render(world.Scene(shape, colour, "white")))
             outlined = judge(world.render(world.Scene(shape, colour, "white", style="outline")))
+            blurry = judge(world.render(world.Scene(shape, colour, "white", style="blurry")))
             assert solid.hollow < 0.1 and outlined.hollow > 0.9, (shape, colour, solid.hollow, outlined.hollow)
+            assert solid.blur < 3.0 < blurry.blur, (shape, colour, solid.blur, blurry.blur)

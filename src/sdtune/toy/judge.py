@@ -34,6 +34,7 @@ class Verdict:
     style_conf: float
     foreground_fraction: float
     hollow: float = 0.0  # share of the shape's inner area left background-coloured: ~0 solid, ~1 outline
+    blur: float = 0.0  # soft-edge band around the shape per perimeter pixel: solid <= ~2.9, blurry >= 3
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -160,7 +161,7 @@ def judge(image: Image.Image) -> Verdict:
     else:
         style, style_conf = "solid", 1.0 - min(shade_frac, 1.0)
     return Verdict(colour, shape, background, style, colour_conf, shape_conf, background_conf, float(style_conf), fg_frac,
-                   hollow)
+                   hollow, blur_ratio)
 
 
 def agreement(verdict: Verdict, scene: world.Scene) -> dict[str, bool]:

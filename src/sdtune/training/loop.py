@@ -501,7 +501,9 @@ class Trainer:
     def _unet_loss(self, latents: torch.Tensor, cond: Conditioning, noise: torch.Tensor, t: torch.Tensor,
                    reduce: bool = True, target_fn: TargetFn | None = None) -> torch.Tensor:
         noisy = self.noise.add_noise(latents, noise, t)
-        target = self.noise.target(latents, noise, t) if target_fn is None else target_fn(noisy, t)
+        target = self.noise.target(latents, noise, t)
+        if target_fn is not None:
+            target = target_fn(noisy, t, target)
         pred = self.unet(noisy, t, **cond.unet_kwargs()).sample
         if reduce:
             return self.noise.loss(pred, target, t)
@@ -510,13 +512,13 @@ class Trainer:
     def diffusion_loss(self, latents: torch.Tensor, cond: Conditioning, gen: torch.Generator,
                        target: TargetFn | None = None) -> torch.Tensor:
         """The noise-prediction loss of `latents` under `cond`, noise and timesteps drawn from `gen`; `target`
-        (noisy latents, timesteps) -> the prediction to match instead of the noise (distillation)."""
+        (noisy latents, timesteps, the schedule's target) -> what to match instead (distillation, blends)."""
         noise, t = self.noise.sample(latents, gen)
         return self._unet_loss(latents, cond, noise, t, target_fn=target)
 
     def _loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         cond = self.method.conditioning(batch)
-        loss = self.diffusion_loss(batch.latents, cond, gen)
+        loss = self.diffusion_loss(batch.latents, cond, gen, self.method.target(batch, cond))
         extra = self.method.extra_loss(batch, lambda lat, c, target=None: self.diffusion_loss(lat, c, gen, target))
         return loss if extra is None else loss + extra
 
