@@ -356,3 +356,44 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path, data, model):
     r = train(config(tmp_path, data, steps=2, save_every=0, mixed_precision="bf16"), model=model, **quiet())
     assert all(math.isfinite(x) for x in r.losses)
     assert all(v.dtype == torch.float32 for v in load_file(r.final).values())  # trained weights stay fp32
+
+
+# ------------------------------------------------------------------------------------------ checkpoint averaging
+
+def test_average_checkpoints_saves_the_mean_of_the_last_n_and_trains_on_from_the_raw_weights(tmp_path, data,
+                                                                                           pristine):
+    """average_checkpoints 3: each checkpoint file is the mean of the raw weights at its step and the two checkpoints
+    before it; the raw trajectory (losses, resumable state) is the plain run's; an interrupted run resumes to the
+    same averaged files."""
+    kw = dict(method="bias", steps=8, save_every=2, keep_checkpoints="all", lr=1e-2)
+    plain = train(config(tmp_path, data, "plain", **kw), model=copy.deepcopy(pristine), **quiet())
+    averaged = train(config(tmp_path, data, "avg", average_checkpoints=3, **kw), model=copy.deepcopy(pristine),
+                     **quiet())
+    assert averaged.losses == plain.losses
+
+    def ckpt(run, step):
+        return load_file(str(tmp_path / run / "checkpoints" / f"bias-{step:06d}.safetensors"))
+
+    raw = {step: ckpt("plain", step) for step in (2, 4, 6, 8)}
+    for step, window in ((2, (2,)), (4, (2, 4)), (6, (2, 4, 6)), (8, (4, 6, 8))):
+        got = ckpt("avg", step)
+        for k, v in got.items():
+            torch.testing.assert_close(v, torch.stack([raw[s][k] for s in window]).mean(0))
+    assert not torch.equal(next(iter(ckpt("avg", 8).values())), next(iter(raw[8].values())))
+    final = load_file(str(averaged.final))
+    assert all(torch.equal(final[k], ckpt("avg", 8)[k]) for k in final)
+
+    def stop(trainer, step, loss):
+        if step == 4:
+            trainer.request_stop()
+
+    part = train(config(tmp_path, data, "part", average_checkpoints=3, **kw), model=copy.deepcopy(pristine),
+                 on_step=stop, handle_signals=False, **quiet())
+    assert part.stopped == "interrupted"
+    rest = train(config(tmp_path, data, "part", average_checkpoints=3, resume="auto", **kw),
+                 model=copy.deepcopy(pristine), **quiet())
+    assert part.losses + rest.losses == plain.losses
+    for k, v in ckpt("part", 8).items():
+        assert torch.equal(v, ckpt("avg", 8)[k])
+    with pytest.raises(SdtuneError, match="average_checkpoints"):
+        config(tmp_path, data, average_checkpoints=0).check_values()

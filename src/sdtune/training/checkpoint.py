@@ -51,6 +51,7 @@ class TrainState:
     history: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    snapshots: list[dict[str, torch.Tensor]] = field(default_factory=list)  # average_checkpoints' raw weights
     path: Path | None = None
 
 
@@ -227,6 +228,9 @@ class StateStore:
             for i, s in enumerate(rng.pop("cuda", []) or []):
                 rng_tensors[f"cuda.{i}"] = s
             _save_tensors(rng_tensors, tmp / "rng.safetensors")
+            if state.snapshots:
+                _save_tensors({f"{i}/{k}": v for i, snap in enumerate(state.snapshots) for k, v in snap.items()},
+                              tmp / "snapshots.safetensors")
             doc = {"version": STATE_VERSION, "step": state.step, "epoch": state.epoch, "cursor": state.cursor,
                    "rng": rng, "optimizer": opt_rest, "history": state.history, "config": state.config,
                    "extra": state.extra, "time": time.time()}
@@ -269,6 +273,7 @@ class StateStore:
             weights = _load_tensors(p / "weights.safetensors")
             opt = optimizer_from_files(_load_tensors(p / "optimizer.safetensors"), doc["optimizer"])
             rng_t = _load_tensors(p / "rng.safetensors")
+            flat = _load_tensors(p / "snapshots.safetensors") if (p / "snapshots.safetensors").is_file() else {}
         except (OSError, ValueError, KeyError) as exc:
             raise SdtuneError(f"the training state {p} is damaged ({exc}); remove that folder to fall back to an "
                               "older state, or start again") from None
@@ -283,7 +288,15 @@ class StateStore:
             rng["cuda"] = cuda
         return TrainState(step=int(doc["step"]), epoch=int(doc["epoch"]), cursor=int(doc["cursor"]), weights=weights,
                           optimizer=opt, rng=rng, history=doc.get("history", {}), config=doc.get("config", {}),
-                          extra=doc.get("extra", {}), path=p)
+                          extra=doc.get("extra", {}), snapshots=_unflatten_snapshots(flat), path=p)
+
+
+def _unflatten_snapshots(flat: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    snaps: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        i, name = key.split("/", 1)
+        snaps.setdefault(int(i), {})[name] = value
+    return [snaps[i] for i in sorted(snaps)]
 
 
 def link_or_copy(src: Path, dst: Path) -> Path:

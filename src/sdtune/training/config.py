@@ -132,6 +132,11 @@ class TrainConfig:
                           section="output", kind="int")
     keep_checkpoints: str = opt("best", "Checkpoint files to keep: all, best, or last.", section="output",
                                 kind="str", choices=("all", "best", "last"))
+    average_checkpoints: int = opt(1, "Each checkpoint file holds the mean of the weights at its step and the N-1 "
+                                   "checkpoints before it (training goes on from the raw weights; evaluation and "
+                                   "the final file use the mean). Smooths run-to-run variance; costs N-1 copies of "
+                                   "the trained weights in memory (e.g. 3 with --save-every 500).", section="output",
+                                   kind="int", metavar="N")
     keep_states: int = opt(1, "Resumable training states kept in OUT/state.", section="output", kind="int")
     resume: str | None = opt(None, "Continue from OUT/state ('auto': if there is one) or from a state folder.",
                              section="output", kind="str", metavar="[auto|DIR]")
@@ -293,6 +298,7 @@ class TrainConfig:
         _at_least("sample_every", self.sample_every, 0)
         _at_least("sample_steps", self.sample_steps, 1)
         _at_least("keep_states", self.keep_states, 1)
+        _at_least("average_checkpoints", self.average_checkpoints, 1)
         _at_least("keep_tokens", self.keep_tokens, 0)
         _at_least("clip_skip", self.clip_skip, 1)
         _at_least("val_timesteps", self.val_timesteps, 1)

@@ -165,6 +165,7 @@ class Trainer:
         self._epoch_cache: tuple[int, list[int], list[list[int]]] | None = None
         self._fp16_skips = 0
         self.log: RunLog | None = None
+        self._snapshots: list[dict[str, torch.Tensor]] = []  # average_checkpoints: the last checkpoints' raw weights
 
     # ================================================================================================ public
 
@@ -501,9 +502,7 @@ class Trainer:
     def _unet_loss(self, latents: torch.Tensor, cond: Conditioning, noise: torch.Tensor, t: torch.Tensor,
                    reduce: bool = True, target_fn: TargetFn | None = None) -> torch.Tensor:
         noisy = self.noise.add_noise(latents, noise, t)
-        target = self.noise.target(latents, noise, t)
-        if target_fn is not None:
-            target = target_fn(noisy, t, target)
+        target = self.noise.target(latents, noise, t) if target_fn is None else target_fn(noisy, t)
         pred = self.unet(noisy, t, **cond.unet_kwargs()).sample
         if reduce:
             return self.noise.loss(pred, target, t)
@@ -512,13 +511,13 @@ class Trainer:
     def diffusion_loss(self, latents: torch.Tensor, cond: Conditioning, gen: torch.Generator,
                        target: TargetFn | None = None) -> torch.Tensor:
         """The noise-prediction loss of `latents` under `cond`, noise and timesteps drawn from `gen`; `target`
-        (noisy latents, timesteps, the schedule's target) -> what to match instead (distillation, blends)."""
+        (noisy latents, timesteps) -> the prediction to match instead of the noise (distillation)."""
         noise, t = self.noise.sample(latents, gen)
         return self._unet_loss(latents, cond, noise, t, target_fn=target)
 
     def _loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         cond = self.method.conditioning(batch)
-        loss = self.diffusion_loss(batch.latents, cond, gen, self.method.target(batch, cond))
+        loss = self.diffusion_loss(batch.latents, cond, gen)
         extra = self.method.extra_loss(batch, lambda lat, c, target=None: self.diffusion_loss(lat, c, gen, target))
         return loss if extra is None else loss + extra
 
@@ -604,8 +603,9 @@ class Trainer:
     def _checkpoint(self, step: int) -> None:
         if not _finite(self.method.state_dict().values()):
             raise _Diverged(step, "weights")
-        path = self.method.save(self.checkpoint_path(step), step, self._metadata(step))
-        metrics = self._evaluate(step, path)
+        with self._averaged_weights():
+            path = self.method.save(self.checkpoint_path(step), step, self._metadata(step))
+            metrics = self._evaluate(step, path)
         train_loss = sum(self._pending) / len(self._pending) if self._pending else None
         self._pending = []
         row: dict[str, Any] = {"step": step, "train_loss": train_loss, "val_loss": metrics.pop("val_loss", None),
@@ -621,6 +621,24 @@ class Trainer:
         self._save_state()
         self._write_summary()
         self.log.event("checkpoint", step, **{k: v for k, v in row.items() if k != "step"})
+
+    @contextlib.contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """average_checkpoints N: the method holds the mean of this and the N-1 previous checkpoints' weights while
+        the checkpoint is saved and evaluated, then the raw weights again (training goes on from those)."""
+        n = self.config.average_checkpoints
+        if n <= 1:
+            yield
+            return
+        raw = {k: v.detach().to("cpu", copy=True) for k, v in self.method.state_dict().items()}
+        self._snapshots = (self._snapshots + [raw])[-n:]
+        mean = {k: torch.stack([snap[k].float() for snap in self._snapshots]).mean(0).to(v.dtype)
+                for k, v in raw.items()}
+        self.method.load_state_dict({k: v.to(self.device) for k, v in mean.items()})
+        try:
+            yield
+        finally:
+            self.method.load_state_dict({k: v.to(self.device) for k, v in raw.items()})
 
     def best_step(self) -> int | None:
         if self._selecting:
@@ -647,7 +665,8 @@ class Trainer:
             extra["scaler"] = scaler.state_dict()
         state = TrainState(step=self.step, epoch=self.epoch, cursor=self.cursor, weights=self.method.state_dict(),
                            optimizer=self.optimizer.state_dict(), rng=capture_rng(), history=self._history(),
-                           config=self.config.replace(resume=None).to_dict(), extra=extra)
+                           config=self.config.replace(resume=None).to_dict(), extra=extra,
+                           snapshots=self._snapshots)
         self.store.save(state)
 
     def _restore(self, state: TrainState, *, rng: bool = True) -> None:
@@ -662,6 +681,8 @@ class Trainer:
         self._pending = list(h.get("pending", []))
         self.selection.load_state_dict(h.get("selection", {}))
         self._fp16_skips = int(h.get("fp16_skips", 0))
+        self._snapshots = state.snapshots[-self.config.average_checkpoints:] if self.config.average_checkpoints > 1 \
+            else []
         scaler = self.accelerator.scaler
         if scaler is not None and "scaler" in state.extra:
             scaler.load_state_dict(state.extra["scaler"])

@@ -51,10 +51,9 @@ class Batch:
     step: int = 0                         # the optimizer step this batch belongs to (1-based)
 
 
-TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# (noisy latents, timesteps, the schedule's own target) -> the target to match instead
+TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, timesteps) -> target
 # diffusion_loss(latents, cond, target=None): the loop's loss with this step's noise; `target` replaces the
-# schedule's target with another prediction (e.g. the base model's, to keep some behaviour unchanged)
+# noise target with another prediction (e.g. the base model's, to keep some behaviour unchanged)
 DiffusionLoss = Callable[..., torch.Tensor]
 
 
@@ -137,10 +136,6 @@ class TrainingMethod:
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
-
-    def target(self, batch: Batch, cond: Conditioning) -> TargetFn | None:
-        """What the step's main loss matches (None: the noise schedule's target for the training images)."""
-        return None
 
     def extra_loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor | None:
         """An extra term added to the step's loss (e.g. prior preservation). `diffusion_loss(latents, cond,

@@ -9,7 +9,6 @@ See `sdtune.adapters.hypernetwork`.
 from __future__ import annotations
 
 import contextlib
-import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
@@ -18,7 +17,7 @@ import torch
 
 from sdtune.errors import SdtuneError
 from sdtune.training.config import opt
-from sdtune.training.methods.base import Batch, Conditioning, DiffusionLoss, TargetFn, TrainingMethod, trainable
+from sdtune.training.methods.base import Batch, DiffusionLoss, TrainingMethod, trainable
 
 if TYPE_CHECKING:
     from sdtune.models.loading import LoadedModel
@@ -62,13 +61,6 @@ class HypernetworkOptions:
                               metavar="S")
     max_strength: float = opt(1.0, "Upper end of the training strength range (see --min-strength).",
                               section="hypernetwork", kind="float", metavar="S")
-    strength_target: str = opt("full", "What a training step at strength s aims at. full: the training images at "
-                               "every strength (the style holds over the strength range). blend: the base model's "
-                               "prediction moved the share s of the way to the images (one more UNet pass per step). "
-                               "mix: the images with weight s and the base model's own images for the same captions "
-                               "(generated once) with weight 1 - s, so strength s draws the style on about the share s "
-                               "of images (one more UNet pass on half the batch per step; max_strength <= 1).",
-                               section="hypernetwork", kind="str", choices=("full", "blend", "mix"))
     format: str = opt("safetensors", "File format: safetensors (sdtune) or a1111 (.pt, A1111/ComfyUI).",
                       section="hypernetwork", kind="str", choices=("safetensors", "a1111"))
 
@@ -95,7 +87,6 @@ class HypernetworkMethod(TrainingMethod):
             self.file_ext = ".pt"
         self.network: Any = None
         self.stack: Any = None
-        self.base_latents: list[Any] = []
 
     @classmethod
     def check_options(cls, options: Any, config: TrainConfig) -> None:
@@ -107,9 +98,6 @@ class HypernetworkMethod(TrainingMethod):
         if not 0 <= options.min_strength <= options.max_strength:
             raise SdtuneError(f"hypernetwork min_strength {options.min_strength} must be in [0, max_strength "
                               f"{options.max_strength}]")
-        if options.strength_target == "mix" and options.max_strength > 1:
-            raise SdtuneError(f"hypernetwork max_strength {options.max_strength} must be at most 1 with strength_target "
-                              "mix (a share of the images cannot exceed all of them)")
         if any(s < 1 for s in options.sizes):
             raise SdtuneError(f"hypernetwork sizes {options.sizes} must be positive widths, e.g. 320 640 768 1280")
 
@@ -169,83 +157,28 @@ class HypernetworkMethod(TrainingMethod):
         if self.model is not None:
             uninstall(self.model.pipe.unet)
 
-    def base_prediction(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The UNet's prediction with the hypernetwork switched off (no gradient)."""
-        assert self.model is not None
-        entries, self.stack.entries = self.stack.entries, []
-        try:
-            with torch.no_grad():
-                return self.model.pipe.unet(noisy, t, **cond.unet_kwargs()).sample
-        finally:
-            self.stack.entries = entries
-
-    def target(self, batch: Batch, cond: Conditioning) -> TargetFn | None:
-        """strength_target blend: at strength s the step matches base + s * (images' target - base)."""
-        strength = self.stack.entries[0][1]
-        if self.options.strength_target != "blend" or strength == 1:
-            return None
-
-        def blended(noisy: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            base = self.base_prediction(noisy, t, cond)
-            return base + strength * (target.to(base.dtype) - base)
-
-        return blended
-
-    def prepare_data(self, trainer: Any) -> None:
-        """strength_target mix: the base model's image for every training caption (seed: the image's index),
-        generated once with the hypernetwork switched off, cached in OUT/base_images and encoded."""
-        if self.options.strength_target != "mix":
-            return
-        from sdtune.adapters.hypernetwork.apply import install, uninstall
-        from sdtune.training.prior import generated_images
-
-        assert self.model is not None
-        unet = self.model.pipe.unet
-        uninstall(unet)
-        try:
-            images = generated_images(trainer, [item.caption for item in trainer.dataset.items], "base_images",
-                                      "hypernetwork mix", "base image")
-        finally:
-            install(unet, self.stack)
-        self.base_latents = trainer._encode(images, flip_variants=False)
-        self.base_resolution = trainer.resolution
-        self.sample_latents = trainer.latents_mode == "sample"
-
     def extra_loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor | None:
-        terms = [t for t in (self._keep_uncond_loss(batch, diffusion_loss), self._mix_loss(batch, diffusion_loss))
-                 if t is not None]
-        return sum(terms[1:], terms[0]) if terms else None
-
-    def _keep_uncond_loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor | None:
         """keep_uncond: the hypernetwork's empty-prompt prediction distilled towards the base model's (the
         hypernetwork switched off) on the same noisy latents."""
         weight = self.options.keep_uncond
         if not weight:
             return None
+        assert self.model is not None
+        unet = self.model.pipe.unet
         n = max(1, round(len(batch.captions) * self.options.keep_uncond_share))
         part = replace(batch, latents=batch.latents[:n], captions=[""] * n,
                        time_ids=None if batch.time_ids is None else batch.time_ids[:n])
         empty = self.conditioning(part)
-        return weight * diffusion_loss(part.latents, empty,
-                                       target=lambda noisy, t, _: self.base_prediction(noisy, t, empty))
 
-    def _mix_loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor | None:
-        """strength_target mix at strength s < 1: the base images of the first half of the batch, with their
-        captions, weighted (1 - s) / s against the training images (the optimum is the s-mixture)."""
-        strength = self.stack.entries[0][1]
-        if self.options.strength_target != "mix" or not 0 < strength < 1 or not batch.indices:
-            return None
-        n = max(1, len(batch.indices) // 2)
-        rng = random.Random(f"{self.config.seed if self.config else 0}:mix:{batch.step}")
-        gen = torch.Generator("cpu").manual_seed(rng.randrange(2**63)) if self.sample_latents else None
-        device = batch.latents.device
-        latents = torch.stack([self.base_latents[i].get(False, generator=gen) for i in batch.indices[:n]]).to(device)
-        ids = None
-        if batch.time_ids is not None:
-            r = float(self.base_resolution)
-            ids = torch.tensor([[r, r, 0.0, 0.0, r, r]] * n, device=device)
-        cond = self.conditioning(Batch(latents=latents, captions=batch.captions[:n], time_ids=ids, step=batch.step))
-        return (1 - strength) / strength * diffusion_loss(latents.to(batch.latents.dtype), cond)
+        def base_prediction(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            entries, self.stack.entries = self.stack.entries, []
+            try:
+                with torch.no_grad():
+                    return unet(noisy, t, **empty.unet_kwargs()).sample
+            finally:
+                self.stack.entries = entries
+
+        return weight * diffusion_loss(part.latents, empty, target=base_prediction)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.network.flat_state_dict().items()}
