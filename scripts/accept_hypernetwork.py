@@ -25,7 +25,7 @@ starting at A1111's N(0, 0.01) gain, and a recipe per style (`RECIPES`, an expli
   the UNet switches on over a narrow band of strengths, so the range and the averaging steady strength 1;
 - blurry: 600 steps at lr 2e-3, training strengths from [1, 1.5]: a continuous style that guidance amplifies, so
   trained at strength 1 the images come out blurrier than the training images and change colour; trained a bit
-  above 1, strength 1 matches them and 0.5 gives half the blur.
+  above 1, strength 1 matches them and 0.5 is an in-between (a quarter to a third of the images blurred).
 
     python scripts/accept_hypernetwork.py --out runs/accept_hn --threads 2                  # outline
     python scripts/accept_hypernetwork.py --style blurry --out runs/accept_hn_blur --threads 2

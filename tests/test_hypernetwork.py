@@ -469,4 +469,3 @@ def test_keep_uncond_share_uses_part_of_the_batch(sd1, tmp_path):
     batch = Batch(latents=torch.zeros(4, 4, 4, 4), captions=["a", "b", "c", "d"], step=1)
     method.extra_loss(batch, diffusion_loss)
     assert seen == [(2, 2)]
-
