@@ -14,7 +14,8 @@
 A `ceiling` row judges the eval scenes rendered in the style and passed through the model's VAE (encode + decode):
 what the judge can read at best. The judge reads VAE-decoded outlined circles/squares ~97%, triangles/crosses
 only ~60% (a cross's arms blur shut or its ring breaks and the hole fill leaks), which is why circle/square are
-the eval shapes. Blurred squares read as circles 30% of the time, so even perfect blur costs shape agreement.
+the eval shapes. VAE round trips of blurred circles/squares read as the right shape only 86.7% (`--style blurry`
+ceiling row; squares turn into circles), so even perfect blur costs shape agreement.
 
 Training defaults (tried on the tiny model, every run in bench/README.md): `--latents mean` (the tiny VAE's
 posterior std is ~30% of its latents' spread), `--keep-uncond 0.5` with `--caption-dropout 0` (without the keep
