@@ -51,6 +51,21 @@ def test_state_store_latest_pointer_fallback_prune_and_temp_cleanup(tmp_path):
         StateStore(tmp_path / "empty").load()
 
 
+@pytest.mark.parametrize("damaged", ["weights.safetensors", "snapshots.safetensors"])
+def test_snapshots_round_trip_and_a_damaged_state_file_is_a_one_line_error(tmp_path, damaged):
+    store = StateStore(tmp_path / "state")
+    saved = state(4)
+    saved.snapshots = [{"w": torch.full((3,), 1.0)}, {"w": torch.full((3,), 2.0)}]
+    folder = store.save(saved)
+    loaded = store.load()
+    assert [s["w"].tolist() for s in loaded.snapshots] == [[1.0] * 3, [2.0] * 3]
+    StateStore(tmp_path / "plain").save(state(1))  # no snapshots: no file, and none loaded
+    assert StateStore(tmp_path / "plain").load().snapshots == []
+    (folder / damaged).write_bytes(b"garbage")
+    with pytest.raises(SdtuneError, match=f"is damaged .*{damaged}"):
+        store.load()
+
+
 def test_optimizer_state_and_rng_round_trip():
     p = torch.nn.Parameter(torch.randn(4))
     opt = torch.optim.AdamW([p], lr=1e-2)

@@ -142,9 +142,13 @@ def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:  # a truncated or overwritten file: reported as a damaged state
+        raise ValueError(f"{path.name}: {exc}") from None
 
 
 class StateStore:
