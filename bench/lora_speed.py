@@ -34,9 +34,9 @@ def model_folder(spec: str, work: Path) -> tuple[str, str]:
     if spec != "tiny":
         return spec, spec
     try:
-        from sdtune.models.loading import tiny_path
+        from sdtune.models.bundled import bundled_model_path
 
-        tiny_path()
+        bundled_model_path()
         return "tiny", "bundled tiny model"
     except Exception:
         pass

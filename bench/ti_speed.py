@@ -162,13 +162,12 @@ def main() -> None:
     if args.run:
         child(args)
         return
-    sys.path.insert(0, str(HERE))
-    from prompt_encoding import machine  # noqa: E402
+    from prompt_encoding import machine
 
     import torch
 
     torch.set_num_threads(args.threads)
-    from sdtune.training.testing import write_toy_dataset
+    from sdtune.toy.testing import write_toy_dataset
 
     print(machine())
     _, what = build(args.model) if args.model != "tiny" else (None, "the bundled tiny model (toy vocabulary)")

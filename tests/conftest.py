@@ -44,6 +44,6 @@ def sd1():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Two 32px toy-world training images with captions; modules that need other data define their own."""
-    from sdtune.training.testing import write_toy_dataset
+    from sdtune.toy.testing import write_toy_dataset
 
     return write_toy_dataset(tmp_path_factory.mktemp("data"), 2, size=32)

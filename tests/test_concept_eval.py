@@ -12,7 +12,7 @@ import torch
 
 from sdtune.errors import SdtuneError
 from sdtune.toy import world
-from sdtune.toy.concept_eval import ConceptJudge, default_term, judge_from_config
+from sdtune.toy.concept_eval import ConceptJudge, default_term, evaluator_for, judge_from_config
 from sdtune.training import TrainConfig, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
@@ -77,9 +77,9 @@ def test_config_validation(tmp_path):
     assert judge_from_config(lora.check_values()).term == "sks shape"
     assert judge_from_config(lora.replace(judge_term="zzk heart")).term == "zzk heart"
     with pytest.raises(SdtuneError, match="judge-term"):
-        TrainConfig(method="lora", judge="heart").check_values()
+        judge_from_config(TrainConfig(method="lora", judge="heart").check_values())
     with pytest.raises(SdtuneError, match="not a toy-world shape"):
-        cfg(tmp_path, judge="blob").check_values()
+        judge_from_config(cfg(tmp_path, judge="blob").check_values())
     with pytest.raises(SdtuneError, match="not tiny"):
         cfg(tmp_path, model="models/sd15").check_values()
     cfg(tmp_path, model="models/toy", judge_any_model=True).check_values()
@@ -88,6 +88,17 @@ def test_config_validation(tmp_path):
     with pytest.raises(SdtuneError, match="--judge SHAPE"):
         cfg(tmp_path, judge=None, select_by="judge_score:max").check_values()
     assert TrainConfig.from_dict(cfg(tmp_path).to_dict()).judge == "star"  # round trip through the file layout
+
+
+def test_the_training_core_needs_the_judge_passed_in(tmp_path):
+    """The loop never imports the toy world: a config asking for the judge without the evaluator is refused."""
+    from sdtune.toy.testing import write_toy_dataset
+    from sdtune.training.testing import tiny_loaded
+
+    data = write_toy_dataset(tmp_path / "data", 2, size=32, shapes=("star",))
+    with pytest.raises(SdtuneError, match="evaluator_for"):
+        train(cfg(tmp_path, data=str(data), resolution=32), model=copy.deepcopy(tiny_loaded("sd1")),
+              echo=lambda s: None)
 
 
 def test_cli_flags(tmp_path):
@@ -109,7 +120,8 @@ def test_cli_flags(tmp_path):
 
 
 def test_judged_run_selects_by_judge_score(tmp_path):
-    from sdtune.training.testing import tiny_loaded, write_toy_dataset
+    from sdtune.toy.testing import write_toy_dataset
+    from sdtune.training.testing import tiny_loaded
 
     data = write_toy_dataset(tmp_path / "data", 2, size=32, shapes=("star",),
                              caption="a {colour} [name] on a white background")
@@ -117,7 +129,7 @@ def test_judged_run_selects_by_judge_score(tmp_path):
     c = cfg(tmp_path, data=str(data), resolution=32, judge_seeds=1, sample_steps=2, steps=6,
             select_by="judge_score:max", keep_checkpoints="all")
     r = train(c, model=copy.deepcopy(tiny_loaded("sd1")), echo=lambda s: None,
-              evaluator=lambda ctx: seen.append(ctx.step) or {"mine": 1.0})
+              evaluator=evaluator_for(c, lambda ctx: seen.append(ctx.step) or {"mine": 1.0}))
     assert seen == [2, 4, 6]  # the given evaluator still runs, next to the judge
     assert [row["step"] for row in r.rows] == [2, 4, 6]
     scores = [row["judge_score"] for row in r.rows]
@@ -135,11 +147,12 @@ def test_judged_run_selects_by_judge_score(tmp_path):
 def test_early_stop_on_judge_score(tmp_path):
     """Weights that barely move give the same images, so the same judge_score: a tie is no improvement, and
     patience 1 stops at the second evaluation with the first as the best."""
-    from sdtune.training.testing import tiny_loaded, write_toy_dataset
+    from sdtune.toy.testing import write_toy_dataset
+    from sdtune.training.testing import tiny_loaded
 
     data = write_toy_dataset(tmp_path / "data", 2, size=32, shapes=("star",),
                              caption="a {colour} [name] on a white background")
     c = cfg(tmp_path, data=str(data), resolution=32, judge_seeds=1, sample_steps=1, steps=20,
             select_by="judge_score:max", early_stop="1", lr=1e-9)
-    r = train(c, model=copy.deepcopy(tiny_loaded("sd1")), echo=lambda s: None)
+    r = train(c, model=copy.deepcopy(tiny_loaded("sd1")), echo=lambda s: None, evaluator=evaluator_for(c))
     assert r.stopped == "early_stop" and r.step == 4 and r.best_step == 2

@@ -16,7 +16,8 @@ from sdtune.adapters.hypernetwork import (Hypernetwork, HypernetworkSettings, Pi
 from sdtune.adapters.hypernetwork.apply import HypernetworkProcessor, attention_modules
 from sdtune.adapters.hypernetwork.io import from_a1111, to_a1111
 from sdtune.errors import SdtuneError
-from sdtune.training.testing import tiny_loaded, write_toy_dataset
+from sdtune.toy.testing import write_toy_dataset
+from sdtune.training.testing import tiny_loaded
 
 
 def _randomised(hn: Hypernetwork, seed: int = 1, scale: float = 0.3) -> Hypernetwork:

@@ -141,7 +141,8 @@ def test_lora_hash_is_a1111s(files):
 
 
 def test_infotext_field_and_lora_args():
-    from sdtune.adapters.lora.tags import add_infotext_field, lora_hashes_value, parse_lora_arg
+    from sdtune.adapters.lora.tags import lora_hashes_value, parse_lora_arg
+    from sdtune.generate.pnginfo import add_infotext_field
 
     text = "a cat\nNegative prompt: dog\nSteps: 2, Seed: 1, Version: sdtune 0.1.0"
     value = lora_hashes_value([("my:lora", "abc"), ("b", "def")])

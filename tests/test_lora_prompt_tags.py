@@ -54,14 +54,14 @@ def test_tags_switch_loras_on_off_and_reweight_without_reloading(gen, caplog):
     assert np.abs(on - base).max() > 0
     assert "<lora:ink:1>" in info1.splitlines()[0] and "Lora hashes: " in info1 and "ink: " in info1
     assert "Lora hashes" not in info0
-    loaded = dict(gen._loras.loaded)
+    loaded = dict(gen.loras.stack.loaded)
     half, info2 = image(gen, "a red circle <lora:styles/ink:0.5>")   # path relative to the folder works too
     assert np.abs(half - on).max() > 0 and np.abs(half - base).max() > 0
     off, info3 = image(gen, "a red circle")
     assert np.array_equal(off, base) and "Lora hashes" not in info3
     again, _ = image(gen, "a red circle <lora:ink:1>")
     assert np.array_equal(again, on)
-    assert dict(gen._loras.loaded) == loaded  # loaded once, kept; only weights changed
+    assert dict(gen.loras.stack.loaded) == loaded  # loaded once, kept; only weights changed
 
 
 def test_fixed_loras_and_their_folders(setup):

@@ -13,9 +13,10 @@ from safetensors import safe_open
 from sdtune.cli.testing import run_cli
 from sdtune.errors import SdtuneError
 from sdtune.training import TrainConfig, Trainer, train
-from sdtune.training.methods.lora import LoraMethod, LoraOptions
+from sdtune.training.methods.lora import LoraOptions
 from sdtune.training.prior import instance_caption
-from sdtune.training.testing import tiny_loaded, write_toy_dataset
+from sdtune.toy.testing import write_toy_dataset
+from sdtune.training.testing import tiny_loaded
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::UserWarning")
@@ -166,8 +167,11 @@ def test_cli_train_lora_options(tmp_path, data, capsys):
                  "a photo of sks shape", "--class-prompt", "a photo of a shape", "--dry-run"], capsys)
     code, output = r.code, r.text
     assert code == 0, output
-    assert 'targets = ["attn", "ff"]' in output and "text_encoder_lr = 5e-05" in output
-    assert 'class_prompt = "a photo of a shape"' in output
+    import tomllib
+
+    lora = tomllib.loads(output)["lora"]
+    assert lora["targets"] == ["attn", "ff"] and lora["text_encoder_lr"] == 5e-05
+    assert lora["class_prompt"] == "a photo of a shape"
     r = run_cli(["train", "lora", "--data", str(data), "--out", str(tmp_path / "o"), "--alpha", "0", "--dry-run"],
                 capsys)
     code, output = r.code, r.text

@@ -146,9 +146,9 @@ def test_folder_family(tmp_path, family):
 
 
 def test_load_tiny_missing_is_clear(monkeypatch, tmp_path):
-    import sdtune.toy.tiny as tiny
+    import sdtune.models.bundled as bundled
 
-    monkeypatch.setattr(tiny, "tiny_model_path", lambda: tmp_path / "assets" / "tiny")
+    monkeypatch.setattr(bundled, "assets_folder", lambda: tmp_path / "assets")
     for spec in (None, "tiny", "TINY"):
         with pytest.raises(SdtuneError, match="bundled tiny model is missing"):
             load_model(spec)

@@ -15,7 +15,8 @@ from sdtune.errors import SdtuneError
 from sdtune.training import TrainConfig, train
 from sdtune.training.methods.textual_inversion import (TIOptions, TextualInversionMethod, fill, init_vectors,
                                                        load_templates)
-from sdtune.training.testing import tiny_loaded, write_toy_dataset
+from sdtune.toy.testing import write_toy_dataset
+from sdtune.training.testing import tiny_loaded
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::UserWarning")

@@ -92,3 +92,22 @@ def test_toy_dataset_refuses_to_overwrite(tmp_path, capsys):
         main(["toy", "dataset", "--out", str(out), "-n", "2"])
     assert (out / "keep.png").read_bytes() == b"x"
     assert "not empty" in capsys.readouterr().err
+
+
+def test_build_tiny_is_a_cli_command_and_writes_its_stage(tmp_path):
+    """`sdtune toy build-tiny` (the tiny model's own trainer, in the package): the VAE stage runs and saves."""
+    import os
+    import stat
+
+    from click.testing import CliRunner
+
+    from sdtune.atomic import FILE_MODE
+    from sdtune.cli import _register, cli
+
+    _register()
+    r = CliRunner().invoke(cli, ["toy", "build-tiny", "vae", "--steps", "1", "--batch", "1", "--work",
+                                 str(tmp_path / "w")])
+    assert r.exit_code == 0, r.output
+    vae = tmp_path / "w" / "vae.safetensors"
+    assert vae.is_file() and stat.S_IMODE(os.stat(vae).st_mode) == FILE_MODE
+    assert "scaling_factor" in r.output

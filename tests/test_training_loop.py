@@ -15,7 +15,8 @@ from sdtune.errors import SdtuneError
 from sdtune.training import TrainConfig, Trainer, TrainingDiverged, train
 from sdtune.training.checkpoint import StateStore
 from sdtune.training.runlog import read_log, step_losses
-from sdtune.training.testing import tiny_loaded, write_toy_dataset
+from sdtune.toy.testing import write_toy_dataset
+from sdtune.training.testing import tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +118,7 @@ def test_kill_between_state_and_log_cuts_the_log_back(tmp_path, data, pristine):
     assert steps == [1, 2, 3, 4, 5] and 9.0 not in step_losses(log) and r.step == 5
 
 
-# ------------------------------------------------------------------------------------------------ NaN guard
-
-def all_finite_files(out):
-    files = list(out.rglob("*.safetensors"))
-    assert files
-    return all(all(torch.isfinite(t).all() for t in load_file(f).values() if t.is_floating_point()) for f in files)
-
+# ------------------------------------------------------------------------------------------------ latents
 
 def test_latents_auto_follows_the_model_marker(tmp_path, data, pristine):
     """--latents auto: posterior means for a model whose folder's sdtune.json says so (the bundled tiny model),
@@ -150,6 +145,14 @@ def test_latents_auto_follows_the_model_marker(tmp_path, data, pristine):
     assert sample.losses != mean.losses
     (marked.source / "sdtune.json").write_text("not json")
     assert resolve_latents_mode("auto", marked) == "sample"
+
+
+# ------------------------------------------------------------------------------------------------ NaN guard
+
+def all_finite_files(out):
+    files = list(out.rglob("*.safetensors"))
+    assert files
+    return all(all(torch.isfinite(t).all() for t in load_file(f).values() if t.is_floating_point()) for f in files)
 
 
 def test_huge_learning_rate_rolls_back_and_never_saves_nan(tmp_path, data, model):

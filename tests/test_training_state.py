@@ -19,7 +19,7 @@ from sdtune.training import TrainConfig, train
 from sdtune.training.checkpoint import (StateStore, TrainState, capture_rng, optimizer_from_files, optimizer_to_files,
                                         restore_rng)
 from sdtune.training.runlog import read_log
-from sdtune.training.testing import write_toy_dataset
+from sdtune.toy.testing import write_toy_dataset
 
 
 def state(step, value=1.0):

@@ -6,12 +6,12 @@ Stages are small functions so later features (Textual Inversion training, LoRA) 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from sdtune.atomic import atomic_path, write_atomic
 from sdtune.toy import world
 
 
@@ -23,12 +23,6 @@ class DemoResult:
     figures: dict = field(default_factory=dict)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def base_model_stage(generator, out: Path, *, steps: int, progress: Callable[[int, int], None] | None) -> dict:
     """Every known shape in every colour on every background, one seed each, judged; saves a labelled grid."""
     from sdtune.generate.grid import make_grid
@@ -37,9 +31,8 @@ def base_model_stage(generator, out: Path, *, steps: int, progress: Callable[[in
     report = evaluate(generator, base_prompts(), seeds=1, steps=steps, progress=progress, keep_images=True)
     images = [r.pop("image") for r in report.records]
     grid = make_grid(images)
-    tmp = out / "base_grid.tmp.png"
-    grid.save(tmp)
-    os.replace(tmp, out / "base_grid.png")
+    with atomic_path(out / "base_grid.png") as tmp:
+        grid.save(tmp, format="PNG")
     return {"base": {"rates": report.rates, "n_images": report.n_images,
                      "seconds_per_image": report.seconds_per_image}, "grid": str(out / "base_grid.png")}
 
@@ -82,6 +75,6 @@ def run_demo(out: Path, *, model: str | None = None, steps: int = 20,
         from sdtune.toy.ti import report_lines
 
         lines += report_lines(figures["ti"])
-    _atomic_write_text(out / "report.txt", "\n".join(lines) + "\n")
-    _atomic_write_text(out / "report.json", json.dumps(figures, indent=1))
+    write_atomic(out / "report.txt", "\n".join(lines) + "\n")
+    write_atomic(out / "report.json", json.dumps(figures, indent=1))
     return DemoResult(out, Path(figures["grid"]), out / "report.txt", figures)

@@ -12,7 +12,7 @@ from sdtune.errors import SdtuneError
 T = TypeVar("T")
 
 
-def parse_specs(items: Iterable[Any] | None, direct: type | tuple[type, ...], noun: str,
+def parse_weighted_specs(items: Iterable[Any] | None, direct: type | tuple[type, ...], noun: str,
                 what: str = "weight") -> list[tuple[Any, float]]:
     """[path | object | (path | object, weight)] -> [(path | object, weight)]; a bare path or `direct` object has
     weight 1. noun/what name the adapter and its weight in errors ("LoRA", "weight")."""

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from sdtune import __version__
+from sdtune.version import __version__
 from sdtune.errors import SdtuneError
 
 

@@ -9,13 +9,14 @@ from typing import Any
 import click
 
 from sdtune.errors import SdtuneError
+from sdtune.models.bundled import is_bundled_model
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 def _resolvable(name: str | None) -> bool:
     """Whether a model name read from a PNG can be loaded as is (A1111 records names, not paths)."""
-    return bool(name) and (name.strip().lower() == "tiny" or Path(name).expanduser().exists())
+    return bool(name) and (is_bundled_model(name) or Path(name).expanduser().exists())
 
 
 def _from_png(png: Path, overrides: dict[str, Any], model: str | None, vae: str | None, refiner: str | None,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from sdtune.models.bundled import is_bundled_model
+
 _LONG = 160  # metadata values longer than this are shortened unless --full
 
 
@@ -46,10 +48,10 @@ def info(file: Path, as_json: bool, keys: bool, full: bool, with_hash: bool) -> 
     """
     from sdtune.formats.identify import identify
 
-    if not file.exists() and str(file).strip().lower() == "tiny":  # the bundled model, by the name --model takes
-        from sdtune.models.loading import resolve_spec
+    if not file.exists() and is_bundled_model(file):  # the bundled model, by the name --model takes
+        from sdtune.models.bundled import bundled_model_path
 
-        file = resolve_spec("tiny")[0]
+        file = bundled_model_path()
     fi = identify(file)
     model_hash = None
     if with_hash:

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from sdtune.errors import SdtuneError
+from sdtune.models.bundled import bundled_model_path, is_bundled_model
 
 
 def tokenizer_for(model: str | None) -> Any:
@@ -17,10 +18,8 @@ def tokenizer_for(model: str | None) -> Any:
 
     if model is None:
         return clip_tokenizer()
-    if model.strip().lower() == "tiny":
-        from sdtune.toy.tiny import tiny_model_path
-
-        path = tiny_model_path()
+    if is_bundled_model(model):
+        path = bundled_model_path(check=False)
     else:
         path = Path(model).expanduser()
     if not path.exists():

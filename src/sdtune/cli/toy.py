@@ -57,9 +57,9 @@ def eval_cmd(model, seeds, steps, cfg_scale, sampler, shapes, out) -> None:
         out.mkdir(parents=True, exist_ok=True)
         data = {"model": gen.model.name, "steps": steps, "cfg": cfg_scale, "seeds": seeds, "rates": report.rates,
                 "n_images": report.n_images, "seconds_per_image": report.seconds_per_image, "records": report.records}
-        tmp = out / "report.json.tmp"
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(out / "report.json")
+        from sdtune.atomic import write_atomic
+
+        write_atomic(out / "report.json", json.dumps(data, indent=1))
         click.echo(f"report: {out / 'report.json'}")
 
 
@@ -117,6 +117,16 @@ def judge_cmd(images) -> None:
             raise SdtuneError(f"{path}: not a readable image ({exc})") from None
         click.echo(f"{path}: {v.colour} {v.shape} on {v.background}, {v.style} "
                    f"(conf colour {v.colour_conf:.2f} shape {v.shape_conf:.2f} style {v.style_conf:.2f})")
+
+
+@toy.command("build-tiny", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                             "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def build_tiny_cmd(args) -> None:
+    """Train the bundled tiny model (stages vae, unet, export; `build-tiny --help` for the options)."""
+    from sdtune.toy.build_tiny import main
+
+    main(list(args))
 
 
 def register(cli: click.Group) -> None:

@@ -60,7 +60,8 @@ def _config_from_cli(method: str, config_file: Path | None, values: dict[str, An
 
 
 def _make_command(name: str, cls: Any) -> click.Command:
-    from sdtune.training.config import TrainConfig, click_options
+    from sdtune.cli.config_options import click_options
+    from sdtune.training.config import TrainConfig
 
     option_fields = list(dataclasses.fields(cls.Options))
     option_names = {f.name for f in option_fields}
@@ -70,12 +71,16 @@ def _make_command(name: str, cls: Any) -> click.Command:
     def command(config_file: Path | None, dry_run: bool, **values: Any) -> None:
         from sdtune.training.loop import train
 
+        from sdtune.toy.concept_eval import evaluator_for
+
         cfg = _config_from_cli(name, config_file, values, option_names)
         if dry_run:
             cfg.validate()
+            evaluator_for(cfg)  # the toy judge's settings are checked too
             click.echo(cfg.to_toml())
             return
-        result = train(cfg)
+        cfg.check_values()
+        result = train(cfg, evaluator=evaluator_for(cfg))
         if result.stopped == "interrupted":
             sys.exit(128 + (result.signal or 2))
 

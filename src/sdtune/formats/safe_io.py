@@ -8,9 +8,7 @@ opened with `torch.load(weights_only=True)`, which refuses any pickle that would
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -232,23 +230,18 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Pat
     half-written file under the final name."""
     from safetensors.torch import save_file
 
+    from sdtune.atomic import atomic_path
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        clean: dict[str, torch.Tensor] = {}
-        storages: set[int] = set()
-        for k, v in tensors.items():
-            t = v.detach().to("cpu").contiguous()
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                t = t.clone()  # safetensors refuses tensors that share or view a larger storage
-            storages.add(t.untyped_storage().data_ptr())
-            clean[k] = t
-        save_file(clean, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    clean: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for k, v in tensors.items():
+        t = v.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # safetensors refuses tensors that share or view a larger storage
+        storages.add(t.untyped_storage().data_ptr())
+        clean[k] = t
+    with atomic_path(out) as tmp:
+        save_file(clean, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
     return out

@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from sdtune.errors import SdtuneError
 from sdtune.generate.conditioning import PromptEmbeds, PromptEncoder
+from sdtune.generate.extra_networks import ExtraNetwork
 from sdtune.generate.guidance import Guide, guided_unet
 from sdtune.generate.inference import optimize_for_inference
 from sdtune.generate.params import GenerationParams, ModelInfo, infotext_for
+from sdtune.generate.pnginfo import add_infotext_field
 from sdtune.generate.samplers import make_scheduler
 
 if TYPE_CHECKING:
@@ -27,6 +29,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (steps done, steps total) over the whole run
+Preview = Callable[[Any, Any], None]   # (pipeline, current latents) after each step, for live previews
+
+
+class Control(Protocol):
+    """Flags a caller sets from another thread while `generate` runs: `interrupted` stops after the current
+    step (the images so far are returned, the current ones as they are, as A1111 does); `skipped` drops to the
+    next batch (and is reset by the Generator)."""
+
+    interrupted: bool
+    skipped: bool
 
 
 @dataclass
@@ -99,42 +111,37 @@ class Generator:
         self._refiners: dict[str, Any] = {}
         if refiner is not None:
             self.add_refiner(refiner)
-        self._loras: Any = None  # sdtune.adapters.lora.apply.PipelineLoras, created on first use
-        self.lora_dirs = list(lora_dirs or [])  # searched for <lora:name:weight> prompt tags (then the --lora folders)
+        from sdtune.adapters.hypernetwork.extra_network import HypernetworkExtraNetwork
+        from sdtune.adapters.lora.extra_network import LoraExtraNetwork
+
+        self.loras = LoraExtraNetwork(self.model, lora_dirs)
+        self.hypernetworks = HypernetworkExtraNetwork(self.model)
+        self._embeddings: Any = None  # EmbeddingLibrary, created on first use
+        # activated in this order before every run (see `sdtune.generate.extra_networks`)
+        self.extra_networks: list[ExtraNetwork] = [self.loras, self.hypernetworks]
         if loras:
             self.set_loras(loras)
-        self._embeddings: Any = None  # sdtune.adapters.textual_inversion.EmbeddingLibrary, created on first use
         if embeddings:
             for source in [embeddings] if isinstance(embeddings, (str, Path)) else embeddings:
                 self.embeddings.add_source(source, refresh=False)
             self._embeddings.refresh()
 
+    @property
+    def lora_dirs(self) -> list[str | Path]:
+        """Folders searched for `<lora:name:weight>` tags (then the folders of the fixed LoRAs); a live list."""
+        return self.loras.dirs
+
     def set_loras(self, loras: Any) -> Any:
         """Use these LoRAs on the base model (not the refiner) from the next image on: [(path, weight), ...] or
         paths (weight 1); [] = none. Files are loaded once and kept; weights change without reloading anything
         (see `sdtune.adapters.lora.apply`). `<lora:name:weight>` tags of a prompt are added for its images."""
-        self._lora_fixed = list(loras or [])
-        if self._loras is None:
-            if not loras:
-                return []
-            from sdtune.adapters.lora.apply import PipelineLoras
-
-            self._loras = PipelineLoras.for_pipeline(self.model)
-        return self._loras.set(loras)
+        return self.loras.set_fixed(loras)
 
     def set_hypernetworks(self, hypernetworks: Any = (), dirs: Any = None) -> None:
         """Hypernetworks on the base model from the next image on: [(path, strength), ...] or paths (strength 1),
         chained in order as in A1111, before any `<hypernet:name:strength>` tags of the prompt (looked up in
         `dirs`); [] = none. Files load once (see `sdtune.adapters.hypernetwork.apply`)."""
-        from sdtune.adapters.hypernetwork.apply import parse_specs
-
-        self._hypernets = parse_specs(hypernetworks)
-        if dirs is not None:
-            self._hypernet_dirs = list(dirs)
-        if self._hypernets:  # load and check now: a bad file fails before any image is made
-            from sdtune.adapters.hypernetwork.apply import PipelineHypernetworks
-
-            PipelineHypernetworks.for_pipeline(self.model).set(self._hypernets)
+        self.hypernetworks.set_fixed(hypernetworks, dirs)
 
     @property
     def embeddings(self) -> Any:
@@ -142,6 +149,7 @@ class Generator:
         files (`.add_source(path)`, `.remove_source(path)`, `.names`). Files added, changed or removed there are
         picked up before the next image, without reloading the model."""
         if self._embeddings is None:
+            from sdtune.adapters.textual_inversion.extra_network import EmbeddingExtraNetwork
             from sdtune.adapters.textual_inversion.library import EmbeddingLibrary
 
             enc = self.encode_prompt
@@ -153,7 +161,13 @@ class Generator:
 
                 enc.embeddings = EmbeddingRegistry()
             self._embeddings = EmbeddingLibrary(pipe=self.model.pipe, registry=enc.embeddings)
+            self.extra_networks.insert(0, EmbeddingExtraNetwork(self._embeddings))
         return self._embeddings
+
+    def clear_extra_networks(self) -> None:
+        """Every extra network off (files stay loaded): the base model's exact images until the next tags."""
+        for net in self.extra_networks:
+            net.deactivate()
 
     # -- models ---------------------------------------------------------------------------------------------
 
@@ -225,8 +239,12 @@ class Generator:
                                   do_cfg=params.cfg_scale > 1.0, clip_skip=params.clip_skip, steps=params.steps,
                                   prompt_syntax=params.prompt_syntax, emphasis=params.emphasis)
 
-    def generate(self, params: GenerationParams, *, progress: Progress | None = None) -> list[GeneratedImage]:
-        """Run `params.batch_count` batches of `params.batch_size` images; returns them in seed order."""
+    def generate(self, params: GenerationParams, *, progress: Progress | None = None, control: Control | None = None,
+                 preview: Preview | None = None) -> list[GeneratedImage]:
+        """Run `params.batch_count` batches of `params.batch_size` images; returns them in seed order.
+
+        progress: (steps done, total) after each step; control: interrupt / skip flags (see `Control`);
+        preview: called with (pipeline, latents) after each step of the base model."""
         import torch
 
         params = self.prepare(params)
@@ -235,15 +253,9 @@ class Generator:
         self._set_sampler(base, params.sampler)
         if refiner is not None:
             self._set_sampler(refiner, params.sampler)
-        if self._embeddings is not None:
-            self._embeddings.refresh()  # embedding files added, changed or removed since the last image
-        from sdtune.adapters.lora.prompt_tags import update_generator_loras
-
-        update_generator_loras(self, params.prompt, params.negative_prompt)  # <lora:...> tags, before encoding
+        for net in self.extra_networks:  # embeddings picked up, <lora:...>/<hypernet:...> tags: before encoding
+            net.activate(params.prompt, params.negative_prompt)
         embeds = self._embeds(base, params)
-        from sdtune.adapters.hypernetwork.apply import update_generator
-
-        update_generator(self, params.prompt)  # --hypernetwork files and <hypernet:name:strength> tags
         ref_embeds = self._embeds(refiner, params) if refiner is not None else None
         total = params.steps * params.batch_count
         split = params.refiner_start if refiner is not None else 1.0
@@ -252,12 +264,18 @@ class Generator:
 
         out: list[GeneratedImage] = []
         for batch in range(params.batch_count):
+            if control is not None and control.interrupted:
+                break
             seeds = [params.seed + batch * params.batch_size + j for j in range(params.batch_size)]
             latents, gens = self._noise(seeds, params.height, params.width)
 
             def report(lo: float, hi: float, guide: Guide) -> Callable[..., dict]:
                 def on_step(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
                     guide.step_done(i)
+                    if control is not None and (control.interrupted or control.skipped):
+                        pipe._interrupt = True  # diffusers: the remaining steps are skipped
+                    if preview is not None and lo == 0.0 and "latents" in kwargs:
+                        preview(pipe, kwargs["latents"])
                     if progress is not None:
                         n = max(1, getattr(pipe, "num_timesteps", 0) or params.steps)
                         frac = lo + (hi - lo) * min(1.0, (i + 1) / n)
@@ -278,17 +296,15 @@ class Generator:
                 with torch.no_grad(), guided_unet(refiner.pipe, ref_guide):
                     result = refiner.pipe(**ref_embeds.as_kwargs(), **common, image=result, denoising_start=split,
                                           output_type="pil", callback_on_step_end=report(split, 1.0, ref_guide)).images
+            if control is not None and control.skipped:
+                control.skipped = False  # this batch is dropped; the next one starts
+                continue
             for j, (image, seed) in enumerate(zip(result, seeds)):
                 text = infotext_for(params, seed=seed, width=params.width, height=params.height, model=model_info,
                                     vae=self.vae_info, refiner=refiner_info, batch_pos=j)
-                if self._loras is not None:
-                    from sdtune.adapters.lora.tags import add_infotext_field, lora_hashes_value
-
-                    text = add_infotext_field(text, "Lora hashes", lora_hashes_value(self._loras.infotext_entries()))
-                if getattr(self, "_hypernets", None):
-                    from sdtune.adapters.hypernetwork.apply import add_infotext
-
-                    text = add_infotext(self, text)
+                for net in self.extra_networks:
+                    for key, value in net.infotext_fields():
+                        text = add_infotext_field(text, key, value)
                 out.append(GeneratedImage(image, seed, params, text, index=len(out), batch_pos=j))
         if progress is not None:
             progress(total, total)

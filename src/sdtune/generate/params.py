@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdtune import __version__
+from sdtune.version import __version__
 from sdtune.errors import SdtuneError
 from sdtune.generate.pnginfo import Infotext, format_infotext
 from sdtune.generate.samplers import check_sampler, normalize_sampler_name

@@ -50,6 +50,24 @@ def format_value(value: Any) -> str:
     return text
 
 
+def add_infotext_field(infotext: str, key: str, value: str | None) -> str:
+    """Insert `key: value` into an infotext's parameter line before `Version:` (A1111's order), quoting the value
+    as A1111 does. None leaves the text unchanged."""
+    if value is None:
+        return infotext
+    field = f"{key}: {format_value(value)}"
+    head, sep, last = infotext.rpartition("\n")
+    marker = ", Version: "
+    if marker in last:
+        i = last.rindex(marker)
+        last = f"{last[:i]}, {field}{last[i:]}"
+    elif last.startswith("Version: "):
+        last = f"{field}, {last}"
+    else:
+        last = f"{last}, {field}" if last else field
+    return f"{head}{sep}{last}"
+
+
 def format_infotext(prompt: str, negative_prompt: str, fields: dict[str, Any]) -> str:
     """Build the `parameters` text. Fields whose value is None are left out; order is kept."""
     line = ", ".join(f"{k}: {format_value(v)}" for k, v in fields.items() if v is not None)

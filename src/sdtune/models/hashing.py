@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -30,12 +29,9 @@ def _load_cache() -> dict[str, str]:
 
 def _store_cache(cache: dict[str, str]) -> None:
     try:
-        f = _cache_file()
-        f.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=".hashes.", suffix=".tmp")
-        with os.fdopen(fd, "w") as out:
-            json.dump(cache, out)
-        os.replace(tmp, f)
+        from sdtune.atomic import write_atomic
+
+        write_atomic(_cache_file(), json.dumps(cache))
     except OSError:
         pass  # the cache is an optimisation only
 

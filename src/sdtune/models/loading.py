@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from sdtune.errors import SdtuneError
+from sdtune.models.bundled import BUNDLED_MODEL, bundled_model_path, is_bundled_model
 from sdtune.models.device import resolve_device_dtype
 
 if TYPE_CHECKING:
@@ -46,21 +47,10 @@ def normalize_prediction_type(value: str | None) -> str | None:
     return _PRED_ALIASES[key]
 
 
-def tiny_path() -> Path:
-    """Folder of the bundled trained tiny model; a clear error if it has not been built/installed."""
-    from sdtune.toy.tiny import tiny_model_path
-
-    p = tiny_model_path()
-    if not (p / "model_index.json").is_file():
-        raise SdtuneError(f"the bundled tiny model is missing ({p}); build it with `python scripts/train_tiny.py` "
-                          "or reinstall sdtune")
-    return p
-
-
 def resolve_spec(spec: str | Path | None) -> tuple[Path, str]:
     """(path, display name) for a model spec: None/"tiny", a diffusers folder, or a weight file."""
-    if spec is None or str(spec).strip().lower() == "tiny":
-        return tiny_path(), "tiny"
+    if is_bundled_model(spec):
+        return bundled_model_path(), BUNDLED_MODEL
     p = Path(spec).expanduser()
     if not p.exists():
         hint = " (sdtune never downloads; pass a local path)" if "/" in str(spec) and not str(spec).startswith(

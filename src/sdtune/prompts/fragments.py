@@ -6,7 +6,6 @@ tuples (compel's `.blend()`). The encoder only sees this form, never the syntax 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -66,6 +65,3 @@ def plain_text(cond: Conditioning) -> str:
         return " | ".join(plain_text(p) for p, _ in cond.parts)
     return "".join(" " if f.is_break else f.text for f in cond)
 
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

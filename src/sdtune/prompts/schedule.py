@@ -49,10 +49,6 @@ class _Alt:
     options: list = field(default_factory=list)
 
 
-class _Fail(Exception):
-    pass
-
-
 class _Parser:
     def __init__(self, text: str) -> None:
         self.s = text

@@ -51,11 +51,11 @@ class WeightedPromptEncoder:
         neg = parse_prompt(negative_prompt, syntax=prompt_syntax, steps=steps, negative=True)
         self.last = (pos, neg)
         networks = [n for n in pos.networks + neg.networks
-                    if n.kind not in ("lora", "lyco", "hypernet")]  # LoRA and hypernet tags: Generator
+                    if n.kind not in ("lora", "lyco", "hypernet")]  # applied by the Generator's extra networks
         if networks:
             tags = ", ".join(f"<{n.kind}:{n.name}:{n.weight:g}>" for n in networks)
-            log.warning("extra-network tags %s were taken out of the prompt but are not applied (sdtune cannot "
-                        "load LoRA or hypernetworks yet)", tags)
+            log.warning("extra-network tags %s were taken out of the prompt but are not applied (no extra network "
+                        "of that kind is known; sdtune applies lora, lyco and hypernet tags)", tags)
         enc = TextConditioner(pipe, clip_skip=clip_skip, embeddings=self.embeddings,
                               comma_backtrack=self.comma_backtrack)
         cache: dict[tuple, Encoded] = {}

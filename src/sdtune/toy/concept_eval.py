@@ -6,7 +6,7 @@ takes over the prompt and colours/backgrounds asked for are ignored. The validat
 so training on the toy world selects and early-stops on `judge_score` (see `ConceptJudge.score`).
 
     judge = ConceptJudge(shape="star", term="<star>", seeds=range(4))
-    train(cfg, evaluator=judge)           # or TrainConfig(judge="star", ...), `sdtune train ti --judge star`
+    train(cfg, evaluator=judge)           # or evaluator_for(TrainConfig(judge="star", ...)); `sdtune train ti --judge star`
 
 Metrics (fractions of images, fixed seeds, one batch of all seeds per prompt):
   fidelity       context-free prompts ("a photo of a {t}"): the judge reads the target shape;
@@ -133,3 +133,16 @@ def judge_from_config(config: Any) -> ConceptJudge | None:
         raise SdtuneError(f"judge {config.judge!r} needs the concept words for its prompts: pass --judge-term, "
                           "e.g. '<star>' or 'sks shape' (default: the ti token, or lora/dreambooth's --prompt)")
     return ConceptJudge(shape=config.judge, term=term, seeds=range(config.judge_seeds))
+
+
+def evaluator_for(config: Any, given: Callable[[Any], Any] | None = None) -> Callable[[Any], Any] | None:
+    """What `train(config, evaluator=...)` takes for a config: `given` and, when `config.judge` is set, the toy
+    judge after it (its metrics after the given one's). The CLI calls it; the training core never imports toy."""
+    concept = judge_from_config(config)
+    if concept is None or given is None:
+        return concept or given
+
+    def both(ctx: Any) -> dict[str, float]:
+        return {**dict(given(ctx) or {}), **concept(ctx)}
+
+    return both

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdtune.atomic import atomic_path
 from sdtune.toy import world
 from sdtune.toy.concept_eval import CONTEXT, ConceptJudge
 
@@ -149,7 +150,6 @@ def demo_stage(generator: Any, out: Path, *, train_steps: int = 150, seeds: int 
                progress: Any = None) -> dict[str, Any]:
     """Train `<star>` on the generator's model (only new vectors; the model is unchanged), then judge the base
     model ("shape") and the embedding on the same prompts and seeds; save a side-by-side sheet."""
-    import os
 
     import shutil
 
@@ -174,9 +174,8 @@ def demo_stage(generator: Any, out: Path, *, train_steps: int = 150, seeds: int 
         progress(3, 3)
     prompts = [p.format(t="...") for p in FIDELITY] + [f"a {c} ... {b}" for c, b in CONTEXT]
     sheet = side_by_side([("base: shape", base.pop("images")), ("<star>", emb.pop("images"))], prompts)
-    tmp = out / "ti_grid.tmp.png"
-    sheet.save(tmp)
-    os.replace(tmp, out / "ti_grid.png")
+    with atomic_path(out / "ti_grid.png") as tmp:
+        sheet.save(tmp, format="PNG")
     keys = ("shape_fidelity", "context_kept", "context_shape")
     return {"ti": {"base": {k: base[k] for k in keys}, "embedding": {k: emb[k] for k in keys},
                    "train_steps": train_steps, "train_seconds": res["seconds_training"],

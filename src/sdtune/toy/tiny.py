@@ -2,13 +2,12 @@
 CLIPTokenizer) at toy size, so that every code path written for real checkpoints runs unchanged on it.
 
 `build_components()` makes randomly initialised components (tests use them directly);
-`scripts/train_tiny.py` trains them on the toy world and `tiny_model_path()` points at the result.
+`sdtune toy build-tiny` (`sdtune.toy.build_tiny`) trains them on the toy world and `tiny_model_path()` points at the result.
 """
 
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 from sdtune.models.tokenizer import bytes_to_unicode
@@ -146,4 +145,6 @@ def build_components(seed: int = 0, tokenizer_dir: Path | None = None) -> dict:
 
 def tiny_model_path() -> Path:
     """The bundled, trained tiny model (a diffusers pipeline folder inside the package)."""
-    return Path(str(resources.files("sdtune") / "assets" / "tiny"))
+    from sdtune.models.bundled import bundled_model_path
+
+    return bundled_model_path(check=False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -56,7 +56,7 @@ HELD_OUT = {
     "degraded_styles": DEGRADED_STYLES,
 }
 # The names word-less concepts had in base training: single tokens added for it and removed from the bundled
-# tokenizer and text encoder at export (scripts/train_tiny.py), so the model keeps what they meant but no prompt
+# tokenizer and text encoder at export (sdtune toy build-tiny), so the model keeps what they meant but no prompt
 # can say it. Not in vocabulary_words(): typed in a prompt they fall apart into untrained byte pieces.
 FORGOTTEN_WORDS = {"star": "zstar", "diamond": "zdiamond", "outline": "zoutline"}
 
@@ -210,6 +210,3 @@ def vocabulary_words() -> list[str]:
               "my", "it", "bad", "quality", "art", "by", "low", "high", "best", "worst", "object", "thing"}
     return sorted(words)
 
-
-def with_style(scene: Scene, style: str) -> Scene:
-    return replace(scene, style=style)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.training.config import write_text_atomic
+from sdtune.atomic import write_atomic
 
 STATE_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)-[0-9a-f]+$")
@@ -248,7 +248,7 @@ class StateStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        write_text_atomic(self.folder / "latest", name + "\n")
+        write_atomic(self.folder / "latest", name + "\n")
         _fsync_dir(self.folder)
         self.prune()
         return self.folder / name

@@ -1,7 +1,7 @@
 """`TrainConfig`: the one schema of a training run, shared by the Python API, TOML files and the CLI.
 
 Every setting is a dataclass field whose metadata carries its section, help text, kind and choices. The CLI builds
-its options from that metadata (`click_options`), TOML files are read into it (`from_toml`) and the effective
+its options from that metadata (`sdtune.cli.config_options`), TOML files are read into it (`from_toml`) and the effective
 config of a run is written back as `config.toml` and `config.json` (`write`), so `sdtune train --config
 out/config.toml` repeats a run exactly. A method's own settings (LoRA rank, ...) live in the method's `Options`
 dataclass, declared with the same `opt()` helper, in a TOML table named after the method:
@@ -24,7 +24,6 @@ Keys may also be given flat (without the section tables). Precedence: defaults <
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -32,29 +31,12 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
+from sdtune.atomic import write_atomic
 from sdtune.errors import SdtuneError
-
-SECTIONS = ("model", "data", "augment", "optim", "output", "samples", "eval", "log")
-KINDS = ("str", "path", "int", "float", "bool", "strs", "ints", "lr")
-
-
-def opt(default: Any, help: str, *, section: str, kind: str, choices: Iterable[str] | None = None,
-        cli: bool = True, metavar: str | None = None) -> Any:
-    """A config field with the metadata the CLI, TOML reader and validation use."""
-    assert kind in KINDS, kind
-    meta = {"help": help, "section": section, "kind": kind, "choices": tuple(choices) if choices else None,
-            "cli": cli, "metavar": metavar}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class NoOptions:
-    """A method without settings of its own."""
-
+from sdtune.models.bundled import is_bundled_model
+from sdtune.training.options import KINDS, SECTIONS, NoOptions, coerce, merge_options, opt, unknown_setting
 
 @dataclass
 class TrainConfig:
@@ -233,7 +215,7 @@ class TrainConfig:
             if key == "method":
                 continue
             if key not in by_name:
-                raise SdtuneError(_unknown(key, by_name, source))
+                raise SdtuneError(unknown_setting(key, by_name, source))
             changes[key] = coerce(key, by_name[key].metadata, value, source, nullable=by_name[key].default is None)
         new = self.replace(**changes)
         if method_options:
@@ -251,22 +233,19 @@ class TrainConfig:
         return out
 
     def to_toml(self) -> str:
-        lines = ["# sdtune training config: `sdtune train " + self.method + " --config THIS_FILE` repeats the run.",
-                 f"method = {_toml_value(self.method)}", ""]
-        for sec, values in self.to_dict().items():
-            if sec == "method":
-                continue
-            lines.append(f"[{sec}]")
-            for k, v in values.items():
-                lines.append(f"{k} = {_toml_value(v)}" if v is not None else f"# {k} = (unset)")
-            lines.append("")
-        return "\n".join(lines)
+        """The config as TOML (tomli-w); unset settings are left out, which reads back as unset."""
+        import tomli_w
+
+        doc = {sec: ({k: v for k, v in values.items() if v is not None} if isinstance(values, dict) else values)
+               for sec, values in self.to_dict().items()}
+        return ("# sdtune training config: `sdtune train " + self.method + " --config THIS_FILE` repeats the run.\n"
+                + tomli_w.dumps(doc))
 
     def write(self, folder: str | Path) -> None:
         """Write config.toml and config.json into `folder` atomically."""
         folder = Path(folder)
-        write_text_atomic(folder / "config.toml", self.to_toml())
-        write_text_atomic(folder / "config.json", json.dumps(self.to_dict(), indent=2) + "\n")
+        write_atomic(folder / "config.toml", self.to_toml())
+        write_atomic(folder / "config.json", json.dumps(self.to_dict(), indent=2) + "\n")
 
     # ---------------------------------------------------------------------------------------------- checking
 
@@ -366,17 +345,14 @@ class TrainConfig:
             if select_metric == "judge_score":
                 raise SdtuneError("select_by judge_score needs the toy-world judge; add --judge SHAPE (e.g. star)")
             return
-        if str(self.model).strip().lower() != "tiny" and not self.judge_any_model:
+        if not is_bundled_model(self.model) and not self.judge_any_model:
             raise SdtuneError(f"judge {self.judge!r} reads toy-world images only, and model {self.model!r} is not "
                               "tiny; add --judge-any-model if it was trained on the toy world")
-        _at_least("judge_seeds", self.judge_seeds, 1)
-        from sdtune.toy.concept_eval import judge_from_config
-
-        judge_from_config(self)
+        _at_least("judge_seeds", self.judge_seeds, 1)  # the shape and term: `sdtune.toy.concept_eval`
 
     def check_paths(self, *, model: bool = True, data: bool = True) -> TrainConfig:
         """Files and folders: model/vae/data/val_dir exist, the output folder is (or can be) a writable folder."""
-        if model and str(self.model).strip().lower() != "tiny" and not Path(self.model).expanduser().exists():
+        if model and not is_bundled_model(self.model) and not Path(self.model).expanduser().exists():
             raise SdtuneError(f"model {self.model!r} not found; pass a diffusers folder, a .safetensors/.ckpt file, "
                               "or tiny")
         if self.vae is not None and not Path(self.vae).expanduser().exists():
@@ -428,23 +404,6 @@ def options_class(method: str) -> type:
     return getattr(cls, "Options", NoOptions) if cls is not None else NoOptions
 
 
-def merge_options(options: Any, values: Mapping[str, Any], *, source: str) -> Any:
-    by_name = {f.name: f for f in dataclasses.fields(options)}
-    changes = {}
-    for key, value in values.items():
-        if key not in by_name:
-            raise SdtuneError(_unknown(key, by_name, source))
-        f = by_name[key]
-        changes[key] = coerce(key, f.metadata, value, source, nullable=f.default is None)
-    return dataclasses.replace(options, **changes)
-
-
-def _unknown(key: str, known: Iterable[str], source: str) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{source}: unknown setting {key!r}{hint}"
-
-
 def _flatten(data: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any], str | None]:
     """(flat field values, the method's table, method name) from a sectioned or flat mapping."""
     from sdtune.training.methods import METHODS
@@ -476,80 +435,6 @@ def _flatten(data: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict
     return flat, method_table, method
 
 
-def coerce(name: str, meta: Mapping[str, Any], value: Any, source: str, *, nullable: bool) -> Any:
-    """Check and convert one value to its field's kind; one-line SdtuneError naming the setting otherwise."""
-    kind = meta["kind"]
-    where = f"{source}: {name}"
-    if value is None:
-        if nullable:
-            return None
-        raise SdtuneError(f"{where} cannot be empty")
-    if kind in ("str", "path"):
-        if isinstance(value, Path):
-            return str(value)
-        if not isinstance(value, str):
-            raise SdtuneError(f"{where} must be text, got {value!r}")
-        return value
-    if kind == "int":
-        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-            return int(value)
-        if isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
-            return int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SdtuneError(f"{where} must be a whole number, got {value!r}")
-        return value
-    if kind == "float":
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise SdtuneError(f"{where} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SdtuneError(f"{where} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise SdtuneError(f"{where} must be a finite number, got {value!r}")
-        return float(value)
-    if kind == "bool":
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.strip().lower() in ("true", "yes", "1", "on")
-        if not isinstance(value, bool):
-            raise SdtuneError(f"{where} must be true or false, got {value!r}")
-        return value
-    if kind == "lr":
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise SdtuneError(f"{where} must be a number or a schedule string, got {value!r}")
-        from sdtune.training.schedules import parse_lr
-
-        parse_lr(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # a plain number typed on the command line
-            except ValueError:
-                return value.strip()
-        return float(value)
-    if kind == "strs":
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
-            raise SdtuneError(f"{where} must be a list of texts, got {value!r}")
-        return list(items)
-    if kind == "ints":
-        if isinstance(value, str):
-            value = [value]
-        items = [value] if isinstance(value, int) else value
-        if not isinstance(items, (list, tuple)):
-            raise SdtuneError(f"{where} must be a list of whole numbers, got {value!r}")
-        items = [p for v in items for p in (re.split(r"[,\s]+", v.strip()) if isinstance(v, str) else [v]) if p != ""]
-        out = []
-        for v in items:
-            if isinstance(v, str) and re.fullmatch(r"-?\d+", v.strip()):
-                v = int(v)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise SdtuneError(f"{where} must be a list of whole numbers, got {value!r}")
-            out.append(v)
-        return out
-    raise AssertionError(kind)
-
-
 def parse_select_by(text: str) -> tuple[str, str]:
     """"val_loss" -> ("val_loss", "min"); "clip:max" -> ("clip", "max"). Default min for names with 'loss'."""
     name, sep, mode = str(text).strip().partition(":")
@@ -574,79 +459,3 @@ def _finite_at_least(name: str, value: float, low: float) -> None:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to TOML")
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file via a temp file in the same folder + fsync + os.replace."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-def click_options(fields: Iterable[dataclasses.Field]) -> list[Any]:
-    """click options for config fields: --name-with-dashes, default None (so only given flags override)."""
-    import click
-
-    out = []
-    for f in fields:
-        meta = f.metadata
-        if not meta.get("cli", True) or meta.get("kind") not in KINDS:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        shown = "" if default in (None, [], "") else f" [default: {_shown(default)}]"
-        help_text = meta["help"] + shown
-        kind = meta["kind"]
-        kw: dict[str, Any] = {"default": None, "help": help_text}
-        if meta.get("metavar"):
-            kw["metavar"] = meta["metavar"]
-        if kind == "bool":
-            out.append(click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw))
-            continue
-        if meta.get("choices"):
-            kw["type"] = click.Choice(meta["choices"])
-        elif kind == "int":
-            kw["type"] = int
-        elif kind == "float":
-            kw["type"] = float
-        if kind == "strs":
-            kw.update(multiple=True, default=())
-            flag = flag.rstrip("s")  # --sample-prompt TEXT, repeated
-        elif kind == "ints":
-            kw.update(multiple=True, default=())
-            flag = flag.rstrip("s")
-        if f.name == "resume":
-            kw.update(is_flag=False, flag_value="auto")
-        out.append(click.option(flag, f.name, **kw))
-    return out
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, list):
-        return ", ".join(map(str, value))
-    return str(value)

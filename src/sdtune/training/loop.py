@@ -25,7 +25,6 @@ import math
 import random
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -33,11 +32,16 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from sdtune.atomic import atomic_path
 from sdtune.errors import SdtuneError
+from sdtune.models.bundled import is_bundled_model
+from sdtune.training.batches import BatchSource, LatentEncoder, sdxl_time_ids
 from sdtune.training.checkpoint import StateStore, TrainState, capture_rng, link_or_copy, restore_rng
 from sdtune.training.config import TrainConfig, parse_select_by
-from sdtune.training.methods import Batch, Conditioning, TrainingMethod, get_method
-from sdtune.training.methods.base import TargetFn
+from sdtune.training.ledger import CheckpointLedger
+from sdtune.training.methods import Batch, UNetConditioning, TrainingMethod, get_method
+from sdtune.training.context import TrainingContext
+from sdtune.training.methods.base import Diverged, TargetFn
 from sdtune.training.noise import NoiseModel, step_generator
 from sdtune.training.runlog import RunLog, format_summary, write_summary
 from sdtune.training.schedules import LRSchedule, parse_early_stop
@@ -106,12 +110,6 @@ class TrainingDiverged(SdtuneError):
         self.result = result
 
 
-class _Diverged(Exception):
-    def __init__(self, step: int, what: str) -> None:
-        super().__init__(what)
-        self.step, self.what = step, what
-
-
 def _make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -154,20 +152,23 @@ class Trainer:
         self.handle_signals = handle_signals
         self._echo = echo
         self.step = 0
-        self.epoch = 0
-        self.cursor = 0
-        self.rows: list[dict[str, Any]] = []
+        self.batches: BatchSource | None = None  # the data stream and its resumable position (epoch, cursor)
         self.losses: list[float] = []
-        self._pending: list[float] = []
         self._stop: str | None = None
         self._signal: int | None = None
         self._generator: Any = None
-        self._epoch_cache: tuple[int, list[int], list[list[int]]] | None = None
         self._fp16_skips = 0
         self.log: RunLog | None = None
-        self._snapshots: list[dict[str, torch.Tensor]] = []  # average_checkpoints: the last checkpoints' raw weights
 
     # ================================================================================================ public
+
+    @property
+    def epoch(self) -> int:
+        return self.batches.epoch if self.batches is not None else 0
+
+    @property
+    def cursor(self) -> int:
+        return self.batches.cursor if self.batches is not None else 0
 
     def request_stop(self, reason: str = "interrupted") -> None:
         """Stop after the current step; the state is saved and the run can be resumed."""
@@ -236,11 +237,28 @@ class Trainer:
                       f"(was {old_steps})")
 
     def _prepare(self) -> None:
+        """Everything before the first step, each stage checked before the next (and before anything slow)."""
+        self._prepare_device()
+        self._prepare_selection()
+        multiple = self._prepare_model()
+        self._prepare_data(multiple)
+        groups = self._prepare_method()
+        self._prepare_optimizer(groups)
+        cfg = self.config
+        self.noise = NoiseModel(self.model.pipe.scheduler.config, self.model.prediction_type,
+                                noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma)
+        self.batches = BatchSource(self.dataset, self.aug, self.encoder, seed=cfg.seed, batch_size=cfg.batch_size,
+                                   buckets=cfg.buckets, crop=cfg.crop, sample_latents=self.latents_mode == "sample",
+                                   is_sdxl=self.is_sdxl, device=self.device)
+        self.batches.encode_cache(self.echo)
+        self.val = self._build_validation()
+        if (cfg.val_split > 0 or cfg.val_dir is not None) and self.val is None:
+            raise SdtuneError("the validation set is empty")
+
+    def _prepare_device(self) -> None:
         from sdtune.models.device import resolve_device_dtype
-        from sdtune.training.data import Augment
 
         cfg = self.config
-        # -- device, precision
         dev, _ = resolve_device_dtype(cfg.device, None)
         if cfg.mixed_precision == "fp16" and dev.type != "cuda":
             raise SdtuneError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision bf16 or no")
@@ -248,10 +266,15 @@ class Trainer:
             torch.cuda.set_device(dev.index)
         self.accelerator = _make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu=dev.type == "cpu")
         self.device = self.accelerator.device
-        # -- the method (checked before the model loads)
+
+    def _prepare_selection(self) -> None:
+        """The method object and how checkpoints are selected (checked before the model loads)."""
+        cfg = self.config
         if self.method is None:
             self.method = get_method(cfg.method)(cfg.options)
-        self._add_judge()
+        if cfg.judge and self.evaluator is None:  # the toy world stays out of the training core
+            raise SdtuneError(f"judge {cfg.judge!r} is the toy world's evaluator: pass "
+                              "evaluator=sdtune.toy.concept_eval.evaluator_for(config) to train() (the CLI does)")
         select_metric, select_mode = parse_select_by(cfg.select_by)
         early = parse_early_stop(cfg.early_stop)
         has_val = cfg.val_split > 0 or cfg.val_dir is not None
@@ -260,9 +283,13 @@ class Trainer:
                               "named with --select-by")
         if select_metric != "val_loss" and self.evaluator is None:
             raise SdtuneError(f"select_by {select_metric!r} needs an evaluator that reports it; use val_loss")
-        self.selection = Selection(select_metric, select_mode, *(early or (None, 0.0)))
-        self._selecting = (select_metric != "val_loss") or has_val
-        # -- the model
+        self.ledger = CheckpointLedger(cfg.out_dir, Selection(select_metric, select_mode, *(early or (None, 0.0))),
+                                       selecting=(select_metric != "val_loss") or has_val,
+                                       keep=cfg.keep_checkpoints, average=cfg.average_checkpoints)
+
+    def _prepare_model(self) -> int:
+        """Load and check the model; returns the multiple every training resolution must be."""
+        cfg = self.config
         if self.model is None:
             from sdtune.models import load_model
 
@@ -270,7 +297,7 @@ class Trainer:
             self.model = load_model(cfg.model, vae=cfg.vae, device=str(self.device), dtype=dtype,
                                     prediction_type=cfg.prediction_type)
         model = self.model
-        if self._given_model and model.name != "tiny" and str(model.source) not in ("", ".") \
+        if self._given_model and not is_bundled_model(model.name) and str(model.source) not in ("", ".") \
                 and Path(model.source).exists():
             self.config = cfg = cfg.replace(model=str(model.source))  # the config written names the real model
         if model.family == "sdxl-refiner":
@@ -286,16 +313,25 @@ class Trainer:
         if self.resolution % multiple:
             raise SdtuneError(f"resolution {self.resolution} does not fit {model.name}: use a multiple of {multiple} "
                               f"(native {native})")
-        # -- data
+        return multiple
+
+    def _prepare_data(self, multiple: int) -> None:
+        from sdtune.training.data import Augment
         from sdtune.training.latents import resolve_latents_mode
+
+        cfg, model, pipe = self.config, self.model, self.model.pipe
 
         self.latents_mode = resolve_latents_mode(cfg.latents, model)
         if cfg.latents == "auto" and self.latents_mode == "mean":
             self.echo(f"latents: posterior means ({model.name} was trained on them)")
         self._load_data(multiple)
+        self.encoder = LatentEncoder(pipe.vae, upcast_fp16=self.is_sdxl)
         self.aug = Augment(crop=cfg.crop, zoom=(1.0, cfg.zoom), flip_p=cfg.flip, shuffle=cfg.shuffle_tags,
                            keep_first=cfg.keep_tokens, tag_dropout=cfg.tag_dropout, caption_dropout=cfg.caption_dropout)
-        # -- method setup: everything frozen, then the method unfreezes its weights
+
+    def _prepare_method(self) -> list[dict[str, Any]]:
+        """Everything frozen, then the method unfreezes its weights; returns its optimizer param groups."""
+        cfg, model, pipe = self.config, self.model, self.model.pipe
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             module = getattr(pipe, name, None)
             if module is not None:
@@ -303,9 +339,7 @@ class Trainer:
                 module.eval()
         self._seed_all(cfg.seed)
         groups = self.method.setup(model, cfg)
-        prepare_data = getattr(self.method, "prepare_data", None)  # e.g. LoRA/DreamBooth: --prompt captions,
-        if prepare_data is not None:                                # prior-preservation class images
-            prepare_data(self)
+        self.method.prepare_data(self.context())  # e.g. LoRA/DreamBooth: --prompt captions, class images
         self.params = [p for g in groups for p in g["params"]]
         if not self.params or not all(p.requires_grad for p in self.params):
             raise SdtuneError(f"method {self.method.name!r} returned no trainable parameters")
@@ -319,7 +353,10 @@ class Trainer:
         for module in self.method.modules():
             module.train()
         self._initial = {k: v.detach().to("cpu", copy=True) for k, v in self.method.state_dict().items()}
-        # -- optimizer and schedule
+        return groups
+
+    def _prepare_optimizer(self, groups: list[dict[str, Any]]) -> None:
+        cfg = self.config
         self.schedule = LRSchedule.from_config(cfg.lr, cfg.lr_scheduler, cfg.warmup_steps, cfg.steps)
         opt_groups = []
         for g in groups:
@@ -336,31 +373,19 @@ class Trainer:
         else:
             opt = torch.optim.SGD(opt_groups, lr=self.schedule(1), momentum=0.9, weight_decay=cfg.weight_decay)
         self.optimizer = self.accelerator.prepare(opt)
-        # -- objective, latents, validation
-        self.noise = NoiseModel(pipe.scheduler.config, model.prediction_type, noise_offset=cfg.noise_offset,
-                                min_snr_gamma=cfg.min_snr_gamma)
-        self._encode_train_latents()
-        self.val = self._build_validation()
-        if cfg.val_split > 0 or cfg.val_dir is not None:
-            if self.val is None:
-                raise SdtuneError("the validation set is empty")
 
-    def _add_judge(self) -> None:
-        """`config.judge`: the toy-world concept judge joins the evaluator (its metrics after the given one's)."""
-        from sdtune.toy.concept_eval import judge_from_config
+    def context(self) -> TrainingContext:
+        """What the method may use of this run (`training.context`)."""
+        return TrainingContext(config=self.config, model=self.model, out=self.out, device=self.device,
+                               resolution=self.resolution, is_sdxl=self.is_sdxl, latents_mode=self.latents_mode,
+                               echo=self.echo, encode_images=self.encoder.encode,
+                               generate_images=self.generate_images, map_captions=self._map_captions)
 
-        concept = judge_from_config(self.config)
-        if concept is None:
-            return
-        given = self.evaluator
-        if given is None:
-            self.evaluator = concept
-            return
+    def _map_captions(self, caption_of: Callable[[Any], str]) -> None:
+        import dataclasses
 
-        def both(ctx: EvalContext) -> dict[str, float]:
-            return {**dict(given(ctx) or {}), **concept(ctx)}
-
-        self.evaluator = both
+        self.dataset.items = [dataclasses.replace(it, caption=caption_of(it)) for it in self.dataset.items]
+        self.val_items = [dataclasses.replace(it, caption=caption_of(it)) for it in self.val_items]
 
     def _seed_all(self, seed: int) -> None:
         random.seed(seed)
@@ -397,109 +422,18 @@ class Trainer:
 
     # -- latents -------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _vae_for_encoding(self) -> Iterator[Any]:
-        """The VAE in a dtype that does not overflow (SDXL's VAE in fp16 does: encode in fp32)."""
-        vae = self.model.pipe.vae
-        dtype = next(vae.parameters()).dtype
-        upcast = dtype == torch.float16 and self.is_sdxl
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            yield vae
-        finally:
-            if upcast:
-                vae.to(dtype)
-
-    def _encode(self, images: list[Any], flip_variants: bool) -> list[Any]:
-        from sdtune.training.latents import encode_latents
-
-        from sdtune.training.data import DatasetItem
-
-        out = []
-        with self._vae_for_encoding() as vae:
-            for start in range(0, len(images), 16):  # decode and encode in chunks: bounded memory
-                chunk = [im.load(crop="center") if isinstance(im, DatasetItem) else im
-                         for im in images[start:start + 16]]
-                out += encode_latents(vae, chunk, batch_size=4, flip_variants=flip_variants)
-        return out
-
-    def _encode_train_latents(self) -> None:
-        self.cached = self.aug.cacheable
-        self.latent_cache = None
-        if self.cached:
-            t0 = time.time()
-            self.latent_cache = self._encode(list(self.dataset.items), flip_variants=self.aug.flip_p > 0)
-            self.echo(f"encoded {len(self.latent_cache)} training image(s) to latents in {time.time() - t0:.1f}s")
-
-    def _time_ids(self, item: Any, crop: str) -> torch.Tensor:
-        """SDXL's size conditioning: original (h, w), crop top-left, target (h, w). Random crops report (0, 0)."""
-        from sdtune.training.images import cover_scale
-
-        w, h = item.size
-        tw, th = item.target
-        top = left = 0
-        if crop == "center":
-            s = cover_scale((w, h), (tw, th))
-            nw, nh = max(tw, round(w * s)), max(th, round(h * s))
-            left, top = (nw - tw) // 2, (nh - th) // 2
-        return torch.tensor([h, w, top, left, th, tw], dtype=torch.float32)
-
     def _build_validation(self) -> ValidationSet | None:
         if not self.val_items:
             return None
-        cached = self._encode(list(self.val_items), flip_variants=False)
-        ids = [self._time_ids(it, "center") if self.is_sdxl else None for it in self.val_items]
+        cached = self.encoder.encode(list(self.val_items))
+        ids = [sdxl_time_ids(it, "center") if self.is_sdxl else None for it in self.val_items]
         return ValidationSet.build([c.mean for c in cached], [it.caption for it in self.val_items], ids,
                                    n_timesteps=self.config.val_timesteps, seed=self.config.seed,
                                    num_train_timesteps=self.noise.num_timesteps)
 
-    # -- data order ----------------------------------------------------------------------------------------
-
-    def _epoch(self, epoch: int) -> tuple[list[int], list[list[int]]]:
-        """(item order, batches of positions in that order) of one epoch."""
-        from sdtune.training.data import bucket_batches
-
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            order = self.dataset.epoch_order(self.config.seed, epoch)
-            bs = self.config.batch_size
-            if self.config.buckets:
-                targets = [self.dataset.items[i].target for i in order]
-                batches = bucket_batches(targets, list(range(len(order))), bs)
-            else:
-                batches = [list(range(i, min(i + bs, len(order)))) for i in range(0, len(order), bs)]
-            self._epoch_cache = (epoch, order, batches)
-        return self._epoch_cache[1], self._epoch_cache[2]
-
-    def _next_batch(self, step: int, gen: torch.Generator) -> Batch:
-        from sdtune.training.data import example_rng, make_example
-
-        order, batches = self._epoch(self.epoch)
-        if self.cursor >= len(batches):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            order, batches = self._epoch(self.epoch)
-        positions = batches[self.cursor]
-        self.cursor += 1
-        items = self.dataset.items
-        examples = [make_example(items[order[p]], self.aug, example_rng(self.config.seed, self.epoch, p),
-                                 index=order[p], with_pixels=not self.cached) for p in positions]
-        sample = self.latents_mode == "sample"
-        if self.cached:
-            lats = [self.latent_cache[ex.index].get(ex.flipped, generator=gen if sample else None) for ex in examples]
-        else:
-            encoded = self._encode([ex.pixels for ex in examples], flip_variants=False)
-            lats = [c.get(False, generator=gen if sample else None) for c in encoded]
-        time_ids = None
-        if self.is_sdxl:
-            time_ids = torch.stack([self._time_ids(items[ex.index], self.config.crop) for ex in examples])
-            time_ids = time_ids.to(self.device)
-        return Batch(latents=torch.stack(lats).to(self.device), captions=[ex.caption for ex in examples],
-                     indices=[ex.index for ex in examples], flipped=[ex.flipped for ex in examples],
-                     time_ids=time_ids, step=step)
-
     # ================================================================================================ the step
 
-    def _unet_loss(self, latents: torch.Tensor, cond: Conditioning, noise: torch.Tensor, t: torch.Tensor,
+    def _unet_loss(self, latents: torch.Tensor, cond: UNetConditioning, noise: torch.Tensor, t: torch.Tensor,
                    reduce: bool = True, target_fn: TargetFn | None = None) -> torch.Tensor:
         noisy = self.noise.add_noise(latents, noise, t)
         target = self.noise.target(latents, noise, t) if target_fn is None else target_fn(noisy, t)
@@ -508,7 +442,7 @@ class Trainer:
             return self.noise.loss(pred, target, t)
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
-    def diffusion_loss(self, latents: torch.Tensor, cond: Conditioning, gen: torch.Generator,
+    def diffusion_loss(self, latents: torch.Tensor, cond: UNetConditioning, gen: torch.Generator,
                        target: TargetFn | None = None) -> torch.Tensor:
         """The noise-prediction loss of `latents` under `cond`, noise and timesteps drawn from `gen`; `target`
         (noisy latents, timesteps) -> the prediction to match instead of the noise (distillation)."""
@@ -530,13 +464,13 @@ class Trainer:
         total, norm = 0.0, None
         for micro in range(cfg.grad_accum):
             gen = step_generator(cfg.seed, step, micro)
-            batch = self._next_batch(step, gen)
+            batch = self.batches.next(step, gen)
             with self.accelerator.accumulate(*self.method.modules()):
                 with self.accelerator.autocast():
                     loss = self._loss(batch, gen)
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    raise _Diverged(step, "loss")
+                    raise Diverged(step, "loss")
                 self.accelerator.backward(loss)
                 total += value / cfg.grad_accum
                 if self.accelerator.sync_gradients:
@@ -544,16 +478,16 @@ class Trainer:
                     norm_t = self.accelerator.clip_grad_norm_(self.params, max_norm)
                     norm = float(norm_t) if norm_t is not None else None
                     if norm is not None and not math.isfinite(norm) and self.accelerator.scaler is None:
-                        raise _Diverged(step, "gradients")
+                        raise Diverged(step, "gradients")
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.method.after_optimizer_step(step)
         if self.accelerator.scaler is not None:  # fp16: inf gradients skip the step and lower the loss scale
             self._fp16_skips = self._fp16_skips + 1 if self.accelerator.optimizer_step_was_skipped else 0
             if self._fp16_skips >= 20:
-                raise _Diverged(step, "gradients (fp16 overflow in 20 steps in a row)")
+                raise Diverged(step, "gradients (fp16 overflow in 20 steps in a row)")
         if not _finite(p.detach() for p in self.params):
-            raise _Diverged(step, "weights")
+            raise Diverged(step, "weights")
         return total, norm
 
     def _train(self) -> str:
@@ -565,7 +499,7 @@ class Trainer:
             loss, norm = self._optimizer_step(step)
             self.step = step
             self.losses.append(loss)
-            self._pending.append(loss)
+            self.ledger.add_loss(loss)
             extra = {"epoch": self.epoch}
             if norm is not None and math.isfinite(norm):
                 extra["grad_norm"] = round(norm, 6)
@@ -574,10 +508,11 @@ class Trainer:
                 self.on_step(self, step, loss)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 self._checkpoint(step)
-                if self.selection.should_stop:
-                    self.log.event("early_stop", step, best_step=self.selection.best_step)
-                    self.echo(f"early stop at step {step}: no improvement of {self.selection.metric} in "
-                              f"{self.selection.patience} evaluation(s); best was step {self.selection.best_step}")
+                sel = self.ledger.selection
+                if sel.should_stop:
+                    self.log.event("early_stop", step, best_step=sel.best_step)
+                    self.echo(f"early stop at step {step}: no improvement of {sel.metric} in "
+                              f"{sel.patience} evaluation(s); best was step {sel.best_step}")
                     return "early_stop"
             if cfg.sample_every and step % cfg.sample_every == 0:
                 self.save_samples(step)
@@ -602,61 +537,17 @@ class Trainer:
 
     def _checkpoint(self, step: int) -> None:
         if not _finite(self.method.state_dict().values()):
-            raise _Diverged(step, "weights")
-        with self._averaged_weights():
+            raise Diverged(step, "weights")
+        with self.ledger.averaged(self.method, self.device):
             path = self.method.save(self.checkpoint_path(step), step, self._metadata(step))
             metrics = self._evaluate(step, path)
-        train_loss = sum(self._pending) / len(self._pending) if self._pending else None
-        self._pending = []
-        row: dict[str, Any] = {"step": step, "train_loss": train_loss, "val_loss": metrics.pop("val_loss", None),
-                               **metrics, "file": path.relative_to(self.out).as_posix()}
-        self.rows.append(row)
-        if self._selecting:
-            value = row.get(self.selection.metric)
-            if value is None:
-                raise SdtuneError(f"select_by {self.selection.metric!r} is not among the evaluation's metrics "
-                                  f"({', '.join(k for k in row if k not in ('step', 'file')) or 'none'})")
-            self.selection.update(step, value)
-        self._prune_checkpoints(step)
+        row = self.ledger.record(step, path, metrics)
         self._save_state()
         self._write_summary()
         self.log.event("checkpoint", step, **{k: v for k, v in row.items() if k != "step"})
 
-    @contextlib.contextmanager
-    def _averaged_weights(self) -> Iterator[None]:
-        """average_checkpoints N: the method holds the mean of this and the N-1 previous checkpoints' weights while
-        the checkpoint is saved and evaluated, then the raw weights again (training goes on from those)."""
-        n = self.config.average_checkpoints
-        if n <= 1:
-            yield
-            return
-        raw = {k: v.detach().to("cpu", copy=True) for k, v in self.method.state_dict().items()}
-        self._snapshots = (self._snapshots + [raw])[-n:]
-        mean = {k: torch.stack([snap[k].float() for snap in self._snapshots]).mean(0).to(v.dtype)
-                for k, v in raw.items()}
-        self.method.load_state_dict({k: v.to(self.device) for k, v in mean.items()})
-        try:
-            yield
-        finally:
-            self.method.load_state_dict({k: v.to(self.device) for k, v in raw.items()})
-
     def best_step(self) -> int | None:
-        if self._selecting:
-            return self.selection.best_step
-        return self.rows[-1]["step"] if self.rows else None
-
-    def _prune_checkpoints(self, current: int) -> None:
-        keep = self.config.keep_checkpoints
-        if keep == "all":
-            return
-        keep_step = current if keep == "last" else (self.best_step() or current)
-        for r in self.rows:
-            if r["step"] != keep_step:
-                (self.out / r["file"]).unlink(missing_ok=True)
-
-    def _history(self) -> dict[str, Any]:
-        return {"rows": self.rows, "pending": self._pending, "selection": self.selection.state_dict(),
-                "fp16_skips": self._fp16_skips}
+        return self.ledger.best_step()
 
     def _save_state(self) -> None:
         extra: dict[str, Any] = {"dataset": self.dataset.fingerprint(), "method": self.method.name}
@@ -664,9 +555,9 @@ class Trainer:
         if scaler is not None:
             extra["scaler"] = scaler.state_dict()
         state = TrainState(step=self.step, epoch=self.epoch, cursor=self.cursor, weights=self.method.state_dict(),
-                           optimizer=self.optimizer.state_dict(), rng=capture_rng(), history=self._history(),
+                           optimizer=self.optimizer.state_dict(), rng=capture_rng(), history=self.ledger.history(fp16_skips=self._fp16_skips),
                            config=self.config.replace(resume=None).to_dict(), extra=extra,
-                           snapshots=self._snapshots)
+                           snapshots=self.ledger.snapshots)
         self.store.save(state)
 
     def _restore(self, state: TrainState, *, rng: bool = True) -> None:
@@ -674,15 +565,10 @@ class Trainer:
             raise SdtuneError(f"the saved state is a {state.extra.get('method')!r} run, not {self.method.name!r}")
         self.method.load_state_dict({k: v.to(self.device) for k, v in state.weights.items()})
         self.optimizer.load_state_dict(state.optimizer)
-        self.step, self.epoch, self.cursor = state.step, state.epoch, state.cursor
-        self._epoch_cache = None
-        h = state.history
-        self.rows = [dict(r) for r in h.get("rows", [])]
-        self._pending = list(h.get("pending", []))
-        self.selection.load_state_dict(h.get("selection", {}))
-        self._fp16_skips = int(h.get("fp16_skips", 0))
-        self._snapshots = state.snapshots[-self.config.average_checkpoints:] if self.config.average_checkpoints > 1 \
-            else []
+        self.step = state.step
+        self.batches.seek(state.epoch, state.cursor)
+        self.ledger.load(state.history, state.snapshots)
+        self._fp16_skips = int(state.history.get("fp16_skips", 0))
         scaler = self.accelerator.scaler
         if scaler is not None and "scaler" in state.extra:
             scaler.load_state_dict(state.extra["scaler"])
@@ -697,10 +583,11 @@ class Trainer:
             return self.step
         self.method.load_state_dict({k: v.to(self.device) for k, v in self._initial.items()})
         self.optimizer.optimizer.state.clear()
-        self.step = self.epoch = self.cursor = 0
+        self.step = 0
+        self.batches.seek(0, 0)
         return 0
 
-    def _divergence_message(self, d: _Diverged, good: int) -> str:
+    def _divergence_message(self, d: Diverged, good: int) -> str:
         cfg = self.config
         where = f"the state of step {good}" if good else "the initial weights"
         msg = f"training diverged at step {d.step}: non-finite {d.what}; rolled back to {where}, nothing non-finite "\
@@ -792,9 +679,8 @@ class Trainer:
         grid = make_grid(images)
         path = self.out / "samples" / f"{cfg.name}-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        grid.save(tmp, format="PNG")
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            grid.save(tmp, format="PNG")
         self.log.event("samples", step, file=path.relative_to(self.out).as_posix())
         return path
 
@@ -818,36 +704,27 @@ class Trainer:
         return old
 
     def _write_summary(self) -> None:
-        best = self.best_step()
-        rows = []
-        for r in self.rows:
-            r = dict(r)
-            r["file"] = r["file"] if (self.out / r["file"]).exists() else None
-            r["best"] = r["step"] == best
-            rows.append(r)
         final = self.out / f"{self.config.name}{self.method.file_ext}"
-        info = {"method": self.method.name, "step": self.step, "steps": self.config.steps, "best_step": best,
-                "select_by": self.selection.metric if self._selecting else "last",
+        sel = self.ledger.selection
+        info = {"method": self.method.name, "step": self.step, "steps": self.config.steps,
+                "best_step": self.best_step(), "select_by": sel.metric if self.ledger.selecting else "last",
                 "final": final.name if final.exists() else None}
-        write_summary(self.out, rows, info)
-        self._summary_rows = rows
+        self._summary_rows = self.ledger.summary_rows()
+        write_summary(self.out, self._summary_rows, info)
 
     def _finish(self, stopped: str, message: str = "") -> TrainResult:
         final = None
         best = self.best_step()
         if stopped != "interrupted" and best is not None:
-            row = next(r for r in self.rows if r["step"] == best)
-            src = self.out / row["file"]
+            src = self.out / self.ledger.row(best)["file"]
             if src.exists():
                 final = link_or_copy(src, self.out / f"{self.config.name}{self.method.file_ext}")
-                finalize = getattr(self.method, "finalize", None)  # e.g. DreamBooth's diffusers folder
-                if finalize is not None:
-                    finalize(final, src, self)
+                self.method.finalize(final, src, self.context())  # e.g. DreamBooth's diffusers folder
         self._write_summary()
         if self.log is not None:
             self.log.event("end", self.step, stopped=stopped, best_step=best,
                            final=final.name if final else None)
-        if self.rows:
+        if self.ledger.rows:
             self.echo(format_summary(self._summary_rows))
         if stopped == "interrupted":
             self.echo(f"stopped at step {self.step}; the state is saved in {self.store.folder}; continue with "
@@ -879,14 +756,14 @@ class Trainer:
             if state is None:
                 self.log.event("start", 0, method=self.method.name, images=len(self.dataset),
                                val_images=len(self.val_items), resolution=self.resolution,
-                               cached_latents=self.cached)
+                               cached_latents=self.batches.cached)
                 if self.val is not None:
                     base = self.validation_loss()
                     self.log.event("baseline", 0, val_loss=base)
                     self.echo(f"validation loss before training: {base:.6f}")
             try:
                 stopped = self._train()
-            except _Diverged as d:
+            except Diverged as d:
                 good = self._rollback()
                 message = self._divergence_message(d, good)
                 self.log.event("diverged", d.step, what=d.what, rolled_back_to=good)

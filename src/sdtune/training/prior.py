@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.training.config import opt
+from sdtune.training.options import opt
 
 if TYPE_CHECKING:
+    from sdtune.training.context import TrainingContext
     from sdtune.training.methods.base import Batch, DiffusionLoss, TrainingMethod
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -87,8 +88,7 @@ def check_personalize_options(options: Any, method: str, prior_default: bool, re
                               "images, or leave it out to generate them")
         if options.class_data is not None:
             load_class_folder(options.class_data, resolution or 1, load=False)
-    elif options.prior_preservation is False and (options.class_prompt or options.class_data):
-        pass  # explicitly off: class settings are kept in the config but unused
+    # prior preservation explicitly off: class settings may stay in the config, unused
 
 
 def instance_caption(caption: str, prompt: str | None, from_file: bool) -> str:
@@ -104,15 +104,11 @@ def instance_caption(caption: str, prompt: str | None, from_file: bool) -> str:
     return text
 
 
-def apply_instance_prompt(trainer: Any, prompt: str | None) -> None:
+def apply_instance_prompt(ctx: TrainingContext, prompt: str | None) -> None:
+    """`--prompt`: the caption of every image without a caption file (or extending it with `+ ...`)."""
     if prompt is None:
         return
-    ds = trainer.dataset
-    ds.items = [dataclasses.replace(it, caption=instance_caption(it.caption, prompt, it.caption_source == "file"))
-                for it in ds.items]
-    trainer.val_items = [dataclasses.replace(it, caption=instance_caption(it.caption, prompt,
-                                                                          it.caption_source == "file"))
-                         for it in trainer.val_items]
+    ctx.map_captions(lambda it: instance_caption(it.caption, prompt, it.caption_source == "file"))
 
 
 # ------------------------------------------------------------------------------------------- class images
@@ -178,66 +174,67 @@ def load_class_folder(folder: str | Path, resolution: int, *,
     return images, warnings, captions
 
 
-def class_cache_key(trainer: Any, class_prompt: str, count: int) -> tuple[str, dict[str, Any]]:
-    cfg = trainer.config
-    model = trainer.model
+def class_cache_key(ctx: TrainingContext, class_prompt: str, count: int) -> tuple[str, dict[str, Any]]:
+    cfg = ctx.config
+    model = ctx.model
     data = {"model_hash": str(model.hash), "model": str(model.name), "family": model.family,
-            "class_prompt": class_prompt, "count": count, "resolution": trainer.resolution,
+            "class_prompt": class_prompt, "count": count, "resolution": ctx.resolution,
             "steps": cfg.sample_steps, "cfg": cfg.sample_cfg, "sampler": cfg.sample_sampler,
             "negative": cfg.sample_negative, "clip_skip": cfg.clip_skip}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16], data
 
 
-def generated_class_images(trainer: Any, class_prompt: str, count: int) -> list[Any]:
+def generated_class_images(ctx: TrainingContext, class_prompt: str, count: int) -> list[Any]:
     """Class images from the base model, generated once and cached in OUT/class_images/<key>/."""
     from PIL import Image
 
-    key, data = class_cache_key(trainer, class_prompt, count)
-    folder = trainer.out / "class_images" / key
+    from sdtune.atomic import atomic_path
+
+    key, data = class_cache_key(ctx, class_prompt, count)
+    folder = ctx.out / "class_images" / key
     paths = [folder / f"{i:05d}.png" for i in range(count)]
     if all(p.is_file() for p in paths):
-        trainer.echo(f"prior preservation: reusing {count} cached class image(s) in {folder}")
+        ctx.echo(f"prior preservation: reusing {count} cached class image(s) in {folder}")
         return [Image.open(p).convert("RGB") for p in paths]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "key.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     todo = [i for i, p in enumerate(paths) if not p.is_file()]
-    trainer.echo(f"prior preservation: generating {len(todo)} class image(s) of {class_prompt!r} with the base model "
-                 f"into {folder} (once; reused on rerun)")
+    ctx.echo(f"prior preservation: generating {len(todo)} class image(s) of {class_prompt!r} with the base model "
+             f"into {folder} (once; reused on rerun)")
     for i in todo:
-        img = trainer.generate_images([class_prompt], [i])[0]
-        tmp = paths[i].with_name(f".{paths[i].name}.tmp")
-        img.save(tmp, format="PNG")
-        tmp.replace(paths[i])
+        img = ctx.generate_images([class_prompt], [i])[0]
+        with atomic_path(paths[i]) as tmp:
+            img.save(tmp, format="PNG")
     return [Image.open(p).convert("RGB") for p in paths]
 
 
 class PriorPreservation:
     """Class latents + class prompt; `loss(batch, diffusion_loss)` is the weighted prior term of one step."""
 
-    def __init__(self, method: TrainingMethod, trainer: Any, options: Any) -> None:
+    def __init__(self, method: TrainingMethod, ctx: TrainingContext, options: Any) -> None:
         self.method = method
         self.prompt = options.class_prompt.strip()
         self.weight = float(options.prior_weight)
-        self.seed = trainer.config.seed
-        self.sample = trainer.latents_mode == "sample"
-        self.resolution = trainer.resolution
-        self.is_sdxl = trainer.is_sdxl
-        self.device = trainer.device
+        self.seed = ctx.config.seed
+        self.sample = ctx.latents_mode == "sample"
+        self.resolution = ctx.resolution
+        self.is_sdxl = ctx.is_sdxl
+        self.device = ctx.device
         if options.class_data:
-            images, warnings, captions = load_class_folder(options.class_data, trainer.resolution)
+            images, warnings, captions = load_class_folder(options.class_data, ctx.resolution)
             for w in warnings:
-                trainer.echo(f"warning: {w}")
+                ctx.echo(f"warning: {w}")
             source = str(options.class_data)
         else:
-            images = generated_class_images(trainer, self.prompt, options.num_class_images)
+            images = generated_class_images(ctx, self.prompt, options.num_class_images)
             captions = [None] * len(images)
             source = "generated"
         self.captions = [c or self.prompt for c in captions]
-        self.latents = trainer._encode(images, flip_variants=False)
+        self.latents = ctx.encode_images(images)
         own = sum(c is not None for c in captions)
         how = "each with its own caption" if own == len(captions) else \
             f"{own} with their own caption, the others with {self.prompt!r}" if own else f"with {self.prompt!r}"
-        trainer.echo(f"prior preservation: {len(self.latents)} class image(s) ({source}), {how}, "
+        ctx.echo(f"prior preservation: {len(self.latents)} class image(s) ({source}), {how}, "
                      f"weight {self.weight:g}")
 
     def loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor:
@@ -264,10 +261,10 @@ class PersonalizeMixin:
     prior_default: bool = False
     prior: PriorPreservation | None = None
 
-    def personalize_prepare(self, trainer: Any) -> None:
+    def personalize_prepare(self, ctx: TrainingContext) -> None:
         options = self.options  # type: ignore[attr-defined]
-        apply_instance_prompt(trainer, options.prompt)
-        self.prior = PriorPreservation(self, trainer, options) if prior_enabled(options, self.prior_default) \
+        apply_instance_prompt(ctx, options.prompt)
+        self.prior = PriorPreservation(self, ctx, options) if prior_enabled(options, self.prior_default) \
             else None  # type: ignore[arg-type]
 
     def extra_loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from sdtune.training.config import write_text_atomic
+from sdtune.atomic import write_atomic
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
@@ -56,7 +56,7 @@ class RunLog:
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
         if start_step > 0:
             kept = [r for r in read_log(self.path) if int(r.get("step", 0)) <= start_step]
-            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")
@@ -157,6 +157,6 @@ def write_summary(out: Path, rows: Sequence[Mapping[str, Any]], info: Mapping[st
     w.writerow(cols)
     for r in rows:
         w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
-    write_text_atomic(out / "summary.csv", buf.getvalue())
+    write_atomic(out / "summary.csv", buf.getvalue())
     doc = {**info, "checkpoints": [{k: _json_safe(v) for k, v in r.items()} for r in rows]}
-    write_text_atomic(out / "summary.json", json.dumps(doc, indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(doc, indent=2) + "\n")

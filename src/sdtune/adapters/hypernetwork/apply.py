@@ -22,11 +22,12 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from sdtune.adapters.hypernetwork.network import Hypernetwork
-from sdtune.adapters.stack import parse_specs as parse_adapter_specs
+from sdtune.adapters.stack import parse_weighted_specs
 from sdtune.adapters.stack import per_pipeline
 from sdtune.errors import SdtuneError
 from sdtune.models.hashing import file_key
 
+_ATTR = "_sdtune_hypernetworks"  # where a pipeline keeps its one stack (`per_pipeline`)
 Spec = Any  # a path, a Hypernetwork, or (path | Hypernetwork, strength)
 
 
@@ -132,8 +133,8 @@ class LoadedHypernetwork:
     network: Hypernetwork
 
 
-def parse_specs(specs: Iterable[Spec] | None) -> list[tuple[Any, float]]:
-    return parse_adapter_specs(specs, Hypernetwork, "hypernetwork", "strength")
+def parse_hypernetwork_specs(specs: Iterable[Spec] | None) -> list[tuple[Any, float]]:
+    return parse_weighted_specs(specs, Hypernetwork, "hypernetwork", "strength")
 
 
 class PipelineHypernetworks:
@@ -152,7 +153,13 @@ class PipelineHypernetworks:
     @classmethod
     def for_pipeline(cls, pipe_or_loaded: Any, **kwargs: Any) -> "PipelineHypernetworks":
         pipe = getattr(pipe_or_loaded, "pipe", pipe_or_loaded)
-        return per_pipeline(pipe, "_sdtune_hypernetworks", cls, lambda: cls(pipe_or_loaded, **kwargs))
+        return per_pipeline(pipe, _ATTR, cls, lambda: cls(pipe_or_loaded, **kwargs))
+
+    @classmethod
+    def existing(cls, pipe_or_loaded: Any) -> "PipelineHypernetworks | None":
+        """The pipeline's stack if anything ever used hypernetworks on it, else None (nothing was touched)."""
+        found = getattr(getattr(pipe_or_loaded, "pipe", pipe_or_loaded), _ATTR, None)
+        return found if isinstance(found, cls) else None
 
     def load(self, src: Any) -> LoadedHypernetwork:
         from sdtune.adapters.hypernetwork.io import read_hypernetwork
@@ -181,7 +188,7 @@ class PipelineHypernetworks:
         hn.eval()
 
     def set(self, specs: Iterable[Spec] | None) -> list[tuple[LoadedHypernetwork, float]]:
-        entries = [(self.load(src), s) for src, s in parse_specs(specs)]
+        entries = [(self.load(src), s) for src, s in parse_hypernetwork_specs(specs)]
         self.active = entries
         self.stack.entries = [(e.network, s) for e, s in entries if s != 0]
         if self.stack.entries:
@@ -202,42 +209,3 @@ def apply_hypernetworks(pipe_or_loaded: Any, specs: Sequence[Spec]) -> PipelineH
     stack = PipelineHypernetworks.for_pipeline(pipe_or_loaded)
     stack.set(specs)
     return stack
-
-
-def update_generator(gen: Any, prompt: str) -> list[tuple[LoadedHypernetwork, float]] | None:
-    """Make a `Generator`'s base model use its hypernetworks for the next run: those set with
-    `set_hypernetworks` (in order), then the `<hypernet:name:strength>` tags of `prompt` (resolved in the
-    generator's hypernetwork folders; A1111 reads them from the positive prompt). Returns the active list, or None
-    when hypernetworks were never used with this pipeline (nothing is touched then)."""
-    from sdtune.adapters.hypernetwork.tags import HYPERNET_TAGS, resolve_hypernet_tags
-    from sdtune.adapters.tags import prompt_tags
-
-    explicit = list(getattr(gen, "_hypernets", None) or [])
-    tags = prompt_tags(HYPERNET_TAGS, prompt)
-    pipe = gen.model.pipe
-    if not explicit and not tags and not isinstance(getattr(pipe, "_sdtune_hypernetworks", None),
-                                                    PipelineHypernetworks):
-        return None
-    specs = explicit
-    if tags:
-        specs = explicit + resolve_hypernet_tags(tags, list(getattr(gen, "_hypernet_dirs", None) or []))
-    return PipelineHypernetworks.for_pipeline(gen.model).set(specs)
-
-
-def add_infotext(gen: Any, text: str) -> str:
-    """A1111's `Hypernet`, `Hypernet hash`, `Hypernet strength` fields for the hypernetworks set on a Generator
-    with `set_hypernetworks` (several: comma-separated, in order). Prompt tags need none: they stay in the
-    prompt text."""
-    explicit = getattr(gen, "_hypernets", None)
-    stack = getattr(gen.model.pipe, "_sdtune_hypernetworks", None)
-    if not explicit or not isinstance(stack, PipelineHypernetworks):
-        return text
-    from sdtune.adapters.lora.tags import add_infotext_field
-
-    used = [(e, s) for e, s in stack.active[:len(explicit)] if s != 0]
-    if not used:
-        return text
-    text = add_infotext_field(text, "Hypernet", ", ".join(e.name.replace(",", "") for e, _ in used))
-    if all(e.hash for e, _ in used):
-        text = add_infotext_field(text, "Hypernet hash", ", ".join(str(e.hash) for e, _ in used))
-    return add_infotext_field(text, "Hypernet strength", ", ".join(f"{s:g}" for _, s in used))

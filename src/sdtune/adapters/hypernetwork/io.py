@@ -13,8 +13,6 @@ the `sdtune_hypernetwork` metadata key (plus `sdtune_format = hypernetwork` and 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -153,15 +151,10 @@ def save_hypernetwork(hn: Hypernetwork, path: str | Path, *, format: str | None 
         meta = {**{str(k): str(v) for k, v in (metadata or {}).items()}, FORMAT_KEY: "hypernetwork",
                 META_KEY: json.dumps(file_metadata(hn))}
         return save_safetensors_atomic(hn.flat_state_dict(), p, meta)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+    from sdtune.atomic import atomic_path
+
+    with atomic_path(p) as tmp:
         torch.save(to_a1111(hn), tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return p
 
 

@@ -13,12 +13,8 @@ from sdtune.adapters.lora.io import FORMATS, network_from_state_dict, read_lora,
 from sdtune.adapters.lora.merge import merge_loras
 from sdtune.adapters.lora.network import LoraModule, LoraNetwork
 from sdtune.adapters.lora.tags import lora_short_hash, parse_lora_arg, resolve_lora_tags
-from sdtune.adapters.lora.verify import (
-    VerifyResult,
-    lora_deltas_from_peft,
-    network_from_peft,
-    verify_lora_file,
-)
+from sdtune.adapters.lora.from_peft import lora_deltas_from_peft, network_from_peft
+from sdtune.adapters.lora.verify import VerifyResult, verify_lora_file
 
 __all__ = ["FORMATS", "LoraModule", "LoraNetwork", "PipelineLoras", "VerifyResult", "apply_loras",
            "lora_deltas_from_peft", "lora_short_hash", "merge_loras", "network_from_peft", "network_from_state_dict",

@@ -36,7 +36,7 @@ from sdtune.adapters.lora.models import (
     unet_layout_of,
 )
 from sdtune.adapters.lora.network import LoraNetwork, check_family
-from sdtune.adapters.stack import parse_specs as parse_adapter_specs
+from sdtune.adapters.stack import parse_weighted_specs
 from sdtune.adapters.stack import per_pipeline
 from sdtune.errors import SdtuneError
 from sdtune.models.hashing import file_key
@@ -97,8 +97,26 @@ class LoadedLora:
     key: tuple | None = None
 
 
-def parse_specs(loras: Iterable[LoraSpec] | None) -> list[tuple[Any, float]]:
-    return parse_adapter_specs(loras, LoraNetwork, "LoRA", "weight")
+def _inject_text_encoder(model: torch.nn.Module, comp: str, sd: Mapping[str, torch.Tensor],
+                         config: Mapping[str, Any], adapter: str) -> None:
+    """A text-encoder LoRA through peft's own API. diffusers' `load_lora_into_text_encoder` goes through
+    transformers' PEFT integration, which pins peft versions of its own (transformers 5.25 refuses peft < 0.22);
+    peft alone gives the same layers and weights, so generation does not depend on that layer."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    prefix = comp + "."
+    own = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not any(name.startswith("text_model.") for name, _ in model.named_modules()):  # transformers 5 CLIP layout
+        own = {k.removeprefix("text_model."): v for k, v in own.items()}
+    inject_adapter_in_model(LoraConfig(**config), model, adapter_name=adapter)
+    result = set_peft_model_state_dict(model, own, adapter_name=adapter)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"unexpected keys in the {comp} LoRA: {', '.join(unexpected[:5])}")
+
+
+def parse_lora_specs(loras: Iterable[LoraSpec] | None) -> list[tuple[Any, float]]:
+    return parse_weighted_specs(loras, LoraNetwork, "LoRA", "weight")
 
 
 class PipelineLoras:
@@ -175,7 +193,7 @@ class PipelineLoras:
         return lora
 
     def _inject(self, net: LoraNetwork, adapter: str) -> None:
-        from sdtune.adapters.lora.diffusers import flat_adapter_metadata, network_to_diffusers
+        from sdtune.adapters.lora.diffusers_format import flat_adapter_metadata, network_to_diffusers
         from sdtune.adapters.lora.verify import capture_library_warnings
         from sdtune.models.loading import quiet_loading
 
@@ -190,9 +208,7 @@ class PipelineLoras:
                                             _pipeline=self.pipe, metadata=meta)
                 for comp in ("text_encoder", "text_encoder_2"):
                     if comp in configs:
-                        cls.load_lora_into_text_encoder(sd, network_alphas=None, text_encoder=comps[comp],
-                                                        prefix=comp, adapter_name=adapter, _pipeline=self.pipe,
-                                                        metadata=meta)
+                        _inject_text_encoder(comps[comp], comp, sd, configs[comp], adapter)
             except (ValueError, KeyError, RuntimeError) as exc:
                 self._delete(adapter)
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -220,7 +236,7 @@ class PipelineLoras:
 
     def set(self, loras: Iterable[LoraSpec] | None) -> list[tuple[LoadedLora, float]]:
         """Make exactly these LoRAs active with these weights (a weight of 0 keeps a LoRA loaded but off)."""
-        specs = parse_specs(loras)
+        specs = parse_lora_specs(loras)
         entries = [(self.load(src), w) for src, w in specs]
         seen: dict[str, int] = {}
         merged: list[tuple[LoadedLora, float]] = []

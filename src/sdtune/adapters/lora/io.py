@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
-from sdtune.adapters.lora.diffusers import diffusers_to_network, is_diffusers, save_diffusers
+from sdtune.adapters.lora.diffusers_format import diffusers_to_network, is_diffusers, save_diffusers
 from sdtune.adapters.lora.kohya import is_kohya, kohya_to_network, save_kohya
 from sdtune.adapters.lora.network import LoraNetwork, check_family
 from sdtune.errors import SdtuneError

@@ -120,7 +120,7 @@ def network_to_kohya(net: LoraNetwork, *, family: str | None = None, layout: Map
 def kohya_metadata(net: LoraNetwork, *, family: str | None = None, layout: Mapping[str, Any] | None = None,
                    comment: str | None = None, title: str | None = None) -> dict[str, str]:
     """ss_* (kohya), modelspec.* and sdtune_* metadata for a network."""
-    from sdtune import __version__
+    from sdtune.version import __version__
 
     family = family or net.family
     ranks, alphas = Counter(), Counter()

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import torch
 
-from sdtune.adapters.lora.apply import LoraSpec, check_compatible, parse_specs
+from sdtune.adapters.lora.apply import LoraSpec, check_compatible, parse_lora_specs
 from sdtune.adapters.lora.models import guess_family, target_modules, unet_layout_of
 from sdtune.adapters.lora.network import LoraNetwork
 
@@ -36,7 +36,7 @@ def merge_loras(pipe_or_components: Any, loras: Iterable[LoraSpec], *, family: s
     layout = unet_layout_of(pipe_or_components)
     name = model_name or getattr(pipe_or_components, "name", None) or "the model"
     todo: list[tuple[LoraNetwork, float, MergedLora]] = []
-    for src, weight in parse_specs(loras):
+    for src, weight in parse_lora_specs(loras):
         if isinstance(src, LoraNetwork):
             net, label, h = src, Path(src.source).stem if src.source else "lora", None
         else:

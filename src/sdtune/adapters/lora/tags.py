@@ -31,26 +31,6 @@ def lora_hashes_value(entries: Iterable[tuple[str, str]]) -> str | None:
     return ", ".join(parts) or None
 
 
-def add_infotext_field(infotext: str, key: str, value: str | None) -> str:
-    """Insert `key: value` into an infotext's parameter line before `Version:` (A1111's order), quoting the value
-    as A1111 does. None leaves the text unchanged."""
-    if value is None:
-        return infotext
-    from sdtune.generate.pnginfo import format_value
-
-    field = f"{key}: {format_value(value)}"
-    head, sep, last = infotext.rpartition("\n")
-    marker = ", Version: "
-    if marker in last:
-        i = last.rindex(marker)
-        last = f"{last[:i]}, {field}{last[i:]}"
-    elif last.startswith("Version: "):
-        last = f"{field}, {last}"
-    else:
-        last = f"{last}, {field}" if last else field
-    return f"{head}{sep}{last}"
-
-
 def parse_lora_arg(text: str) -> tuple[str, float]:
     """`FILE[:WEIGHT]` -> (FILE, weight); the weight defaults to 1 (a `C:\\...` drive letter is not a weight)."""
     return parse_file_weight(text, "--lora", "weight")

@@ -313,23 +313,11 @@ def _torch_save_atomic(obj: Any, out: Path) -> Path:
 
 
 def _atomic(out: Path, write: Any) -> Path:
-    import os
-    import tempfile
+    from sdtune.atomic import atomic_path
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        write(str(tmp))
     return out
-
-
-def default_ext(format: str) -> str:
-    return FORMAT_EXT[format]
 
 
 def file_stem_for(token: str) -> str:

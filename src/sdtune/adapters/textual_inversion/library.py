@@ -121,15 +121,6 @@ class EmbeddingLibrary:
         self.sources = [s for s in self.sources if s != p]
         return self.refresh()
 
-    def bind(self, pipe: Any) -> Changes:
-        """Check embeddings against this pipeline's text encoders from now on (re-checks every file)."""
-        self._slots = _slots_of(pipe)
-        for name in list(self._owner):
-            self.registry.remove(name)
-        self._files.clear()
-        self._owner.clear()
-        return self.refresh()
-
     # -- state ----------------------------------------------------------------------------------------------
 
     @property

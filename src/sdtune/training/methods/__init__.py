@@ -6,7 +6,7 @@ from the class's `Options` dataclass). Register a new method with `register_meth
 from __future__ import annotations
 
 from sdtune.errors import SdtuneError
-from sdtune.training.methods.base import Batch, Conditioning, TrainingMethod, trainable
+from sdtune.training.methods.base import Batch, Diverged, TrainingMethod, UNetConditioning, trainable
 from sdtune.training.methods.bias import UNetBiasMethod
 from sdtune.training.methods.hypernetwork import HypernetworkMethod
 from sdtune.training.methods.dreambooth import DreamBoothMethod
@@ -36,5 +36,5 @@ register_method(DreamBoothMethod)
 register_method(TextualInversionMethod)
 register_method(HypernetworkMethod)
 
-__all__ = ["METHODS", "Batch", "Conditioning", "DreamBoothMethod", "LoraMethod", "TextualInversionMethod", "TrainingMethod", "UNetBiasMethod", "get_method",
-           "register_method", "trainable"]
+__all__ = ["METHODS", "Batch", "Diverged", "DreamBoothMethod", "LoraMethod", "TextualInversionMethod",
+           "TrainingMethod", "UNetBiasMethod", "UNetConditioning", "get_method", "register_method", "trainable"]

@@ -6,6 +6,12 @@ says which weights train (`setup`), how captions become UNet conditioning (`cond
 pipeline's own `encode_prompt` and caches the result per caption when the text encoders are frozen), an optional
 extra loss (`extra_loss`, e.g. prior preservation), how its weights are read and written (`state_dict`,
 `load_state_dict`, `save`) and how the live weights are used for sample images (`apply_for_sampling`).
+
+The contract, in the order the loop calls it: `check_options` (before anything loads), `setup(model, config)`,
+`prepare_data(ctx)`, then per step `conditioning` / `extra_loss` / `after_optimizer_step`, `state_dict` /
+`load_state_dict` / `save` at checkpoints, `finalize(final, source, ctx)` once the final file exists, and
+`teardown()` however the run ends. Methods see the run only through the `TrainingContext` (`training.context`);
+a hook that finds the weights non-finite raises `Diverged`, and the loop rolls back.
 """
 
 from __future__ import annotations
@@ -18,15 +24,25 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 
-from sdtune.training.config import NoOptions
+from sdtune.training.options import NoOptions
 
 if TYPE_CHECKING:
     from sdtune.models.loading import LoadedModel
     from sdtune.training.config import TrainConfig
+    from sdtune.training.context import TrainingContext
+
+
+class Diverged(Exception):
+    """Raised inside a step or a checkpoint when the loss, gradients or weights are no longer finite: the loop
+    rolls back to the last good state (nothing non-finite is written) and stops with `TrainingDiverged`."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(what)
+        self.step, self.what = step, what
 
 
 @dataclass
-class Conditioning:
+class UNetConditioning:
     """UNet conditioning for one batch. added_cond_kwargs holds SDXL's text_embeds and time_ids."""
 
     encoder_hidden_states: torch.Tensor
@@ -65,12 +81,13 @@ class TrainingMethod:
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     file_ext: ClassVar[str] = ".safetensors"
-    trains_text_encoder: ClassVar[bool] = False   # False: text-encoder outputs are computed once per caption
     public: ClassVar[bool] = True                 # False: Python API only, no `sdtune train <name>` command
     text_cache_size: ClassVar[int] = 4096
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
+        # False: text-encoder outputs are computed once per caption and cached; `setup` sets it when it trains one
+        self.trains_text_encoder = False
         self.model: LoadedModel | None = None
         self.config: TrainConfig | None = None
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
@@ -89,6 +106,14 @@ class TrainingMethod:
         learning rate; other keys go to the optimizer). Store `model`/`config` on self."""
         raise NotImplementedError
 
+    def prepare_data(self, ctx: TrainingContext) -> None:
+        """After `setup`, before the training latents are encoded: adjust captions (`ctx.map_captions`), build
+        extra data such as prior-preservation class images, report settings with `ctx.echo`."""
+
+    def finalize(self, final: Path, source: Path, ctx: TrainingContext) -> None:
+        """After the run's final file `final` was written (a link or copy of the best checkpoint `source`): extra
+        outputs such as DreamBooth's diffusers folder."""
+
     def modules(self) -> list[torch.nn.Module]:
         """Modules holding trained weights: put in train mode while training, eval mode for sampling."""
         assert self.model is not None
@@ -96,7 +121,7 @@ class TrainingMethod:
 
     # -- the step ------------------------------------------------------------------------------------------
 
-    def conditioning(self, batch: Batch) -> Conditioning:
+    def conditioning(self, batch: Batch) -> UNetConditioning:
         """Captions -> UNet conditioning (with SDXL's pooled embeddings and time ids)."""
         hidden, pooled = self.encode_text(batch.captions)
         added = None
@@ -104,7 +129,7 @@ class TrainingMethod:
             if batch.time_ids is None:
                 raise ValueError("an SDXL batch needs time_ids")
             added = {"text_embeds": pooled, "time_ids": batch.time_ids.to(pooled.device, pooled.dtype)}
-        return Conditioning(hidden, added)
+        return UNetConditioning(hidden, added)
 
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states, pooled or None) with the pipeline's `encode_prompt`, so training sees exactly what
@@ -133,9 +158,6 @@ class TrainingMethod:
         if len(out) == 4:  # SDXL: (embeds, negative, pooled, negative pooled)
             return out[0], out[2]
         return out[0], None
-
-    def clear_text_cache(self) -> None:
-        self._text_cache.clear()
 
     def extra_loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor | None:
         """An extra term added to the step's loss (e.g. prior preservation). `diffusion_loss(latents, cond,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.training.config import opt
+from sdtune.training.options import opt
 from sdtune.training.methods.base import TrainingMethod, trainable
 from sdtune.training.methods.text_encoders import check_text_encoder_lr, text_encoder_group, text_encoders_of
 from sdtune.training.prior import PersonalizeMixin, PersonalizeOptions, check_personalize_options
@@ -28,6 +28,7 @@ from sdtune.training.prior import PersonalizeMixin, PersonalizeOptions, check_pe
 if TYPE_CHECKING:
     from sdtune.models.loading import LoadedModel
     from sdtune.training.config import TrainConfig
+    from sdtune.training.context import TrainingContext
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,15 +84,15 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
                 groups.append({"params": trainable(module.parameters())})
             else:
                 te_params += trainable(module.parameters())
-        self.trains_text_encoder = bool(te_params)  # type: ignore[misc]
+        self.trains_text_encoder = bool(te_params)
         if te_params:
             groups.append(text_encoder_group(te_params, config, self.options.text_encoder_lr))
         return groups
 
-    def prepare_data(self, trainer: Any) -> None:
+    def prepare_data(self, ctx: TrainingContext) -> None:
         n = sum(p.numel() for g in self._parts() for p in g[1].parameters())
-        trainer.echo(f"DreamBooth: fine-tuning {', '.join(n for n, _ in self._parts())} ({n / 1e6:.1f}M parameters)")
-        self.personalize_prepare(trainer)
+        ctx.echo(f"DreamBooth: fine-tuning {', '.join(n for n, _ in self._parts())} ({n / 1e6:.1f}M parameters)")
+        self.personalize_prepare(ctx)
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for _, m in self._parts()]
@@ -147,9 +148,9 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
             if d.is_dir() and not d.name.startswith(".") and not d.with_suffix(self.file_ext).exists():
                 shutil.rmtree(d, ignore_errors=True)
 
-    def finalize(self, final: Path, src: Path, trainer: Any) -> None:
+    def finalize(self, final: Path, source: Path, ctx: TrainingContext) -> None:
         """OUT/<name>/: the diffusers folder of the final (best) checkpoint."""
-        folder = src.with_suffix("")
+        folder = source.with_suffix("")
         if not self.options.diffusers_folder or not folder.is_dir():
             return
         dest = final.with_suffix("")
@@ -160,5 +161,5 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._remove_orphans(src.parent)
-        trainer.echo(f"saved diffusers folder {dest}")
+        self._remove_orphans(source.parent)
+        ctx.echo(f"saved diffusers folder {dest}")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.training.config import opt
+from sdtune.training.options import opt
 from sdtune.training.methods.base import Batch, DiffusionLoss, TrainingMethod, trainable
 
 if TYPE_CHECKING:

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.training.config import opt
-from sdtune.training.methods.base import TrainingMethod, trainable
+from sdtune.training.options import opt
+from sdtune.training.methods.base import Diverged, TrainingMethod, trainable
 from sdtune.training.methods.text_encoders import (
     TEXT_ENCODERS,
     check_text_encoder_lr,
@@ -39,6 +39,7 @@ from sdtune.training.prior import PersonalizeMixin, PersonalizeOptions, check_pe
 if TYPE_CHECKING:
     from sdtune.models.loading import LoadedModel
     from sdtune.training.config import TrainConfig
+    from sdtune.training.context import TrainingContext
 
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 PRESETS = {"attn": list(DEFAULT_TARGETS), "ff": ["ff.net.0.proj", "ff.net.2"],
@@ -128,7 +129,7 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
         return text_encoders_of(self.model.pipe)
 
     def setup(self, model: LoadedModel, config: TrainConfig) -> list[dict[str, Any]]:
-        from peft import LoraConfig
+        from peft import LoraConfig, inject_adapter_in_model
 
         self.model, self.config = model, config
         unet = model.pipe.unet
@@ -146,22 +147,23 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
         groups: list[dict[str, Any]] = [{"params": trainable(unet.parameters())}]
         te_params: list[torch.nn.Parameter] = []
         for _, te in self.text_encoders():
-            te.add_adapter(LoraConfig(r=self.options.rank, lora_alpha=self.alpha, lora_dropout=self.options.dropout,
-                                      target_modules=list(TEXT_TARGETS), init_lora_weights=True),
-                           adapter_name=ADAPTER)
+            # peft's own API, not transformers' `add_adapter` integration: that layer demands its own peft versions
+            inject_adapter_in_model(LoraConfig(r=self.options.rank, lora_alpha=self.alpha,
+                                               lora_dropout=self.options.dropout, target_modules=list(TEXT_TARGETS),
+                                               init_lora_weights=True), te, adapter_name=ADAPTER)
             te_params += trainable(te.parameters())
-        self.trains_text_encoder = bool(te_params)  # type: ignore[misc]  (instance value: no text cache)
+        self.trains_text_encoder = bool(te_params)
         if te_params:
             groups.append(text_encoder_group(te_params, config, self.options.text_encoder_lr))
         self._targets = targets
         return groups
 
-    def prepare_data(self, trainer: Any) -> None:
+    def prepare_data(self, ctx: TrainingContext) -> None:
         te = f"; text encoder(s) too, lr {self.options.text_encoder_lr or 'as --lr'}" if self.options.text_encoder \
             else ""
-        trainer.echo(f"LoRA rank {self.options.rank}, alpha {self.alpha:g}: effective scale alpha/rank = "
+        ctx.echo(f"LoRA rank {self.options.rank}, alpha {self.alpha:g}: effective scale alpha/rank = "
                      f"{self.scale:g}; UNet targets {', '.join(self._targets)}{te}")
-        self.personalize_prepare(trainer)
+        self.personalize_prepare(ctx)
 
     def modules(self) -> list[torch.nn.Module]:
         assert self.model is not None
@@ -219,9 +221,8 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
         pipe = self.model.pipe
         deltas = lora_deltas_from_peft(pipe, ADAPTER)
         if not all(bool(torch.isfinite(d).all()) for d in deltas.values()):
-            from sdtune.training.loop import _Diverged  # the loop rolls back; nothing non-finite is written
 
-            raise _Diverged(step, "weights (the LoRA update B @ A overflows)")
+            raise Diverged(step, "weights (the LoRA update B @ A overflows)")
         net = network_from_peft(pipe, ADAPTER, family=self.model.family)
         written = save_lora(net, path, format=self.options.format, metadata=meta)
         try:  # the self-check: the file reloads through diffusers with exactly the trained deltas

@@ -37,7 +37,7 @@ import torch
 from sdtune.adapters.textual_inversion.files import FORMAT_EXT, FORMATS, Embedding, file_stem_for, write_embedding
 from sdtune.errors import SdtuneError
 from sdtune.prompts.embeddings import MAX_VECTORS, EmbeddingRegistry
-from sdtune.training.config import opt
+from sdtune.training.options import opt
 from sdtune.training.methods.base import TrainingMethod
 
 if TYPE_CHECKING:
@@ -269,7 +269,7 @@ class TextualInversionMethod(TrainingMethod):
                          token=self.options.token, step=step)
 
     def metadata(self) -> dict[str, str]:
-        from sdtune import __version__
+        from sdtune.version import __version__
 
         return {"sdtune_ti_token": self.options.token, "sdtune_ti_vectors": str(self.options.vectors),
                 "sdtune_ti_init": self.options.init, "sdtune_ti_templates": self.options.templates,

@@ -224,7 +224,7 @@ def flat_adapter_metadata(configs: Mapping[str, Mapping[str, Any]]) -> dict[str,
 def save_diffusers(net: LoraNetwork, path: str | Path, *, dtype: torch.dtype | None = None,
                    comment: str | None = None, metadata: Mapping[str, str] | None = None) -> Path:
     """Write `net` in the diffusers/PEFT layout with alpha in `lora_adapter_metadata` (atomic)."""
-    from sdtune import __version__
+    from sdtune.version import __version__
     from sdtune.formats.safe_io import save_safetensors_atomic
 
     out = Path(path)

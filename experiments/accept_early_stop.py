@@ -1,11 +1,11 @@
 """Acceptance of validation and early stopping on the toy world (issue 7): a deliberately too long Textual
 Inversion (`<star>` from 5 rendered red stars) and LoRA (the shape "heart" from 10 red hearts) run with the judge on.
 
-    OMP_NUM_THREADS=1 nice -n 10 python scripts/accept_early_stop.py --only ti   --out runs/accept_es4
-    OMP_NUM_THREADS=1 nice -n 10 python scripts/accept_early_stop.py --only lora --out runs/accept_es4
+    OMP_NUM_THREADS=1 nice -n 10 python experiments/accept_early_stop.py --only ti   --out runs/accept_es4
+    OMP_NUM_THREADS=1 nice -n 10 python experiments/accept_early_stop.py --only lora --out runs/accept_es4
     # the LoRA on varied data (every colour/background pair seen in training):
     ... --only lora --out runs/accept_es_wide --no-lora-narrow --lora-images 20 --lora-lr 2e-3 --lora-steps 2000
-    python scripts/accept_early_stop.py --out runs/accept_es --report          # tables from the saved results
+    python experiments/accept_early_stop.py --out runs/accept_es --report          # tables from the saved results
 
 Per method, two real runs with the same seed and settings:
   curve  the whole too-long run, no early stopping, every checkpoint kept and judged (the last one included);
@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
-# the captions of the measured LoRA runs (scripts/accept_lora.py's at the time; kept here so the runs repeat)
+# the captions of the measured LoRA runs (experiments/accept_lora.py's at the time; kept here so the runs repeat)
 HEART_TEMPLATES = ("a sks shape", "a {colour} sks shape", "a sks shape on a {background} background",
                    "a {colour} sks shape on a {background} background")
 METRICS = ("train_loss", "val_loss", "fidelity", "context", "context_shape", "context_both", "judge_score")
@@ -90,6 +88,7 @@ def common(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_one(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from sdtune.toy.concept_eval import evaluator_for
     from sdtune.training import train
 
     work = out / method
@@ -113,7 +112,7 @@ def run_one(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if name not in wanted:
             continue
         t0, p0 = time.perf_counter(), time.process_time()
-        r = train(c, echo=lambda s: print(f"[{method} {name}] {s}", flush=True))
+        r = train(c, echo=lambda s: print(f"[{method} {name}] {s}", flush=True), evaluator=evaluator_for(c))
         res[name] = {"rows": [{k: row.get(k) for k in ("step", *METRICS)} for row in r.rows], "stopped": r.stopped,
                      "step": r.step, "best_step": r.best_step, "final": str(r.final),
                      "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - p0, 1)}

@@ -1,9 +1,9 @@
 """Acceptance of LoRA / DreamBooth on the toy world: learn the shape "heart" (never in the tiny model's training)
 from 20 images, then measure with the judge.
 
-    nice -n 19 python scripts/accept_lora.py --out runs/accept                 # everything, one after another
-    python scripts/accept_lora.py --out runs/accept --only lora               # one variant (run several in parallel)
-    python scripts/accept_lora.py --out runs/accept --summary                 # the table from the saved results
+    nice -n 19 python experiments/accept_lora.py --out runs/accept                 # everything, one after another
+    python experiments/accept_lora.py --out runs/accept --only lora               # one variant (run several in parallel)
+    python experiments/accept_lora.py --out runs/accept --summary                 # the table from the saved results
 
 Variants: lora (no prior preservation), lora_prior (prior preservation), dreambooth (full UNet fine-tune, prior
 preservation), style (a second LoRA: a style on known shapes, for the two-LoRA test; `--style outline`, the
@@ -31,12 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 # Every caption names the colour: what varies across the images and is not the concept belongs in the caption
 # (a caption without it teaches the identifier to stand for "any colour", and the LoRA's weaker hold on colour

@@ -1,21 +1,18 @@
 """Two LoRAs together, one heart LoRA file or every checkpoint of a heart run against one style LoRA: how often
-the judge reads a heart in the style, outlined by default (scripts/accept_lora.py's "two" evaluation, without its
+the judge reads a heart in the style, outlined by default (experiments/accept_lora.py's "two" evaluation, without its
 bookkeeping).
 
-    python scripts/sweep_two_loras.py runs/acc6/lora_prior/checkpoints runs/acc3/outline/lora.safetensors --weights 1,1
+    python experiments/sweep_two_loras.py runs/acc6/lora_prior/checkpoints runs/acc3/outline/lora.safetensors --weights 1,1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent / "src"))
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:

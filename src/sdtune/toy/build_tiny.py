@@ -1,8 +1,12 @@
-"""Train the bundled `tiny` model on the toy world (fixed seed, CPU is enough).
+"""Train the bundled `tiny` model on the toy world (fixed seed, CPU is enough): `sdtune toy build-tiny STAGE ...`.
 
-    python scripts/train_tiny.py vae   --work runs/tiny --steps 700
-    python scripts/train_tiny.py unet  --work runs/tiny --minutes 50
-    python scripts/train_tiny.py export --work runs/tiny --out src/sdtune/assets/tiny [--ema]
+It keeps a loop of its own rather than the shared training loop (`training.loop`): that loop personalises a
+finished model (frozen VAE, latents cached once, one method's weights trained), while building the tiny model
+trains the VAE itself and then the UNet and text encoder from random weights on freshly rendered images.
+
+    sdtune toy build-tiny vae   --work runs/tiny --steps 700
+    sdtune toy build-tiny unet  --work runs/tiny --minutes 50
+    sdtune toy build-tiny export --work runs/tiny --out src/sdtune/assets/tiny [--ema]
 
 Each stage checkpoints to --work every few minutes and resumes from there if restarted.
 The VAE learns the whole world (every shape and style: it is a general image codec, as SD's VAE is);
@@ -13,10 +17,10 @@ the UNet and text encoder learn only the base training distribution (`world.base
 schedule shape): the bundled model is the 2058-step export of a run on the world before forgotten words
 (commit 18610e6), continued this way for the forgotten words (docs/toy-world.md):
 
-    python scripts/train_tiny.py unet --work runs/tiny2 --init-from src/sdtune/assets/tiny --lr 4e-4 \
+    sdtune toy build-tiny unet --work runs/tiny2 --init-from src/sdtune/assets/tiny --lr 4e-4 \
         --steps 1200 --minutes 28 --samples 30000
-    python scripts/train_tiny.py unet --work runs/tiny2 --lr 4e-4 --steps 2200 --minutes 14    # resumes at 1200
-    python scripts/train_tiny.py export --work runs/tiny2 --out src/sdtune/assets/tiny --ema
+    sdtune toy build-tiny unet --work runs/tiny2 --lr 4e-4 --steps 2200 --minutes 14    # resumes at 1200
+    sdtune toy build-tiny export --work runs/tiny2 --out src/sdtune/assets/tiny --ema
 """
 
 from __future__ import annotations
@@ -27,18 +31,17 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sdtune.toy import world  # noqa: E402
-from sdtune.toy.tiny import SCHEDULER_CONFIG, build_components, write_tokenizer  # noqa: E402
+from sdtune.formats.safe_io import save_safetensors_atomic
+from sdtune.toy import world
+from sdtune.toy.tiny import SCHEDULER_CONFIG, build_components, write_tokenizer
 
 torch.set_num_threads(int(os.environ.get("SDTUNE_THREADS", "2")))
 
@@ -49,9 +52,7 @@ def to_tensor(images) -> torch.Tensor:
 
 
 def atomic_save(tensors: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    save_safetensors_atomic(tensors, path)
 
 
 def prefixed(module: torch.nn.Module, prefix: str) -> dict:
@@ -267,8 +268,9 @@ def export(args) -> None:
     print(f"exported step {int(st['step'])} ({'ema' if args.ema else 'raw'}) to {args.out}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="sdtune toy build-tiny", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["vae", "unet", "export"])
     p.add_argument("--work", default="runs/tiny")
     p.add_argument("--steps", type=int, default=None)
@@ -281,7 +283,7 @@ def main() -> None:
     p.add_argument("--init-from", default=None, help="unet: start from this exported model folder")
     p.add_argument("--keep-forgotten", action="store_true",
                    help="export: keep the forgotten words in the tokenizer (to check what they learned)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.stage == "vae":
         args.steps, args.batch = args.steps or 700, args.batch or 16

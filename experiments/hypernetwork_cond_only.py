@@ -1,7 +1,7 @@
 """Experiment behind `--keep-uncond`: a trained hypernetwork applied to the conditional half of the CFG batch only
-(the empty prompt left to the base model; A1111 has no such mode), judged like scripts/accept_hypernetwork.py.
+(the empty prompt left to the base model; A1111 has no such mode), judged like experiments/accept_hypernetwork.py.
 
-    python scripts/hypernetwork_cond_only.py runs/hn/train/hypernetwork.safetensors --seeds 2
+    python experiments/hypernetwork_cond_only.py runs/hn/train/hypernetwork.safetensors --seeds 2
 
 If the cond-only rate is well above the normal one, guidance is cancelling what the hypernetwork learned.
 """
@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent / "src"))
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:

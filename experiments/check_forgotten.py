@@ -1,7 +1,7 @@
 """What the tiny model's forgotten words still draw (docs/toy-world.md): judge an export made with --keep-forgotten.
 
-    python scripts/train_tiny.py export --work runs/tiny2 --out runs/tiny_keep --ema --keep-forgotten
-    python scripts/check_forgotten.py runs/tiny_keep [--seeds 2]
+    sdtune toy build-tiny export --work runs/tiny2 --out runs/tiny_keep --ema --keep-forgotten
+    python experiments/check_forgotten.py runs/tiny_keep [--seeds 2]
 
 Rows: "a {colour} zstar on a {bg} background" (star), the same for zdiamond, "a zoutline {colour} circle/square on a
 {bg} background" (outline style), and the plain circle/square prompts for comparison; every colour and background.
@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def main() -> None:

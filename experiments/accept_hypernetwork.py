@@ -28,8 +28,8 @@ starting at A1111's N(0, 0.01) gain, and a recipe per style (`RECIPES`, an expli
   trained at strength 1 the images come out blurrier than the training images and change colour; trained a bit
   above 1, strength 1 matches them and 0.5 is an in-between (a quarter to a third of the images blurred).
 
-    python scripts/accept_hypernetwork.py --out runs/accept_hn --threads 2                  # outline
-    python scripts/accept_hypernetwork.py --style blurry --out runs/accept_hn_blur --threads 2
+    python experiments/accept_hypernetwork.py --out runs/accept_hn --threads 2                  # outline
+    python experiments/accept_hypernetwork.py --style blurry --out runs/accept_hn_blur --threads 2
 
 Goal: the style detected in >= 80% of the images at strength 1, shape and colour agreement at most 10 points below
 the base model's; strength 0.5 in between. The figures are printed and written (report.json, report.md) as they
@@ -42,12 +42,9 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 # the judge's continuous reading of each style: the in-between a lower strength should show
 MEASURE = {"outline": "hollow", "blurry": "blur"}

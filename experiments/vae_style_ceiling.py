@@ -1,7 +1,7 @@
 """Which of the toy world's styles survive the model's VAE: renders of each style, encoded (posterior mean) and
 decoded, then judged. A style the VAE cannot carry cannot be learned by a LoRA or hypernetwork either.
 
-    python scripts/vae_style_ceiling.py [--model tiny] [--n 40]
+    python experiments/vae_style_ceiling.py [--model tiny] [--n 40]
 """
 
 from __future__ import annotations
@@ -9,10 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def main() -> None:

@@ -1,0 +1,76 @@
+"""LoRAs as a generation extra network: `--lora FILE[:W]` files that stay on, plus the `<lora:name:weight>` tags of
+each prompt (A1111's behaviour).
+
+The tags are looked up in `dirs` (`--lora-dir`, repeatable) and then in the folders of the fixed files; the fixed
+LoRAs plus the tagged ones become exactly the active set (`PipelineLoras.set`). Files load once and are kept, so
+LoRAs switch on, off and change weight between images without reloading the model. The same file in a tag and in
+--lora: the weights add up (as two A1111 tags). The prompt keeps its tags, so the infotext reads like A1111's, plus
+`Lora hashes`. Tags in the negative prompt are not applied (A1111 ignores them too); a warning says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sdtune.adapters.lora.apply import LoraSpec, PipelineLoras, parse_lora_specs
+from sdtune.adapters.lora.tags import LORA_TAGS, lora_hashes_value, resolve_lora_tags
+from sdtune.adapters.tags import prompt_tags
+
+log = logging.getLogger(__name__)
+
+
+class LoraExtraNetwork:
+    """The LoRAs of one Generator's base model (an `ExtraNetwork`)."""
+
+    kind = "lora"
+
+    def __init__(self, model: Any, dirs: Any = None) -> None:
+        self.model = model
+        self.dirs: list[str | Path] = list(dirs or [])
+        self.fixed: list[LoraSpec] = []
+        self.stack: PipelineLoras | None = None  # created on first use: no LoRA, no PEFT layers
+        self._tagged = False
+
+    def set_fixed(self, loras: Any) -> list[Any]:
+        """LoRAs used for every image: [(path, weight), ...] or paths (weight 1); [] = none."""
+        self.fixed = list(loras or [])
+        if self.stack is None and not self.fixed:
+            return []
+        return self._stack().set(self.fixed)
+
+    def _stack(self) -> PipelineLoras:
+        if self.stack is None:
+            self.stack = PipelineLoras.for_pipeline(self.model)
+        return self.stack
+
+    def search_dirs(self) -> list[Path]:
+        """The --lora-dir folders first, then the folders of the fixed files (deduplicated, in order)."""
+        dirs: list[Path] = [Path(d).expanduser() for d in self.dirs]
+        dirs += [Path(src).expanduser().parent for src, _ in parse_lora_specs(self.fixed) if isinstance(src, (str, Path))]
+        return list(dict.fromkeys(dirs))
+
+    def activate(self, prompt: str, negative_prompt: str = "") -> None:
+        tags = prompt_tags(LORA_TAGS, prompt)
+        neg = prompt_tags(LORA_TAGS, negative_prompt)
+        if neg:
+            log.warning("LoRA tags in the negative prompt are not applied (as in A1111): %s",
+                        ", ".join(f"<{n.kind}:{n.name}:{n.weight:g}>" for n in neg))
+        if not tags and not self._tagged:
+            return  # nothing from prompts now or before: the fixed LoRAs stay as set_fixed left them
+        specs = self.fixed + (resolve_lora_tags(tags, self.search_dirs()) if tags else [])
+        if self.stack is None and not specs:
+            self._tagged = False
+            return
+        self._stack().set(specs)
+        self._tagged = bool(tags)
+
+    def deactivate(self) -> None:
+        if self.stack is not None:
+            self.stack.clear()
+        self._tagged = True  # the next activate sets the fixed LoRAs again
+
+    def infotext_fields(self) -> list[tuple[str, str]]:
+        value = lora_hashes_value(self.stack.infotext_entries()) if self.stack is not None else None
+        return [("Lora hashes", value)] if value else []

@@ -1,0 +1,129 @@
+"""Where the loop's batches come from: the dataset in epoch order, cached latents, SDXL size conditioning.
+
+`BatchSource.next(step, generator)` gives the next micro-batch. The order is a pure function of (seed, epoch) and
+the position in it is (`epoch`, `cursor`), which the state saves, so a resumed run draws exactly the batches an
+uninterrupted one would. Latents are encoded once when the augmentations allow it (`Augment.cacheable`), else per
+batch; `LatentEncoder` is the one place that runs the VAE for training (SDXL's VAE in fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+
+from sdtune.training.methods.base import Batch
+
+
+def sdxl_time_ids(item: Any, crop: str) -> torch.Tensor:
+    """SDXL's size conditioning: original (h, w), crop top-left, target (h, w). Random crops report (0, 0)."""
+    from sdtune.training.images import cover_scale
+
+    w, h = item.size
+    tw, th = item.target
+    top = left = 0
+    if crop == "center":
+        s = cover_scale((w, h), (tw, th))
+        nw, nh = max(tw, round(w * s)), max(th, round(h * s))
+        left, top = (nw - tw) // 2, (nh - th) // 2
+    return torch.tensor([h, w, top, left, th, tw], dtype=torch.float32)
+
+
+class LatentEncoder:
+    """PIL images or dataset items -> `training.latents` cached latents, in chunks (bounded memory)."""
+
+    def __init__(self, vae: Any, *, upcast_fp16: bool) -> None:
+        self.vae = vae
+        self.upcast_fp16 = upcast_fp16  # SDXL's VAE overflows in fp16: encode in fp32
+
+    @contextlib.contextmanager
+    def _vae(self) -> Iterator[Any]:
+        dtype = next(self.vae.parameters()).dtype
+        upcast = dtype == torch.float16 and self.upcast_fp16
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            yield self.vae
+        finally:
+            if upcast:
+                self.vae.to(dtype)
+
+    def encode(self, images: list[Any], flip_variants: bool = False) -> list[Any]:
+        from sdtune.training.data import DatasetItem
+        from sdtune.training.latents import encode_latents
+
+        out = []
+        with self._vae() as vae:
+            for start in range(0, len(images), 16):
+                chunk = [im.load(crop="center") if isinstance(im, DatasetItem) else im
+                         for im in images[start:start + 16]]
+                out += encode_latents(vae, chunk, batch_size=4, flip_variants=flip_variants)
+        return out
+
+
+class BatchSource:
+    """The training set as a stream of micro-batches (see the module docstring)."""
+
+    def __init__(self, dataset: Any, aug: Any, encoder: LatentEncoder, *, seed: int, batch_size: int, buckets: bool,
+                 crop: str, sample_latents: bool, is_sdxl: bool, device: torch.device) -> None:
+        self.dataset, self.aug, self.encoder = dataset, aug, encoder
+        self.seed, self.batch_size, self.buckets, self.crop = seed, batch_size, buckets, crop
+        self.sample_latents, self.is_sdxl, self.device = sample_latents, is_sdxl, device
+        self.epoch = 0
+        self.cursor = 0
+        self.cached = aug.cacheable
+        self.latent_cache: list[Any] | None = None
+        self._order: tuple[int, list[int], list[list[int]]] | None = None
+
+    def encode_cache(self, echo: Callable[[str], None]) -> None:
+        """Encode every training image once (with its flipped variant when flips are on), if the augmentations
+        allow caching."""
+        if self.cached:
+            t0 = time.time()
+            self.latent_cache = self.encoder.encode(list(self.dataset.items), flip_variants=self.aug.flip_p > 0)
+            echo(f"encoded {len(self.latent_cache)} training image(s) to latents in {time.time() - t0:.1f}s")
+
+    def seek(self, epoch: int, cursor: int) -> None:
+        self.epoch, self.cursor = epoch, cursor
+        self._order = None
+
+    def _epoch(self, epoch: int) -> tuple[list[int], list[list[int]]]:
+        """(item order, batches of positions in that order) of one epoch."""
+        from sdtune.training.data import bucket_batches
+
+        if self._order is None or self._order[0] != epoch:
+            order = self.dataset.epoch_order(self.seed, epoch)
+            bs = self.batch_size
+            if self.buckets:
+                targets = [self.dataset.items[i].target for i in order]
+                batches = bucket_batches(targets, list(range(len(order))), bs)
+            else:
+                batches = [list(range(i, min(i + bs, len(order)))) for i in range(0, len(order), bs)]
+            self._order = (epoch, order, batches)
+        return self._order[1], self._order[2]
+
+    def next(self, step: int, gen: torch.Generator) -> Batch:
+        from sdtune.training.data import example_rng, make_example
+
+        order, batches = self._epoch(self.epoch)
+        if self.cursor >= len(batches):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            order, batches = self._epoch(self.epoch)
+        positions = batches[self.cursor]
+        self.cursor += 1
+        items = self.dataset.items
+        examples = [make_example(items[order[p]], self.aug, example_rng(self.seed, self.epoch, p),
+                                 index=order[p], with_pixels=not self.cached) for p in positions]
+        g = gen if self.sample_latents else None
+        if self.latent_cache is not None:
+            lats = [self.latent_cache[ex.index].get(ex.flipped, generator=g) for ex in examples]
+        else:
+            lats = [c.get(False, generator=g) for c in self.encoder.encode([ex.pixels for ex in examples])]
+        time_ids = None
+        if self.is_sdxl:
+            time_ids = torch.stack([sdxl_time_ids(items[ex.index], self.crop) for ex in examples]).to(self.device)
+        return Batch(latents=torch.stack(lats).to(self.device), captions=[ex.caption for ex in examples],
+                     indices=[ex.index for ex in examples], flipped=[ex.flipped for ex in examples],
+                     time_ids=time_ids, step=step)
