@@ -1,0 +1,217 @@
+"""A1111's `/sdapi/v1` endpoints: the same paths, JSON field names and meanings as AUTOMATIC1111 1.x, so scripts,
+bots and client libraries written for A1111 drive sdtune unchanged. Every generation goes through the job queue
+and the `GenerationService` (the same Generator as the CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter
+
+from sdtune.errors import SdtuneError
+from sdtune.server.a1111_models import OptionsUpdate, PngInfoRequest, Txt2ImgRequest, to_params
+from sdtune.server.engine import Generation, b64_png
+from sdtune.server.jobs import Job
+from sdtune.version import __version__
+
+
+def _info(gen: Generation, req: Txt2ImgRequest) -> dict[str, Any]:
+    """The `info` JSON A1111 returns beside the images (field names as A1111 fills them)."""
+    p = gen.params
+    images = gen.images
+    first = images[0] if images else None
+    return {
+        "prompt": p.prompt, "all_prompts": [p.prompt] * len(images),
+        "negative_prompt": p.negative_prompt, "all_negative_prompts": [p.negative_prompt] * len(images),
+        "seed": p.seed, "all_seeds": [im.seed for im in images],
+        "subseed": -1, "all_subseeds": [-1] * len(images), "subseed_strength": 0,
+        "width": p.width, "height": p.height, "sampler_name": p.sampler, "cfg_scale": p.cfg_scale,
+        "steps": p.steps, "batch_size": p.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": gen.model_name, "sd_model_hash": gen.model_hash, "sd_vae_name": gen.vae_name,
+        "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
+        "infotexts": [im.infotext for im in images], "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip,
+        "is_using_inpainting_conditioning": False, "version": f"sdtune {__version__}",
+        "saved_files": [str(path) for path in gen.saved],
+        "infotext": first.infotext if first is not None else "",
+    }
+
+
+def decode_image_b64(text: str) -> bytes:
+    """A1111 accepts plain base64 or a data: URL."""
+    if text.startswith("data:"):
+        text = text.split(",", 1)[-1]
+    try:
+        return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        raise SdtuneError("image is not valid base64; send the PNG file's bytes base64-encoded") from None
+
+
+def a1111_router(state: Any) -> APIRouter:
+    """The routes, bound to a running server's state (`server.app.ServerState`)."""
+    api = APIRouter(prefix="/sdapi/v1", tags=["A1111 API"])
+    engine, jobs, folders = state.engine, state.jobs, state.folders
+
+    @api.post("/txt2img")
+    async def txt2img(req: Txt2ImgRequest) -> dict[str, Any]:
+        override = dict(req.override_settings or {})
+        clip_skip = int(override.get("CLIP_stop_at_last_layers", engine.options["CLIP_stop_at_last_layers"]))
+        params = to_params(req, clip_skip)  # a bad request is refused before it waits in the queue
+        checkpoint = override.get("sd_model_checkpoint")
+        vae = override.get("sd_vae")
+        if checkpoint is not None:
+            engine.resolve_checkpoint(str(checkpoint))
+        if vae is not None:
+            engine.resolve_vae(str(vae))
+
+        def work(job: Job) -> Generation:
+            result = engine.txt2img(params, job, checkpoint=checkpoint, vae=vae, save=req.save_images)
+            if not req.override_settings_restore_afterwards:
+                for key in ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"):
+                    if key in override:
+                        engine.options[key] = override[key]
+            return result
+
+        job = jobs.submit(Job(kind="txt2img", title=params.prompt[:80], run=work))
+        gen: Generation = await asyncio.wrap_future(job.future)
+        images = [b64_png(im.image, im.infotext) for im in gen.images] if req.send_images else []
+        return {"images": images, "parameters": req.model_dump(), "info": json.dumps(_info(gen, req))}
+
+    @api.get("/progress")
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        job = jobs.current
+        queued = sum(1 for j in jobs.jobs.values() if j.status == "queued")
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                    "current_task": None,
+                    "state": {"skipped": False, "interrupted": False, "job": "", "job_count": queued,
+                              "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
+        pr = job.progress
+        image = None
+        if pr.preview_png is not None and not skip_current_image:
+            image = base64.b64encode(pr.preview_png).decode("ascii")
+        return {"progress": round(pr.fraction, 4), "eta_relative": round(pr.eta, 2), "current_image": image,
+                "textinfo": pr.text or None, "current_task": job.id,
+                "state": {"skipped": job.control.skipped, "interrupted": job.control.interrupted, "job": job.title,
+                          "job_count": queued + 1, "job_timestamp": time.strftime(
+                              "%Y%m%d%H%M%S", time.localtime(pr.started or job.created)),
+                          "job_no": 0, "sampling_step": pr.step, "sampling_steps": pr.total}}
+
+    @api.post("/interrupt")
+    def interrupt() -> dict[str, Any]:
+        jobs.interrupt_all()
+        return {}
+
+    @api.post("/skip")
+    def skip() -> dict[str, Any]:
+        jobs.skip()
+        return {}
+
+    @api.get("/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        from sdtune.generate.samplers import get_sampler, sampler_names
+
+        return [{"name": n, "aliases": list(get_sampler(n).aliases), "options": {}} for n in sampler_names()]
+
+    @api.get("/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model":
+                 False}, {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+                          "need_inner_model": False}]
+
+    @api.get("/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        loaded, spec = engine.loaded, engine.loaded_spec
+        out = []
+        for f in folders.checkpoints():
+            this = "tiny" if f.name == "tiny" else str(f.path)
+            h = loaded.model.hash if loaded is not None and spec == this else None
+            title = (f.name if f.name == "tiny" else f.path.name) + (f" [{h}]" if h else "")
+            out.append({"title": title, "model_name": f.name, "hash": h, "sha256": None,
+                        "filename": str(f.path), "config": None})
+        return out
+
+    @api.get("/sd-vae")
+    def sd_vae() -> list[dict[str, Any]]:
+        return [{"model_name": f.path.name, "filename": str(f.path)} for f in folders.vaes()]
+
+    @api.get("/loras")
+    def loras() -> list[dict[str, Any]]:
+        return [{"name": f.path.stem, "alias": f.path.stem, "path": str(f.path), "metadata": {}}
+                for f in folders.loras()]
+
+    @api.get("/hypernetworks")
+    def hypernetworks() -> list[dict[str, Any]]:
+        return [{"name": f.path.stem, "path": str(f.path)} for f in folders.hypernetworks()]
+
+    @api.get("/embeddings")
+    async def embeddings() -> dict[str, Any]:
+        def work(job: Job) -> dict[str, Any]:
+            return state.embedding_listing()
+
+        job = jobs.submit(Job(kind="embeddings", title="list embeddings", run=work))
+        return await asyncio.wrap_future(job.future)
+
+    @api.post("/refresh-checkpoints")
+    def refresh_checkpoints() -> dict[str, Any]:
+        return {}  # listings are read from disk on every request
+
+    @api.post("/refresh-loras")
+    def refresh_loras() -> dict[str, Any]:
+        return {}
+
+    @api.post("/refresh-embeddings")
+    def refresh_embeddings() -> dict[str, Any]:
+        return {}  # the embedding library re-scans its folder before every image
+
+    @api.get("/options")
+    def get_options() -> dict[str, Any]:
+        return dict(engine.options)
+
+    @api.post("/options")
+    async def set_options(update: OptionsUpdate) -> dict[str, Any]:
+        values = update.model_dump()
+        if "sd_model_checkpoint" in values:
+            values["sd_model_checkpoint"] = engine.resolve_checkpoint(str(values["sd_model_checkpoint"]))[0]
+        if "sd_vae" in values:
+            engine.resolve_vae(str(values["sd_vae"]))
+        if "CLIP_stop_at_last_layers" in values:
+            skip = values["CLIP_stop_at_last_layers"]
+            if isinstance(skip, bool) or not isinstance(skip, int) or not 1 <= skip <= 12:
+                raise SdtuneError("CLIP_stop_at_last_layers must be a whole number from 1 to 12")
+
+        def work(job: Job) -> None:
+            engine.options.update(values)
+            engine.generator()  # load the chosen model now, as A1111 does
+
+        job = jobs.submit(Job(kind="options", title="load model", run=work))
+        await asyncio.wrap_future(job.future)
+        return {}
+
+    @api.post("/png-info")
+    def png_info(req: PngInfoRequest) -> dict[str, Any]:
+        from PIL import Image, UnidentifiedImageError
+
+        from sdtune.generate.pnginfo import PNG_KEY, parse_infotext
+
+        data = decode_image_b64(req.image)
+        try:
+            image = Image.open(io.BytesIO(data))
+            items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+        except (UnidentifiedImageError, OSError):
+            raise SdtuneError("image is not a readable PNG/JPEG/WebP file") from None
+        text = items.get(PNG_KEY, "")
+        parsed = parse_infotext(text) if text else None
+        parameters: dict[str, Any] = {}
+        if parsed is not None:
+            parameters = {"Prompt": parsed.prompt, "Negative prompt": parsed.negative_prompt, **parsed.fields}
+        return {"info": text, "items": items, "parameters": parameters}
+
+    return api

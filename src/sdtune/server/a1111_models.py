@@ -1,0 +1,153 @@
+"""A1111's `/sdapi/v1` request bodies with A1111's field names, and their mapping to `GenerationParams`.
+
+Fields sdtune implements are used; fields that change nothing in A1111 at their default values are accepted and
+ignored; a field set to a value whose result sdtune cannot reproduce (hires fix, face restoration, tiling,
+scripts, styles, variation seeds, ...) is refused with a 422 that names it, instead of a silently different image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdtune.errors import SdtuneError
+from sdtune.generate import GenerationParams
+
+# bounds of one request: larger values are refused (422) before anything is queued
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+MAX_BATCH_SIZE = 64
+MAX_N_ITER = 100
+SCHEDULERS = {"automatic": "", "karras": " Karras"}  # A1111 >= 1.9 schedule names sdtune maps
+# values of A1111's sampler noise settings that give its default behaviour (clients often send them explicitly)
+SAMPLER_DEFAULTS = {"eta": (0.0, 1.0), "s_churn": (0.0,), "s_tmax": (0.0, float("inf")), "s_tmin": (0.0,),
+                    "s_noise": (1.0,), "s_min_uncond": (0.0,)}
+
+
+class Txt2ImgRequest(BaseModel):
+    """A1111's StableDiffusionTxt2ImgProcessingAPI (1.x). Unknown fields are ignored, as A1111 does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
+    n_iter: int = Field(1, ge=1, le=MAX_N_ITER)
+    steps: int = Field(50, ge=1, le=MAX_STEPS)
+    cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
+    width: int | None = Field(None, ge=8, le=MAX_SIDE)    # None: the model's native size (A1111: 512)
+    height: int | None = Field(None, ge=8, le=MAX_SIDE)
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    force_task_id: str | None = None
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: str | None = None
+
+
+def _refuse(field: str, why: str) -> SdtuneError:
+    return SdtuneError(f"{field}: {why}; leave it out (sdtune cannot reproduce what A1111 would make)")
+
+
+def unsupported_fields(req: Txt2ImgRequest) -> None:
+    """Refuse fields that would make A1111 produce a different image than sdtune would."""
+    if req.enable_hr:
+        raise _refuse("enable_hr", "the hires fix is not implemented")
+    if req.restore_faces:
+        raise _refuse("restore_faces", "face restoration is not implemented")
+    if req.tiling:
+        raise _refuse("tiling", "tiling is not implemented")
+    if req.styles:
+        raise _refuse("styles", "saved styles are not implemented")
+    if req.subseed_strength:
+        raise _refuse("subseed_strength", "variation seeds are not implemented")
+    if req.seed_resize_from_h > 0 or req.seed_resize_from_w > 0:
+        raise _refuse("seed_resize_from_w/h", "seed resizing is not implemented")
+    if req.script_name:
+        raise _refuse("script_name", "scripts are not implemented")
+    if req.alwayson_scripts:
+        raise _refuse("alwayson_scripts", "extensions' scripts are not implemented")
+    if req.infotext:
+        raise _refuse("infotext", "settings from an infotext are not read by the API; send the fields")
+    if req.disable_extra_networks:
+        raise _refuse("disable_extra_networks", "extra networks are always applied")
+    for name, accepted in SAMPLER_DEFAULTS.items():
+        value = getattr(req, name)
+        if value is not None and value not in accepted:
+            raise _refuse(name, "sampler noise settings other than A1111's defaults are not implemented")
+
+
+def sampler_for(req: Txt2ImgRequest) -> str:
+    """A1111's sampler_name (or sampler_index) plus its scheduler (1.9+) -> an sdtune sampler name. A1111's API
+    default is Euler."""
+    from sdtune.generate.samplers import check_sampler
+
+    name = req.sampler_name or req.sampler_index or "Euler"
+    scheduler = (req.scheduler or "automatic").strip().lower()
+    if scheduler not in SCHEDULERS:
+        raise SdtuneError(f"scheduler {req.scheduler!r} is not supported; use Automatic or Karras")
+    if SCHEDULERS[scheduler] and not name.endswith(SCHEDULERS[scheduler]):
+        name += SCHEDULERS[scheduler]
+    return check_sampler(name).name
+
+
+def to_params(req: Txt2ImgRequest, clip_skip: int) -> GenerationParams:
+    """The GenerationParams a request means (validated; a one-line SdtuneError otherwise)."""
+    unsupported_fields(req)
+    switch = req.refiner_switch_at if req.refiner_switch_at is not None else 0.8
+    params = GenerationParams(prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
+                              cfg_scale=req.cfg_scale, seed=req.seed, sampler=sampler_for(req), width=req.width,
+                              height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
+                              clip_skip=clip_skip, refiner=req.refiner_checkpoint or None, refiner_start=switch)
+    return params.validate()
+
+
+class OptionsUpdate(BaseModel):
+    """POST /sdapi/v1/options: any of A1111's option names; the ones sdtune has are applied."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class PngInfoRequest(BaseModel):
+    image: str = Field(..., max_length=70_000_000)  # base64 (optionally a data: URL), about 50 MB of PNG

@@ -1,0 +1,197 @@
+"""The web UI in a real browser (headless Chromium driven by Selenium, Debian's chromium + chromium-driver):
+generate and see the image with its infotext, click a LoRA card, PNG Info round trip, and a Textual Inversion run
+started, watched (loss chart, samples), stopped, resumed and finished from the UI.
+
+Every page is saved as a screenshot under the test's temp folder; with SDTUNE_SCREENSHOTS=DIR they are also copied
+there (docs/images/ holds the ones docs/ui.md shows). Without Chromium these tests are skipped, except where
+SDTUNE_REQUIRE_BROWSER=1 (CI sets it and installs Chromium), where its absence is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+if not (CHROMIUM and DRIVER):
+    if os.environ.get("SDTUNE_REQUIRE_BROWSER") == "1":
+        raise RuntimeError("SDTUNE_REQUIRE_BROWSER=1 but chromium/chromedriver are not installed "
+                           "(apt-get install chromium chromium-driver)")
+    pytest.skip("browser tests need chromium and chromedriver (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                        "ignore::UserWarning")
+torch.set_num_threads(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import uvicorn
+
+    from sdtune.adapters.lora import save_lora
+    from sdtune.adapters.lora.testing import random_network
+    from sdtune.cli.ui import build_settings
+    from sdtune.models import load_model
+    from sdtune.server.app import create_app
+    from sdtune.toy.testing import write_toy_dataset
+
+    root = tmp_path_factory.mktemp("ui")
+    (root / "loras").mkdir()
+    save_lora(random_network(load_model("tiny").pipe, seed=1, scale=0.5), root / "loras" / "ink.safetensors")
+    write_toy_dataset(root / "datasets" / "stars", 3, size=64, shapes=("star",), caption="a {colour} star")
+    settings = build_settings(listen=False, auth=None, no_api=False, datasets=(root / "datasets",),
+                              lora_dir=root / "loras", outputs=root / "outputs", runs=root / "runs")
+    port = _free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}/", "root": root}
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1400,1000", f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(DRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("screenshots")
+    copy_to = os.environ.get("SDTUNE_SCREENSHOTS")
+
+    def save(driver, name):
+        path = folder / f"{name}.png"
+        driver.save_screenshot(str(path))
+        assert path.stat().st_size > 1000
+        if copy_to:
+            Path(copy_to).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(copy_to) / path.name)
+        return path
+
+    return save
+
+
+def wait(driver, condition, timeout=120):
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+
+
+def open_page(browser, server):
+    browser.get(server["url"])
+    wait(browser, lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 5, 30)
+
+
+def test_generate_shows_the_image_and_its_infotext(browser, server, shots):
+    open_page(browser, server)
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.send_keys("a blue square on a black background")
+    wait(browser, lambda d: d.find_element(By.ID, "prompt-tokens").text == "7/75", 10)
+    browser.find_element(By.ID, "steps").clear()
+    browser.find_element(By.ID, "steps").send_keys("8")
+    browser.find_element(By.ID, "seed").clear()
+    browser.find_element(By.ID, "seed").send_keys("42")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, EC.presence_of_element_located((By.CSS_SELECTOR, "#gallery img")))
+    info = wait(browser, lambda d: d.find_element(By.ID, "infotext").text)
+    assert info.startswith("a blue square on a black background") and "Seed: 42" in info and "Steps: 8" in info
+    assert browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src").startswith("data:image/png")
+    saved = list((server["root"] / "outputs").rglob("*-42.png"))
+    assert len(saved) == 1  # the UI saves like A1111
+    shots(browser, "generate")
+
+
+def test_clicking_a_lora_card_inserts_its_tag(browser, server, shots):
+    open_page(browser, server)
+    card = wait(browser, EC.element_to_be_clickable((By.CSS_SELECTOR, '.en-card[data-name="ink"]')), 30)
+    browser.find_element(By.ID, "prompt").clear()
+    card.click()
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "<lora:ink:1>"
+    card.click()  # a second click takes it out again, as in A1111
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == ""
+    shots(browser, "extra-networks")
+
+
+def test_png_info_round_trip(browser, server, shots):
+    image = sorted((server["root"] / "outputs").rglob("*.png"))[0]
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-pnginfo").click()
+    browser.find_element(By.ID, "pnginfo-file").send_keys(str(image))
+    text = wait(browser, lambda d: d.find_element(By.ID, "pnginfo-text").text, 30)
+    assert "Seed: 42" in text
+    shots(browser, "pnginfo")
+    wait(browser, EC.element_to_be_clickable((By.ID, "pnginfo-send"))).click()
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "a blue square on a black background"
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == "42"
+    assert browser.find_element(By.ID, "steps").get_attribute("value") == "8"
+
+
+def test_a_textual_inversion_run_from_the_train_page(browser, server, shots):
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    Select(browser.find_element(By.ID, "train-method")).select_by_value("ti")
+    assert "Textual Inversion" in browser.find_element(By.ID, "method-guidance").text
+    name = browser.find_element(By.ID, "run-name")
+    name.clear()
+    name.send_keys("ui-star")
+    browser.find_element(By.ID, "dataset-path").send_keys("stars")
+    browser.find_element(By.ID, "dataset-load").click()
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#dataset-items img")) == 3, 30)
+
+    def field(scope, key, value):
+        el = browser.find_element(By.ID, f"f-{scope}-{key}")
+        el.clear()
+        el.send_keys(value)
+
+    field("method", "token", "<ustar>")
+    field("method", "init", "shape")
+    for key, value in (("steps", "60"), ("save_every", "5"), ("sample_every", "5"), ("sample_prompts", "a red <ustar>"),
+                       ("sample_steps", "2"), ("lr", "5e-3")):
+        field("config", key, value)
+    shots(browser, "train")
+    browser.find_element(By.ID, "train-start").click()
+    wait(browser, lambda d: d.find_element(By.ID, "run-title").text.startswith("ui-star"), 30)
+    wait(browser, lambda d: int(d.find_element(By.ID, "loss-chart").get_attribute("data-points") or 0) > 0)
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#run-samples img"))
+    browser.find_element(By.ID, "run-stop").click()
+    wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "interrupted")
+    points = int(browser.find_element(By.ID, "loss-chart").get_attribute("data-points"))
+    assert 0 < points < 60
+    wait(browser, EC.element_to_be_clickable((By.ID, "run-resume"))).click()
+    wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "done", 240)
+    wait(browser, lambda d: int(d.find_element(By.ID, "loss-chart").get_attribute("data-points")) == 60, 10)
+    assert browser.find_elements(By.CSS_SELECTOR, "#run-rows tr")  # the checkpoint table
+    assert (server["root"] / "runs" / "ui-star" / "ustar.safetensors").is_file()
+    shots(browser, "run")
