@@ -190,10 +190,12 @@ def test_interrupt_during_a_queue_leaves_the_server_usable(world, tmp_path):
     seen = None
     while time.time() < deadline:
         seen = c.get("/sdapi/v1/progress").json()
-        if seen["state"]["sampling_step"] > 2:
+        if seen["state"]["sampling_step"] > 100:  # past the first live preview (every steps / 5)
             break
         time.sleep(0.05)
     assert seen["progress"] > 0 and seen["eta_relative"] > 0 and seen["state"]["sampling_steps"] == 1200
+    assert decode(seen["current_image"]).format == "PNG"  # the live preview
+    assert c.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
     c.post("/sdapi/v1/interrupt")
     t.join(60)
     assert results["slow"].status_code == 200
@@ -367,8 +369,9 @@ def wait_for(client, name, statuses, timeout=240):
     raise AssertionError(f"run {name} did not reach {statuses}: {run}")
 
 
-def test_training_run_start_inspect_stop_resume(world, tmp_path):
-    c = make_client(world, tmp_path)
+def test_training_run_start_inspect_stop_resume_use(world, tmp_path):
+    (tmp_path / "emb").mkdir()
+    c = make_client(world, tmp_path, embeddings_dir=tmp_path / "emb")
     config = {"data": "stars", "steps": 40, "save_every": 4, "sample_every": 4, "sample_prompts": ["a red <s>"],
               "sample_steps": 2, "lr": "5e-3", "ti": {"token": "<s>", "init": "shape"}}
     r = c.post("/sdtune/v1/runs", json={"method": "ti", "name": "s1", "config": config})
@@ -391,6 +394,14 @@ def test_training_run_start_inspect_stop_resume(world, tmp_path):
     assert sample.status_code == 200 and sample.content[:4] == b"\x89PNG"
     runs = c.get("/sdtune/v1/runs").json()
     assert [(x["name"], x["method"], x["status"]) for x in runs] == [("s1", "ti", "done")]
+    used = c.post("/sdtune/v1/runs/s1/use", params={"step": 40}).json()
+    assert used["prompt"] == "s1-40" and (tmp_path / "emb" / "s1-40.safetensors").is_file()
+    names = [e["name"] for e in c.get("/sdtune/v1/extra-networks").json()["embedding"]]
+    assert "s1-40" in names  # usable by name in Generate without a restart
+    r = c.post("/sdapi/v1/txt2img", json={**QUICK, "prompt": "a s1-40 on a white background"})
+    assert r.status_code == 200
+    missing = c.post("/sdtune/v1/runs/s1/use", params={"step": 3})
+    assert missing.status_code == 422 and "no checkpoint file of step 3" in missing.json()["errors"]
 
 
 def test_a_bad_training_config_is_refused_before_it_queues(client):

@@ -60,8 +60,10 @@ def server(tmp_path_factory):
     (root / "loras").mkdir()
     save_lora(random_network(load_model("tiny").pipe, seed=1, scale=0.5), root / "loras" / "ink.safetensors")
     write_toy_dataset(root / "datasets" / "stars", 3, size=64, shapes=("star",), caption="a {colour} star")
+    (root / "embeddings").mkdir()
     settings = build_settings(listen=False, auth=None, no_api=False, datasets=(root / "datasets",),
-                              lora_dir=root / "loras", outputs=root / "outputs", runs=root / "runs")
+                              lora_dir=root / "loras", embeddings_dir=root / "embeddings", outputs=root / "outputs",
+                              runs=root / "runs")
     port = _free_port()
     config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
@@ -195,3 +197,6 @@ def test_a_textual_inversion_run_from_the_train_page(browser, server, shots):
     assert browser.find_elements(By.CSS_SELECTOR, "#run-rows tr")  # the checkpoint table
     assert (server["root"] / "runs" / "ui-star" / "ustar.safetensors").is_file()
     shots(browser, "run")
+    browser.find_element(By.CSS_SELECTOR, 'button.use[data-step="60"]').click()
+    wait(browser, lambda d: "ui-star-60" in d.find_element(By.ID, "prompt").get_attribute("value"), 30)
+    assert browser.find_element(By.ID, "page-generate").is_displayed()

@@ -95,8 +95,9 @@ def a1111_router(state: Any) -> APIRouter:
                               "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
         pr = job.progress
         image = None
-        if pr.preview_png is not None and not skip_current_image:
-            image = base64.b64encode(pr.preview_png).decode("ascii")
+        png = None if skip_current_image else pr.preview_png()
+        if png is not None:
+            image = base64.b64encode(png).decode("ascii")
         return {"progress": round(pr.fraction, 4), "eta_relative": round(pr.eta, 2), "current_image": image,
                 "textinfo": pr.text or None, "current_task": job.id,
                 "state": {"skipped": job.control.skipped, "interrupted": job.control.interrupted, "job": job.title,

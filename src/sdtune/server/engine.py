@@ -105,6 +105,7 @@ class GenerationService:
         gen = self.generator(checkpoint, vae)
         params = gen.prepare(params)
         job.progress.total = params.steps * params.batch_count
+        job.progress.preview_decoder = lambda source: _preview_png(*source)
         job.title = params.prompt[:80]
         every = max(1, params.steps // PREVIEWS_PER_RUN)
         count = {"step": 0}
@@ -116,7 +117,7 @@ class GenerationService:
         def preview(pipe: Any, latents: Any) -> None:
             count["step"] += 1
             if count["step"] % every == 0:
-                job.progress.preview_png = _preview_png(pipe, latents)
+                job.progress.preview_source = (pipe, latents[:1].detach().clone())
 
         started = time.time()
         images = gen.generate(params, progress=progress, control=job.control, preview=preview)

@@ -53,8 +53,22 @@ class JobProgress:
     step: int = 0
     total: int = 0
     started: float | None = None
-    preview_png: bytes | None = None  # the latest intermediate image (PNG), if any
     text: str = ""
+    # the latest intermediate state and how to turn it into a PNG; decoded only when someone asks (/progress),
+    # so a generation nobody watches pays nothing for previews
+    preview_source: Any = None
+    preview_decoder: Callable[[Any], bytes | None] | None = None
+    _preview: tuple[int, bytes | None] = (-1, None)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def preview_png(self) -> bytes | None:
+        source, decode = self.preview_source, self.preview_decoder
+        if source is None or decode is None:
+            return None
+        with self._lock:
+            if self._preview[0] != id(source):
+                self._preview = (id(source), decode(source))
+            return self._preview[1]
 
     @property
     def fraction(self) -> float:

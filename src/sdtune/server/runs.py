@@ -165,6 +165,37 @@ class RunRegistry:
         return job.status if job is not None else None
 
 
+# where "use in Generate" puts a checkpoint of each method, and the prompt text that uses it
+USE_FOLDER = {"lora": "lora", "ti": "embeddings", "hypernetwork": "hypernetwork", "dreambooth": "ckpt"}
+
+
+def use_checkpoint(folders: ModelFolders, name: str, step: int) -> dict[str, Any]:
+    """Put checkpoint `step` of run `name` where Generate finds it (the configured LoRA, embeddings, hypernetwork
+    or checkpoint folder) as `<run>-<step>.<ext>`, a hard link when possible; returns what to put in the prompt."""
+    from sdtune.server.folders import confine
+    from sdtune.training.checkpoint import link_or_copy
+
+    folder = confine(folders.runs, check_run_name(name))
+    doc = read_run(folder)
+    method = (doc.get("config") or {}).get("method")
+    row = next((r for r in doc["rows"] if r.get("step") == step), None)
+    if row is None or not row.get("file"):
+        raise SdtuneError(f"run {name!r} has no checkpoint file of step {step} (kept: "
+                          f"{', '.join(str(r['step']) for r in doc['rows'] if r.get('file')) or 'none'})")
+    kind = USE_FOLDER.get(str(method))
+    target_dir = getattr(folders, kind) if kind else None
+    if target_dir is None:
+        option = {"lora": "--lora-dir", "embeddings": "--embeddings-dir", "hypernetwork": "--hypernetwork-dir",
+                  "ckpt": "--ckpt-dir"}.get(kind or "", "a model folder")
+        raise SdtuneError(f"no folder for {method} files is configured; start `sdtune ui` with {option}")
+    src = confine(folder, row["file"])
+    stem = f"{name}-{step}"
+    dst = Path(target_dir) / f"{stem}{src.suffix}"
+    link_or_copy(src, dst)
+    use = {"lora": f"<lora:{stem}:1>", "ti": stem, "hypernetwork": f"<hypernet:{stem}:1>"}.get(str(method), "")
+    return {"file": str(dst), "prompt": use, "checkpoint": stem if method == "dreambooth" else None}
+
+
 def _on_step(job: Job, step: int, total: int) -> None:
     job.progress.step, job.progress.total = step, total
 

@@ -24,6 +24,7 @@ from sdtune.server.runs import (
     list_runs,
     read_run,
     sectioned,
+    use_checkpoint,
 )
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -143,6 +144,10 @@ def sdtune_router(state: Any) -> APIRouter:
         cfg = TrainConfig.from_toml(folder / "config.toml").replace(out=str(folder), progress=False)
         job = registry.start(cfg, resume=True)
         return {"run": name, "job": job.describe()}
+
+    @api.post("/runs/{name}/use")
+    def use(name: str, step: int) -> dict[str, Any]:
+        return use_checkpoint(folders, name, step)
 
     @api.post("/config/toml")
     def to_toml(req: ConfigRequest) -> dict[str, Any]:

@@ -469,11 +469,25 @@ function renderRows(rows) {
       const a = document.createElement("a");
       a.href = `/sdtune/v1/runs/${encodeURIComponent(currentRun)}/file?path=${encodeURIComponent(row.file)}`;
       a.textContent = row.file;
-      td.appendChild(a);
+      const use = document.createElement("button");
+      use.textContent = "use in Generate";
+      use.className = "use";
+      use.dataset.step = row.step;
+      use.addEventListener("click", () => useCheckpoint(row.step));
+      td.append(a, " ", use);
     }
     tr.appendChild(td);
     table.appendChild(tr);
   }
+}
+async function useCheckpoint(step) {
+  try {
+    const r = await post(`/sdtune/v1/runs/${encodeURIComponent(currentRun)}/use?step=${step}`, {});
+    if (r.checkpoint) { await loadModels(); $("checkpoint").value = r.checkpoint; await setOption("sd_model_checkpoint", r.checkpoint); }
+    if (r.prompt && !$("prompt").value.includes(r.prompt)) insertTag(r.prompt);
+    loadCards();
+    showTab("generate");
+  } catch (e) { $("run-message").textContent = e.message; }
 }
 function drawLosses(losses, val) {
   const canvas = $("loss-chart");
