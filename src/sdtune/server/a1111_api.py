@@ -154,11 +154,7 @@ def a1111_router(state: Any) -> APIRouter:
 
     @api.get("/embeddings")
     async def embeddings() -> dict[str, Any]:
-        def work(job: Job) -> dict[str, Any]:
-            return state.embedding_listing()
-
-        job = jobs.submit(Job(kind="embeddings", title="list embeddings", run=work))
-        return await asyncio.wrap_future(job.future)
+        return await jobs.run("embeddings", "list embeddings", lambda job: state.embedding_listing())
 
     @api.post("/refresh-checkpoints")
     def refresh_checkpoints() -> dict[str, Any]:
@@ -192,8 +188,7 @@ def a1111_router(state: Any) -> APIRouter:
             engine.options.update(values)
             engine.generator()  # load the chosen model now, as A1111 does
 
-        job = jobs.submit(Job(kind="options", title="load model", run=work))
-        await asyncio.wrap_future(job.future)
+        await jobs.run("options", "load model", work)
         return {}
 
     @api.post("/png-info")

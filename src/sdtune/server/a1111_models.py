@@ -86,32 +86,26 @@ class Txt2ImgRequest(BaseModel):
     infotext: str | None = None
 
 
+# fields that, when set (truthy), would make A1111 draw something sdtune cannot
+REFUSED = (("enable_hr", "the hires fix is not implemented"), ("restore_faces", "face restoration is not implemented"),
+           ("tiling", "tiling is not implemented"), ("styles", "saved styles are not implemented"),
+           ("subseed_strength", "variation seeds are not implemented"), ("script_name", "scripts are not implemented"),
+           ("alwayson_scripts", "extensions' scripts are not implemented"),
+           ("infotext", "settings from an infotext are not read by the API; send the fields"),
+           ("disable_extra_networks", "extra networks are always applied"))
+
+
 def _refuse(field: str, why: str) -> SdtuneError:
     return SdtuneError(f"{field}: {why}; leave it out (sdtune cannot reproduce what A1111 would make)")
 
 
 def unsupported_fields(req: Txt2ImgRequest) -> None:
     """Refuse fields that would make A1111 produce a different image than sdtune would."""
-    if req.enable_hr:
-        raise _refuse("enable_hr", "the hires fix is not implemented")
-    if req.restore_faces:
-        raise _refuse("restore_faces", "face restoration is not implemented")
-    if req.tiling:
-        raise _refuse("tiling", "tiling is not implemented")
-    if req.styles:
-        raise _refuse("styles", "saved styles are not implemented")
-    if req.subseed_strength:
-        raise _refuse("subseed_strength", "variation seeds are not implemented")
+    for name, why in REFUSED:
+        if getattr(req, name):
+            raise _refuse(name, why)
     if req.seed_resize_from_h > 0 or req.seed_resize_from_w > 0:
         raise _refuse("seed_resize_from_w/h", "seed resizing is not implemented")
-    if req.script_name:
-        raise _refuse("script_name", "scripts are not implemented")
-    if req.alwayson_scripts:
-        raise _refuse("alwayson_scripts", "extensions' scripts are not implemented")
-    if req.infotext:
-        raise _refuse("infotext", "settings from an infotext are not read by the API; send the fields")
-    if req.disable_extra_networks:
-        raise _refuse("disable_extra_networks", "extra networks are always applied")
     for name, accepted in SAMPLER_DEFAULTS.items():
         value = getattr(req, name)
         if value is not None and value not in accepted:

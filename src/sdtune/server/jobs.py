@@ -158,6 +158,12 @@ class JobQueue:
                 job.finished = time.time()
                 self.current = None
 
+    async def run(self, kind: str, title: str, fn: Callable[[Job], Any]) -> Any:
+        """Queue `fn` as a job and wait for its result without holding a thread (for request handlers)."""
+        import asyncio
+
+        return await asyncio.wrap_future(self.submit(Job(kind=kind, title=title, run=fn)).future)
+
     def find(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
 

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdtune.errors import SdtuneError
 from sdtune.server.folders import confine
-from sdtune.server.jobs import Job
 from sdtune.server.runs import (
     METHOD_GUIDANCE,
     PRESETS,
@@ -196,10 +195,10 @@ def sdtune_router(state: Any) -> APIRouter:
         target = confine(confined_data(folders, path), image)
         if target.suffix.lower() not in IMAGE_EXTS or not target.is_file():
             raise SdtuneError(f"{image}: not an image of the dataset")
-        with Image.open(target) as im:
-            im = im.convert("RGB")
-            im.thumbnail((192, 192))
-            return Response(png_bytes(im), media_type="image/png")
+        with Image.open(target) as opened:
+            thumb = opened.convert("RGB")
+        thumb.thumbnail((192, 192))
+        return Response(png_bytes(thumb), media_type="image/png")
 
     @api.put("/datasets/caption")
     def caption(req: CaptionRequest, path: str) -> dict[str, Any]:
@@ -227,11 +226,7 @@ def sdtune_router(state: Any) -> APIRouter:
 
     @api.get("/extra-networks")
     async def extra_networks() -> dict[str, Any]:
-        def work(job: Job) -> dict[str, Any]:
-            return state.extra_network_cards()
-
-        job = jobs.submit(Job(kind="extra-networks", title="list extra networks", run=work))
-        return await asyncio.wrap_future(job.future)
+        return await jobs.run("extra-networks", "list extra networks", lambda job: state.extra_network_cards())
 
     @api.get("/preview")
     def preview(kind: str, name: str) -> FileResponse:
