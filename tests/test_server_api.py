@@ -112,6 +112,7 @@ def test_txt2img_a1111_defaults_and_scheduler_names(client):
     ({"sampler_name": "Nope"}, "sampler"), ({"scheduler": "Exponential"}, "scheduler"),
     ({"alwayson_scripts": {"controlnet": {}}}, "alwayson_scripts"), ({"s_churn": 0.5}, "s_churn"),
     ({"width": 65}, "multiple of 8"), ({"override_settings": {"sd_model_checkpoint": "missing"}}, "not found"),
+    ({"refiner_checkpoint": "missing_refiner"}, "not found"), ({"refiner_checkpoint": "tiny"}, "SDXL"),
 ])
 def test_bad_requests_are_one_line_422s(client, body, words):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **body})

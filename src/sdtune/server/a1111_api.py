@@ -70,6 +70,8 @@ def a1111_router(state: Any) -> APIRouter:
             engine.resolve_checkpoint(str(checkpoint))
         if vae is not None:
             engine.resolve_vae(str(vae))
+        if params.refiner:  # A1111 names the refiner like any checkpoint: the file in the checkpoint folder
+            params = params.replace(refiner=engine.resolve_checkpoint(params.refiner)[1])
 
         def work(job: Job) -> Generation:
             result = engine.txt2img(params, job, checkpoint=checkpoint, vae=vae, save=req.save_images)
