@@ -10,11 +10,12 @@ folders -> 403, a full queue -> 503), never a traceback.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
@@ -151,7 +152,13 @@ def create_app(settings: Settings) -> FastAPI:
     from sdtune.version import __version__
 
     state = ServerState(settings)
-    app = FastAPI(title="sdtune", version=__version__,
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.jobs.stop()  # a running job is interrupted (a training run saves its state)
+
+    app = FastAPI(title="sdtune", version=__version__, lifespan=lifespan,
                   description="sdtune's web UI API: AUTOMATIC1111's /sdapi/v1 and sdtune's /sdtune/v1.")
     app.state.sdtune = state
 
@@ -209,9 +216,5 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
-
-    @app.on_event("shutdown")
-    def stop_jobs() -> None:
-        state.jobs.stop()
 
     return app

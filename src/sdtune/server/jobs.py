@@ -185,6 +185,13 @@ class JobQueue:
                 "queued": [j.describe() for j in jobs if j.status == "queued"],
                 "recent": [j.describe() for j in jobs if j.status not in ("queued", "running")][-20:]}
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 120.0) -> None:
+        """Server shutdown: interrupt the running job (a training run saves its state), drop the waiting ones, and
+        wait for the worker so the state is written before the process exits."""
+        for job in list(self.jobs.values()):
+            if job.status == "queued":
+                job.control.interrupt()
         self.interrupt_all()
         self._queue.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout)
