@@ -412,3 +412,17 @@ def test_a_bad_training_config_is_refused_before_it_queues(client):
     assert r.status_code == 422 and "unknown training method" in r.json()["errors"]
     r = client.post("/sdtune/v1/runs", json={"method": "ti", "name": "bad", "config": {"stepz": 3}})
     assert r.status_code == 422 and "did you mean 'steps'" in r.json()["errors"]
+
+
+def test_server_shutdown_stops_a_run_with_its_state_saved(world, tmp_path):
+    from sdtune.training.checkpoint import StateStore
+
+    c = make_client(world, tmp_path)
+    with c:  # the context runs the app's lifespan: leaving it is the server shutting down
+        config = {"data": "stars", "steps": 500, "save_every": 100, "ti": {"token": "<q>", "init": "shape"}}
+        assert c.post("/sdtune/v1/runs", json={"method": "ti", "name": "q", "config": config}).status_code == 200
+        deadline = time.time() + 120
+        while time.time() < deadline and len(c.get("/sdtune/v1/runs/q").json().get("losses", [])) < 3:
+            time.sleep(0.1)
+    state = StateStore(tmp_path / "runs" / "q" / "state").load(None)
+    assert 3 <= state.step < 500  # stopped early, the exact step saved: `--resume` continues from it
