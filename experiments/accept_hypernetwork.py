@@ -219,6 +219,7 @@ def main() -> None:
         cfg.options.keep_uncond_share = args.keep_uncond_share
         cfg.options.min_strength = args.min_strength
         cfg.options.max_strength = args.max_strength
+        cfg.options.format = "safetensors"  # this experiment's saved runs and reruns read the safetensors form
         cfg.options.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
         t0, c0 = time.perf_counter(), time.process_time()
         result = train(cfg, echo=lambda s: print(s, flush=True))

@@ -37,9 +37,9 @@ def test_every_writer_of_model_files_keeps_normal_permissions(tmp_path):
     want = _plain_open_mode(tmp_path)
     st = save_safetensors_atomic({"x": torch.ones(2)}, tmp_path / "m.safetensors", {"k": "v"})
     assert _mode(st) == want
-    from sdtune.adapters.textual_inversion.files import _torch_save_atomic
+    from sdtune.formats.safe_io import save_torch_pickle_atomic
 
-    assert _mode(_torch_save_atomic({"x": torch.ones(1)}, tmp_path / "e.pt")) == want
+    assert _mode(save_torch_pickle_atomic({"x": torch.ones(1)}, tmp_path / "e.pt")) == want
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

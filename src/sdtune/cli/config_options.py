@@ -19,7 +19,7 @@ def click_options(fields: Iterable[dataclasses.Field]) -> list[Any]:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         shown = "" if default in (None, [], "") else f" [default: {_shown(default)}]"
         help_text = meta["help"] + shown
         kind = meta["kind"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import click
@@ -94,11 +95,10 @@ register_converter("embedding", ("safetensors", "diffusers", "a1111", "kohya", "
 
 
 def run_convert(file: Path, target: str, out: Path, **options: Any) -> str:
-    from sdtune.formats.identify import identify
+    from sdtune.formats.identify import FileInfo, identify
 
+    info: FileInfo | SimpleNamespace  # a converter reads its .path and .kind
     if Path(file).suffix.lower() in (".png", ".webp"):  # A1111 image embeddings (identify reads weight files only)
-        from types import SimpleNamespace
-
         info = SimpleNamespace(path=Path(file), kind="embedding")
     else:
         info = identify(file)

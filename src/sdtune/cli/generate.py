@@ -16,7 +16,9 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 def _resolvable(name: str | None) -> bool:
     """Whether a model name read from a PNG can be loaded as is (A1111 records names, not paths)."""
-    return bool(name) and (is_bundled_model(name) or Path(name).expanduser().exists())
+    if not name:
+        return False
+    return is_bundled_model(name) or Path(name).expanduser().exists()
 
 
 def _from_png(png: Path, overrides: dict[str, Any], model: str | None, vae: str | None, refiner: str | None,

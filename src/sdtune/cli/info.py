@@ -13,6 +13,7 @@ _LONG = 160  # metadata values longer than this are shortened unless --full
 
 
 def _human_size(path: Path) -> str:
+    size: float
     if path.is_dir():
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     else:

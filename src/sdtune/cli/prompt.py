@@ -2,36 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
 
 import click
 
-from sdtune.errors import SdtuneError
-from sdtune.models.bundled import bundled_model_path, is_bundled_model
-
-
-def tokenizer_for(model: str | None) -> Any:
-    """The tokenizer `model` uses, without loading the model: single-file checkpoints use SD's CLIP tokenizer
-    (shipped with sdtune), diffusers folders (and `tiny`) their own."""
-    from sdtune.models.tokenizer import clip_tokenizer
-
-    if model is None:
-        return clip_tokenizer()
-    if is_bundled_model(model):
-        path = bundled_model_path(check=False)
-    else:
-        path = Path(model).expanduser()
-    if not path.exists():
-        raise SdtuneError(f"model {model!r} not found; pass a diffusers folder, a checkpoint file or `tiny`")
-    if path.is_file():
-        return clip_tokenizer()
-    for sub in ("tokenizer", "tokenizer_2"):
-        if (path / sub).is_dir():
-            from transformers import CLIPTokenizer
-
-            return CLIPTokenizer.from_pretrained(str(path / sub))
-    raise SdtuneError(f"{path} has no tokenizer/ folder; pass a diffusers pipeline folder or a checkpoint file")
 
 
 def register(cli: click.Group) -> None:
@@ -57,6 +30,7 @@ def register(cli: click.Group) -> None:
 
         Example: sdtune prompt explain "a (red:1.3) cat [sitting:standing:0.5] AND a dog :0.5"
         """
+        from sdtune.models.tokenizer import tokenizer_for
         from sdtune.prompts.explain import explain_prompt
 
         click.echo(explain_prompt(text, negative=negative, tokenizer=tokenizer_for(model), syntax=prompt_syntax,

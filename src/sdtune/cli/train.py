@@ -38,7 +38,8 @@ def _config_from_cli(method: str, config_file: Path | None, values: dict[str, An
 
     given = {k: v for k, v in values.items() if v is not None and v != ()}
     method_values = {k: v for k, v in given.items() if k in option_names}
-    flags = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items() if k not in option_names}
+    flags: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()
+                             if k not in option_names}
     file_cfg = TrainConfig.from_toml(config_file) if config_file is not None else None
     if file_cfg is not None and file_cfg.method != method:
         raise SdtuneError(f"{config_file} configures method {file_cfg.method!r}; run `sdtune train "

@@ -35,7 +35,10 @@ def build_settings(*, listen: bool, auth: str | None, no_api: bool, datasets: tu
     for folder, option in ((model_folders.outputs, "--outputs"), (model_folders.runs, "--runs")):
         if folder.exists() and not folder.is_dir():
             raise SdtuneError(f"{option} {folder} is a file; pass a folder")
-    return Settings(folders=model_folders, auth=parse_auth(auth), listen=listen, api=not no_api, device=device)
+    from sdtune.toy.concept_eval import evaluator_for
+
+    return Settings(folders=model_folders, auth=parse_auth(auth), listen=listen, api=not no_api, device=device,
+                    evaluator_for=evaluator_for)
 
 
 @click.command("ui")

@@ -217,15 +217,20 @@ def save_single_file(pipe_or_components: Any, path: str | Path, family: str | No
     if (needs[0] and te is None) or (needs[1] and te2 is None):
         missing = "text_encoder" if needs[0] and te is None else "text_encoder_2"
         raise SdtuneError(f"a {family} checkpoint needs {missing}; pass the full pipeline")
+    # the check above: te is set for sd1/sd2/sdxl, te2 for sdxl/sdxl-refiner
     if family == "sd1":
+        assert te is not None
         ldm.update({"cond_stage_model.transformer." + k: v for k, v in hf_clip_keys(te.state_dict()).items()})
     elif family == "sd2":
+        assert te is not None
         ldm.update({"cond_stage_model.model." + k: v
                     for k, v in openclip_from_hf(te.state_dict(), pad_final_block=True).items()})
     elif family == "sdxl":
+        assert te is not None and te2 is not None
         ldm.update({"conditioner.embedders.0.transformer." + k: v for k, v in hf_clip_keys(te.state_dict()).items()})
         ldm.update({"conditioner.embedders.1.model." + k: v for k, v in openclip_from_hf(te2.state_dict()).items()})
     else:
+        assert te2 is not None
         ldm.update({"conditioner.embedders.0.model." + k: v for k, v in openclip_from_hf(te2.state_dict()).items()})
     if needs[0]:
         configs["text_encoder"] = _text_config(te)

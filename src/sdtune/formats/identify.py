@@ -105,7 +105,7 @@ def _embedding_family(widths: list[int]) -> str | None:
 
 def _classify_lora(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, str]) -> tuple[str | None, dict, list]:
     keys = list(shapes)
-    suffixes = Counter()
+    suffixes: Counter[str] = Counter()
     for k in keys:
         for tag, name in ((".lora_down.", "LoRA"), (".lora_A.", "LoRA (PEFT)"), ("lora.down.", "LoRA (diffusers)"),
                           (".hada_w1_a", "LoHa"), (".lokr_w1", "LoKr"), (".oft_", "OFT"), (".dora_scale", "DoRA"),
@@ -113,7 +113,7 @@ def _classify_lora(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, str
             if tag in k:
                 suffixes[name] += 1
     network = ", ".join(n for n, _ in suffixes.most_common()) or "LoRA"
-    ranks = Counter()
+    ranks: Counter[int] = Counter()
     for k, s in shapes.items():
         if (k.endswith((".lora_down.weight", ".lora_A.weight", "lora.down.weight", ".hada_w1_b"))
                 and len(s) >= 2):
@@ -121,7 +121,7 @@ def _classify_lora(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, str
     modules = {re.split(r"\.(lora_|hada_|lokr_|oft_|alpha|dora_|on_input|a1\.|a2\.|b1\.|b2\.|diff)", k)[0]
                for k in keys}
     te2 = any(k.startswith(("lora_te2_", "text_encoder_2.")) or ".text_encoder_2." in k for k in keys)
-    targets = Counter()
+    targets: Counter[str] = Counter()
     for m in modules:
         if m.startswith(("lora_unet_", "unet.")) or ".unet." in m or "diffusion_model" in m:
             targets["unet"] += 1

@@ -11,6 +11,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from collections import OrderedDict
 from typing import Any, Mapping
 
 import torch
@@ -244,4 +245,33 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Pat
         clean[k] = t
     with atomic_path(out) as tmp:
         save_file(clean, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    return out
+
+
+def save_torch_pickle_atomic(obj: Any, path: str | Path) -> Path:
+    """Write a `.pt` / `.bin` that A1111's default safe unpickler accepts, atomically.
+
+    A1111 (`modules/safe.py`) opens a zip `.pt` only if every entry is `<root>/data.pkl`, `<root>/version` or
+    `<root>/data/<n>` (1.10 adds `byteorder`); torch 2.x's zip also holds `.format_version`, `.storage_alignment` and
+    `.data/serialization_id`, so A1111 refuses it ("bad file inside ..."). torch's legacy (non-zip) format is read by
+    every A1111 version (five pickles, checked with its restricted unpickler), by ComfyUI and kohya (torch.load), and
+    by `torch.load(weights_only=True)`. bfloat16 storages are not on A1111's class whitelist: they are written as
+    float32."""
+    from sdtune.atomic import atomic_path
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().to("cpu")
+            return t.float() if t.dtype == torch.bfloat16 else t
+        if isinstance(value, OrderedDict):
+            return OrderedDict((k, plain(v)) for k, v in value.items())
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(plain(v) for v in value)
+        return value
+
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        torch.save(plain(obj), tmp, _use_new_zipfile_serialization=False)
     return out

@@ -37,7 +37,7 @@ class PromptEncoder(Protocol):
     "none", "compel") are passed as keywords; an encoder without those features may ignore them."""
 
     def __call__(self, pipe: Any, prompt: str, negative_prompt: str, *, num_images: int, do_cfg: bool,
-                 clip_skip: int, **options: Any) -> PromptEmbeds: ...
+                 clip_skip: int, steps: int = 20, prompt_syntax: str = "auto", emphasis: str = "auto") -> Any: ...
 
 
 def encode_with_pipeline(pipe: Any, prompt: str, negative_prompt: str, *, num_images: int, do_cfg: bool,

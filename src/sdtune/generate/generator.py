@@ -104,8 +104,9 @@ class Generator:
         if encode_prompt is None:
             from sdtune.prompts.weighted import WeightedPromptEncoder
 
-            encode_prompt = WeightedPromptEncoder()
-        self.encode_prompt: PromptEncoder = encode_prompt
+            self.encode_prompt: PromptEncoder = WeightedPromptEncoder()
+        else:
+            self.encode_prompt = encode_prompt
         self._scheduler_configs: dict[int, dict[str, Any]] = {}
         self._remember_scheduler(self.model)
         self._refiners: dict[str, Any] = {}
@@ -122,9 +123,10 @@ class Generator:
         if loras:
             self.set_loras(loras)
         if embeddings:
+            library = self.embeddings
             for source in [embeddings] if isinstance(embeddings, (str, Path)) else embeddings:
-                self.embeddings.add_source(source, refresh=False)
-            self._embeddings.refresh()
+                library.add_source(source, refresh=False)
+            library.refresh()
 
     @property
     def lora_dirs(self) -> list[str | Path]:
@@ -262,12 +264,14 @@ class Generator:
         model_info = ModelInfo(base.name, getattr(base, "hash", None))
         refiner_info = ModelInfo(refiner.name, getattr(refiner, "hash", None)) if refiner is not None else None
 
+        width, height = params.width, params.height
+        assert width is not None and height is not None  # `prepare` filled in the native size
         out: list[GeneratedImage] = []
         for batch in range(params.batch_count):
             if control is not None and control.interrupted:
                 break
             seeds = [params.seed + batch * params.batch_size + j for j in range(params.batch_size)]
-            latents, gens = self._noise(seeds, params.height, params.width)
+            latents, gens = self._noise(seeds, height, width)
 
             def report(lo: float, hi: float, guide: Guide) -> Callable[..., dict]:
                 def on_step(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
@@ -290,7 +294,7 @@ class Generator:
                                    latents=latents, output_type="latent" if refiner is not None else "pil",
                                    callback_on_step_end=report(0.0, split, base_guide),
                                    **({"denoising_end": split} if refiner is not None else {})).images
-            if refiner is not None:
+            if refiner is not None and ref_embeds is not None:
                 # the refiner continues the step count where the base model stopped (prompt editing, AND)
                 ref_guide = Guide(ref_embeds.guidance, start=base_guide.step)
                 with torch.no_grad(), guided_unet(refiner.pipe, ref_guide):
@@ -300,7 +304,7 @@ class Generator:
                 control.skipped = False  # this batch is dropped; the next one starts
                 continue
             for j, (image, seed) in enumerate(zip(result, seeds)):
-                text = infotext_for(params, seed=seed, width=params.width, height=params.height, model=model_info,
+                text = infotext_for(params, seed=seed, width=width, height=height, model=model_info,
                                     vae=self.vae_info, refiner=refiner_info, batch_pos=j)
                 for net in self.extra_networks:
                     for key, value in net.infotext_fields():

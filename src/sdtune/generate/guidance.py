@@ -67,6 +67,7 @@ def _guided_forward(original: Any, guide: Guide) -> Any:
 
     def forward(sample: Any, timestep: Any, encoder_hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
         sched = guide.schedule
+        assert sched is not None  # guided_unet installs this forward only for a guide with a schedule
         uncond, uncond_pooled = sched.uncond.at(guide.step)
         batch = uncond.shape[0]
         cfg = sample.shape[0] == 2 * batch

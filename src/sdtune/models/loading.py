@@ -16,7 +16,9 @@ from sdtune.models.bundled import BUNDLED_MODEL, bundled_model_path, is_bundled_
 from sdtune.models.device import resolve_device_dtype
 
 if TYPE_CHECKING:
-    import diffusers
+    # the defining module: under TYPE_CHECKING, `diffusers.DiffusionPipeline` resolves to diffusers' dummy
+    # placeholder class (its __init__ binds utils.dummy_pt_objects first), which has none of the pipeline's API
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _PRED_ALIASES = {"epsilon": "epsilon", "eps": "epsilon", "v_prediction": "v_prediction", "v": "v_prediction",
@@ -27,7 +29,7 @@ _PRED_ALIASES = {"epsilon": "epsilon", "eps": "epsilon", "v_prediction": "v_pred
 class LoadedModel:
     """A loaded pipeline and what is known about it."""
 
-    pipe: "diffusers.DiffusionPipeline"
+    pipe: DiffusionPipeline
     family: str  # "sd1" | "sd2" | "sdxl" | "sdxl-refiner"
     prediction_type: str  # "epsilon" | "v_prediction"
     name: str  # file stem, folder name, or "tiny"
@@ -51,6 +53,7 @@ def resolve_spec(spec: str | Path | None) -> tuple[Path, str]:
     """(path, display name) for a model spec: None/"tiny", a diffusers folder, or a weight file."""
     if is_bundled_model(spec):
         return bundled_model_path(), BUNDLED_MODEL
+    assert spec is not None  # None names the bundled model
     p = Path(spec).expanduser()
     if not p.exists():
         hint = " (sdtune never downloads; pass a local path)" if "/" in str(spec) and not str(spec).startswith(

@@ -47,9 +47,11 @@ def tiny_components(family: str, seed: int = 0) -> dict[str, Any]:
     from sdtune.models.tokenizer import clip_tokenizer
 
     torch.manual_seed(seed)
+    # diffusers' top-level names resolve to its dummy placeholder classes for type checkers (its __init__ binds
+    # utils.dummy_pt_objects first), so their instances have none of the real classes' methods
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                norm_num_groups=32, **UNET_CFG[family]).eval()
-    vae = AutoencoderKL(**VAE_CFG).eval()
+                                norm_num_groups=32, **UNET_CFG[family]).eval()  # type: ignore[attr-defined]
+    vae = AutoencoderKL(**VAE_CFG).eval()  # type: ignore[attr-defined]  # dummy placeholder: see above
     sched_kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     c: dict[str, Any] = {"unet": unet, "vae": vae}
     if family in ("sd1", "sd2"):

@@ -50,7 +50,9 @@ def _clip_tokenizer(pad_token: str, model_max_length: int) -> Any:
 
     vocab, merges = clip_vocab_and_merges()
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, pad_token=pad_token, model_max_length=model_max_length)
+    # transformers annotates merges as list[str]; the tokenizers BPE it builds takes (a, b) pairs, as given here
+    return CLIPTokenizer(vocab=dict(vocab), merges=pairs,  # type: ignore[arg-type]
+                         pad_token=pad_token, model_max_length=model_max_length)
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77) -> Any:
@@ -67,4 +69,28 @@ def tokenizer_from_files(vocab: dict[str, int], merges: list[str], special: dict
     from transformers import CLIPTokenizer
 
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, **special)
+    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, **special)  # type: ignore[arg-type]  # pairs: see above
+
+
+def tokenizer_for(model: str | None) -> Any:
+    """The tokenizer `model` uses, without loading the model: single-file checkpoints use SD's CLIP tokenizer
+    (shipped with sdtune), diffusers folders (and `tiny`) their own."""
+    from sdtune.errors import SdtuneError
+    from sdtune.models.bundled import bundled_model_path, is_bundled_model
+
+    if model is None:
+        return clip_tokenizer()
+    if is_bundled_model(model):
+        path = bundled_model_path(check=False)
+    else:
+        path = Path(model).expanduser()
+    if not path.exists():
+        raise SdtuneError(f"model {model!r} not found; pass a diffusers folder, a checkpoint file or `tiny`")
+    if path.is_file():
+        return clip_tokenizer()
+    for sub in ("tokenizer", "tokenizer_2"):
+        if (path / sub).is_dir():
+            from transformers import CLIPTokenizer
+
+            return CLIPTokenizer.from_pretrained(str(path / sub))
+    raise SdtuneError(f"{path} has no tokenizer/ folder; pass a diffusers pipeline folder or a checkpoint file")

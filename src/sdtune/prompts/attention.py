@@ -19,6 +19,7 @@ it, `float` does not), the text is kept as text and the group is a plain `( )`, 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from sdtune.prompts.fragments import BREAK, Fragment, clean_weight, merge
 
@@ -44,7 +45,7 @@ def _float(text: str) -> float | None:
         return None
 
 
-def _repeated(factor: float) -> "callable":
+def _repeated(factor: float) -> Callable[[float, int], float]:
     """w -> w * factor applied k times one after another (A1111's rounding), cached per starting weight."""
     chains: dict[object, list[float]] = {}
 

@@ -119,16 +119,17 @@ def parse_compel_weights(text: str) -> list[list]:
                 i += 1
         else:
             m = _PLAIN.match(text, i)
+            assert m is not None  # text[i] is none of ()"\ (the branches above)
             chunk, i = m.group(0), m.end()
             ends_ok = i == n or text[i] in ')"'
             pos = 0
             for t in _TOKEN.finditer(chunk):
-                for a, b, c in _signed_words(t.group(0), t.end() < len(chunk) or ends_ok):
-                    a, b, c = a + t.start(), b + t.start(), c + t.start()
+                for a, b, e in _signed_words(t.group(0), t.end() < len(chunk) or ends_ok):
+                    a, b, e = a + t.start(), b + t.start(), e + t.start()
                     if a > pos:
                         out.append([chunk[pos:a], 1.0])
-                    out.append([chunk[a:b], _suffix_weight(chunk[b:c])])
-                    pos = c
+                    out.append([chunk[a:b], _suffix_weight(chunk[b:e])])
+                    pos = e
             if pos < len(chunk):
                 out.append([chunk[pos:], 1.0])
     merged: list[list] = []

@@ -61,6 +61,7 @@ def parse_prompt(text: str, *, syntax: str = "auto", steps: int = 20, negative: 
     steps = max(1, int(steps))
     body, networks = extract_extra_networks(text)
     syntax = resolve_syntax(body, syntax)
+    parts: tuple[PromptPart, ...]
     if syntax == "compel":
         entry = ScheduleEntry(steps, body, conditioning(body, syntax))
         parts = (PromptPart(1.0, body, (entry,)),)

@@ -15,7 +15,7 @@ import hmac
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
@@ -43,6 +43,9 @@ class Settings:
     api: bool = True                      # False (--no-api): /sdapi/v1 answers the web UI's own requests only
     device: str | None = None
     dtype: str | None = None
+    # TrainConfig -> evaluator for `train(config, evaluator=...)`; the front door wires the toy judge in
+    # (`sdtune.toy.concept_eval.evaluator_for`), so the server never imports the toy world
+    evaluator_for: Callable[[Any], Any] | None = None
 
 
 class ServerState:
@@ -53,7 +56,7 @@ class ServerState:
         self.folders = settings.folders
         self.jobs = JobQueue()
         self.engine = GenerationService(self.folders, device=settings.device, dtype=settings.dtype)
-        self.runs = RunRegistry(self.folders, self.jobs)
+        self.runs = RunRegistry(self.folders, self.jobs, settings.evaluator_for)
 
     def token_counts(self, prompt: str) -> list[int]:
         """Tokens per 75-token chunk of the prompt's longest AND part, as A1111's counter shows them."""
@@ -66,7 +69,7 @@ class ServerState:
             tokenizer = gen.model.pipe.tokenizer or getattr(gen.model.pipe, "tokenizer_2", None)
             embeddings = getattr(gen.encode_prompt, "embeddings", None)
         else:
-            from sdtune.cli.prompt import tokenizer_for
+            from sdtune.models.tokenizer import tokenizer_for
 
             tokenizer, embeddings = tokenizer_for("tiny"), None
         best: list[int] = [0]

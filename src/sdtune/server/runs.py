@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from sdtune.errors import SdtuneError
 from sdtune.server.folders import ModelFolders, PathRefused
@@ -122,12 +122,13 @@ def build_config(folders: ModelFolders, engine: Any, method: str, name: str, val
 class RunRegistry:
     """Which run each training job belongs to, so Stop and Resume can find it."""
 
-    def __init__(self, folders: ModelFolders, jobs: JobQueue) -> None:
+    def __init__(self, folders: ModelFolders, jobs: JobQueue,
+                 evaluator_for: Callable[[Any], Any] | None = None) -> None:
         self.folders, self.jobs = folders, jobs
+        self.evaluator_for = evaluator_for
         self.job_of: dict[str, Job] = {}
 
     def start(self, config: Any, *, resume: bool = False) -> Job:
-        from sdtune.toy.concept_eval import evaluator_for
         from sdtune.training.loop import Trainer
 
         name = Path(config.out).name
@@ -138,7 +139,9 @@ class RunRegistry:
             raise SdtuneError(f"run {name!r} already exists; resume it, or choose another name")
         config = config.replace(resume="auto") if resume else config
         config.check_paths()
-        evaluator = evaluator_for(config)
+        if config.judge and self.evaluator_for is None:
+            raise SdtuneError("this server has no judge evaluator; start it with `sdtune ui`")
+        evaluator = self.evaluator_for(config) if self.evaluator_for is not None else None
 
         def work(job: Job) -> Any:
             trainer = Trainer(config, evaluator=evaluator, handle_signals=False,

@@ -259,7 +259,9 @@ def export(args) -> None:
         vae=comps["vae"], unet=comps["unet"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
-    pipe.save_pretrained(args.out, safe_serialization=True)
+    # diffusers' top-level StableDiffusionPipeline is its dummy placeholder class for type checkers (its __init__
+    # binds utils.dummy_*_objects first), which lacks the real pipeline's methods
+    pipe.save_pretrained(args.out, safe_serialization=True)  # type: ignore[attr-defined]
     # trainers read this (--latents auto): the UNet was trained on VAE posterior means, not samples
     (Path(args.out) / "sdtune.json").write_text(json.dumps({
         "latents": "mean",

@@ -72,7 +72,7 @@ class ConceptJudge:
 
         fid_prompts = self.fidelity_prompts()
         ctx = self.context_prompts()
-        images = generate(fid_prompts + [p for p, _, _ in ctx], self.seeds)
+        images = generate(fid_prompts + [p for p, _, _ in ctx], list(self.seeds))
         n = len(self.seeds)
         if len(images) != n * (len(fid_prompts) + len(ctx)):
             raise SdtuneError(f"the judge expected {n * (len(fid_prompts) + len(ctx))} images, got {len(images)}")

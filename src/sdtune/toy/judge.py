@@ -56,7 +56,9 @@ def _templates() -> tuple[tuple[str, ...], np.ndarray]:
         for r in (14.0, 16.5, 19.0):
             m = np.asarray(world.shape_mask(shape, 32.0, 32.0, r), dtype=np.float32) > 127
             names.append(shape)
-            arrs.append(_normalise(m))
+            norm = _normalise(m)
+            assert norm is not None  # the renderer's masks at these radii are never (nearly) empty
+            arrs.append(norm)
     return tuple(names), np.stack(arrs)
 
 
@@ -125,6 +127,7 @@ def judge(image: Image.Image) -> Verdict:
 
     # Shape: IoU of the normalised silhouette against the renderer's templates.
     sil = _normalise(filled)
+    assert sil is not None  # filled covers fg, which has >= 12 pixels here
     tnames, tarr = _templates()
     iou = np.minimum(tarr, sil).sum(axis=(1, 2)) / np.maximum(np.maximum(tarr, sil).sum(axis=(1, 2)), 1e-6)
     best_per_shape = {n: 0.0 for n in world.SHAPES}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from sdtune.models.tokenizer import bytes_to_unicode
 from sdtune.toy.world import vocabulary_words
@@ -16,7 +17,7 @@ from sdtune.toy.world import vocabulary_words
 TEXT_WIDTH = 64
 LATENT_SIZE = 16
 
-VAE_CONFIG = dict(
+VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 3,
@@ -28,7 +29,7 @@ VAE_CONFIG = dict(
     sample_size=64,
 )
 
-UNET_CONFIG = dict(
+UNET_CONFIG: dict[str, Any] = dict(
     sample_size=LATENT_SIZE,
     in_channels=4,
     out_channels=4,
@@ -43,7 +44,7 @@ UNET_CONFIG = dict(
     norm_num_groups=16,
 )
 
-TEXT_CONFIG = dict(
+TEXT_CONFIG: dict[str, Any] = dict(
     hidden_size=TEXT_WIDTH,
     intermediate_size=4 * TEXT_WIDTH,
     num_hidden_layers=3,
@@ -53,7 +54,7 @@ TEXT_CONFIG = dict(
     projection_dim=TEXT_WIDTH,
 )
 
-SCHEDULER_CONFIG = dict(
+SCHEDULER_CONFIG: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,

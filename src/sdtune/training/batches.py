@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 from sdtune.training.methods.base import Batch
+
+if TYPE_CHECKING:
+    from sdtune.training.latents import CachedLatent
 
 
 def sdxl_time_ids(item: Any, crop: str) -> torch.Tensor:
@@ -50,11 +53,12 @@ class LatentEncoder:
             if upcast:
                 self.vae.to(dtype)
 
-    def encode(self, images: list[Any], flip_variants: bool = False) -> list[Any]:
+    def encode(self, images: list[Any], flip_variants: bool = False) -> list[CachedLatent]:
+        """PIL images, image tensors or dataset items (loaded centre-cropped) -> cached latents."""
         from sdtune.training.data import DatasetItem
         from sdtune.training.latents import encode_latents
 
-        out = []
+        out: list[CachedLatent] = []
         with self._vae() as vae:
             for start in range(0, len(images), 16):
                 chunk = [im.load(crop="center") if isinstance(im, DatasetItem) else im

@@ -60,7 +60,9 @@ class TrainState:
 def capture_rng() -> dict[str, Any]:
     """Python, numpy and torch (CPU and CUDA) global RNG states."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937: the legacy tuple, not a dict
+    name, keys, pos, has_gauss, cached = np_state
     out: dict[str, Any] = {
         "python": [version, list(internal), gauss],
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],

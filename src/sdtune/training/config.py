@@ -31,12 +31,15 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from sdtune.atomic import write_atomic
 from sdtune.errors import SdtuneError
 from sdtune.models.bundled import is_bundled_model
 from sdtune.training.options import KINDS, SECTIONS, NoOptions, coerce, merge_options, opt, unknown_setting
+
+if TYPE_CHECKING:
+    from sdtune.training.methods.base import TrainingMethod
 
 @dataclass
 class TrainConfig:
@@ -259,7 +262,7 @@ class TrainConfig:
             raise SdtuneError("no output folder; pass --out DIR")
         return Path(self.out).expanduser()
 
-    def check_values(self, method: type | None = None) -> TrainConfig:
+    def check_values(self, method: type[TrainingMethod] | None = None) -> TrainConfig:
         """Range and consistency checks that need no files. Raises a one-line SdtuneError. `method`: the method
         class (default: the registered `self.method`)."""
         from sdtune.training.schedules import LRSchedule, parse_early_stop
@@ -391,7 +394,7 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def method_cls(name: str) -> Any:
+def method_cls(name: str) -> type[TrainingMethod]:
     from sdtune.training.methods import get_method
 
     return get_method(name)

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from sdtune.models.loading import LoadedModel
     from sdtune.training.config import TrainConfig
     from sdtune.training.data import DatasetItem
+    from sdtune.training.latents import CachedLatent
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,6 @@ class TrainingContext:
     is_sdxl: bool
     latents_mode: str          # "sample" or "mean" (see training.latents)
     echo: Callable[[str], None]
-    encode_images: Callable[[list[Any]], list[Any]]
-    generate_images: Callable[..., list[Any]]
+    encode_images: Callable[[list[Any]], list[CachedLatent]]
+    generate_images: Callable[..., list[Image.Image]]
     map_captions: Callable[[Callable[[DatasetItem], str]], None]

@@ -386,11 +386,12 @@ def bucket_batches(targets: Sequence[tuple[int, int]], order: Sequence[int], bat
     open_: dict[tuple[int, int], list[int]] = {}
     out: list[list[int]] = []
     for i in order:
-        b = open_.setdefault(tuple(targets[i]), [])
+        h, w = targets[i]
+        b = open_.setdefault((h, w), [])
         b.append(i)
         if len(b) == batch_size:
             out.append(b)
-            open_[tuple(targets[i])] = []
+            open_[(h, w)] = []
     out += [b for b in open_.values() if b]
     return out
 

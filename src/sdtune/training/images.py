@@ -62,7 +62,9 @@ def open_image(src: str | Path | bytes, *, draft: int | None = None) -> tuple[Im
         out = ImageOps.exif_transpose(im) if orientation not in (None, 1) else im
         has_alpha = out.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in out.info
         if has_alpha:  # only report images that really have see-through pixels
-            has_alpha = out.convert("RGBA").getchannel("A").getextrema()[0] < 255
+            alpha_min = out.convert("RGBA").getchannel("A").getextrema()[0]
+            assert isinstance(alpha_min, (int, float))  # one band: (min, max)
+            has_alpha = alpha_min < 255
         rgb = to_rgb(out)
     size = (full[1], full[0]) if rotated else full
     return rgb, {"mode": mode, "size": size, "exif_rotated": orientation not in (None, 1), "alpha": has_alpha}

@@ -26,11 +26,12 @@ class CachedLatent:
 
     def get(self, flipped: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """The latent to train on: the mean, or a sample from the posterior when a generator is given."""
-        if flipped and self.flip_mean is None:
-            raise ValueError("this cache has no flipped variants; encode with flip_variants=True")
         mean, std = (self.flip_mean, self.flip_std) if flipped else (self.mean, self.std)
+        if mean is None:
+            raise ValueError("this cache has no flipped variants; encode with flip_variants=True")
         if generator is None:
             return mean
+        assert std is not None  # encoded together with the mean
         return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
 
 

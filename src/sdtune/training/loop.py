@@ -27,7 +27,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -47,6 +47,13 @@ from sdtune.training.runlog import RunLog, format_summary, write_summary
 from sdtune.training.schedules import LRSchedule, parse_early_stop
 from sdtune.training.validation import Selection, ValidationSet
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from sdtune.generate.generator import Generator
+    from sdtune.models.loading import LoadedModel
+    from sdtune.training.data import DatasetItem
+
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 # Settings that may differ on resume without changing the maths of the steps already taken.
 RESUME_FREE = {"steps", "save_every", "keep_checkpoints", "keep_states", "resume", "sample_every", "sample_prompts",
@@ -64,7 +71,7 @@ class EvalContext:
     trainer: Trainer
 
     @property
-    def model(self) -> Any:
+    def model(self) -> LoadedModel:
         return self.trainer.model
 
     @property
@@ -75,7 +82,7 @@ class EvalContext:
     def config(self) -> TrainConfig:
         return self.trainer.config
 
-    def generate(self, prompts: list[str] | str, seeds: list[int] | int, **params: Any) -> list[Any]:
+    def generate(self, prompts: list[str] | str, seeds: list[int] | int, **params: Any) -> list[Image.Image]:
         """PIL images for every (prompt, seed), prompt-major; params override GenerationParams fields."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
@@ -140,11 +147,13 @@ class Trainer:
     on_step: called after every optimizer step with (trainer, step, loss); may call `request_stop()`.
     handle_signals: SIGINT/SIGTERM stop after the current step with the state saved (main thread only)."""
 
+    val_items: list[DatasetItem]  # the held-out validation items (set while preparing the data)
+
     def __init__(self, config: TrainConfig, *, method: TrainingMethod | None = None, model: Any = None,
                  evaluator: Evaluator | None = None, on_step: Callable[[Trainer, int, float], None] | None = None,
                  handle_signals: bool = True, echo: Callable[[str], None] | None = None) -> None:
         self.config = config
-        self.method = method
+        self._method = method
         self.model = model
         self._given_model = model is not None
         self.evaluator = evaluator
@@ -156,11 +165,18 @@ class Trainer:
         self.losses: list[float] = []
         self._stop: str | None = None
         self._signal: int | None = None
-        self._generator: Any = None
+        self._generator: Generator | None = None
         self._fp16_skips = 0
         self.log: RunLog | None = None
 
     # ================================================================================================ public
+
+    @property
+    def method(self) -> TrainingMethod:
+        """The training method: the one passed in, or the config's (chosen when the run starts)."""
+        if self._method is None:
+            raise RuntimeError("the training method is chosen when the run starts")
+        return self._method
 
     @property
     def epoch(self) -> int:
@@ -186,9 +202,9 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg = self.config
-        cfg.check_values(method=type(self.method) if self.method is not None else None)
-        if self.method is not None:
-            type(self.method).check_options(self.method.options, cfg)
+        cfg.check_values(method=type(self._method) if self._method is not None else None)
+        if self._method is not None:
+            type(self._method).check_options(self._method.options, cfg)
         cfg.check_paths(model=not self._given_model)
         self.out = cfg.out_dir
         self.store = StateStore(self.out / "state", keep=cfg.keep_states)
@@ -270,8 +286,8 @@ class Trainer:
     def _prepare_selection(self) -> None:
         """The method object and how checkpoints are selected (checked before the model loads)."""
         cfg = self.config
-        if self.method is None:
-            self.method = get_method(cfg.method)(cfg.options)
+        if self._method is None:
+            self._method = get_method(cfg.method)(cfg.options)
         if cfg.judge and self.evaluator is None:  # the toy world stays out of the training core
             raise SdtuneError(f"judge {cfg.judge!r} is the toy world's evaluator: pass "
                               "evaluator=sdtune.toy.concept_eval.evaluator_for(config) to train() (the CLI does)")
@@ -381,7 +397,7 @@ class Trainer:
                                echo=self.echo, encode_images=self.encoder.encode,
                                generate_images=self.generate_images, map_captions=self._map_captions)
 
-    def _map_captions(self, caption_of: Callable[[Any], str]) -> None:
+    def _map_captions(self, caption_of: Callable[[DatasetItem], str]) -> None:
         import dataclasses
 
         self.dataset.items = [dataclasses.replace(it, caption=caption_of(it)) for it in self.dataset.items]
@@ -396,13 +412,18 @@ class Trainer:
         from sdtune.training.data import Dataset, scan_dataset
 
         cfg = self.config
+        assert cfg.data is not None  # check_paths (in run) requires it
         step = math.lcm(64, multiple) if self.resolution >= 256 else multiple
-        kw = dict(resolution=self.resolution, buckets=cfg.buckets, bucket_step=step, skip_bad=cfg.skip_bad)
-        ds = scan_dataset(cfg.data, **kw)
+
+        def scan(folder: str | Path) -> Dataset:
+            return scan_dataset(folder, resolution=self.resolution, buckets=cfg.buckets, bucket_step=step,
+                                skip_bad=cfg.skip_bad)
+
+        ds = scan(cfg.data)
         for w in ds.warnings:
             self.echo(f"warning: {w}")
         items = list(ds.items)
-        val_items = []
+        val_items: list[DatasetItem] = []
         if cfg.val_split > 0:
             order = list(range(len(items)))
             random.Random(f"{cfg.seed}:validation").shuffle(order)
@@ -414,7 +435,7 @@ class Trainer:
             val_items = [it for i, it in enumerate(items) if i in held]
             items = [it for i, it in enumerate(items) if i not in held]
         elif cfg.val_dir is not None:
-            vds = scan_dataset(cfg.val_dir, **kw)
+            vds = scan(cfg.val_dir)
             val_items = list(vds.items)
         self.dataset = Dataset(folder=ds.folder, resolution=ds.resolution, items=items, warnings=ds.warnings,
                                skipped=ds.skipped)
@@ -464,6 +485,7 @@ class Trainer:
         total, norm = 0.0, None
         for micro in range(cfg.grad_accum):
             gen = step_generator(cfg.seed, step, micro)
+            assert self.batches is not None  # _prepare made it
             batch = self.batches.next(step, gen)
             with self.accelerator.accumulate(*self.method.modules()):
                 with self.accelerator.autocast():
@@ -492,6 +514,7 @@ class Trainer:
 
     def _train(self) -> str:
         cfg = self.config
+        assert self.log is not None  # _run opened it
         while self.step < cfg.steps:
             if self._stop:
                 return "interrupted"
@@ -500,7 +523,7 @@ class Trainer:
             self.step = step
             self.losses.append(loss)
             self.ledger.add_loss(loss)
-            extra = {"epoch": self.epoch}
+            extra: dict[str, float] = {"epoch": self.epoch}
             if norm is not None and math.isfinite(norm):
                 extra["grad_norm"] = round(norm, 6)
             self.log.step(step, loss, self.schedule(step), **extra)
@@ -544,6 +567,7 @@ class Trainer:
         row = self.ledger.record(step, path, metrics)
         self._save_state()
         self._write_summary()
+        assert self.log is not None  # _run opened it
         self.log.event("checkpoint", step, **{k: v for k, v in row.items() if k != "step"})
 
     def best_step(self) -> int | None:
@@ -566,6 +590,7 @@ class Trainer:
         self.method.load_state_dict({k: v.to(self.device) for k, v in state.weights.items()})
         self.optimizer.load_state_dict(state.optimizer)
         self.step = state.step
+        assert self.batches is not None  # _prepare made it
         self.batches.seek(state.epoch, state.cursor)
         self.ledger.load(state.history, state.snapshots)
         self._fp16_skips = int(state.history.get("fp16_skips", 0))
@@ -584,6 +609,7 @@ class Trainer:
         self.method.load_state_dict({k: v.to(self.device) for k, v in self._initial.items()})
         self.optimizer.optimizer.state.clear()
         self.step = 0
+        assert self.batches is not None  # _prepare made it
         self.batches.seek(0, 0)
         return 0
 
@@ -646,14 +672,14 @@ class Trainer:
 
     # ============================================================================================= samples
 
-    def generator(self) -> Any:
+    def generator(self) -> Generator:
         if self._generator is None:
             from sdtune.generate import Generator
 
             self._generator = Generator(model=self.model)
         return self._generator
 
-    def generate_images(self, prompts: list[str], seeds: list[int], **params: Any) -> list[Any]:
+    def generate_images(self, prompts: list[str], seeds: list[int], **params: Any) -> list[Image.Image]:
         from sdtune.generate import GenerationParams
 
         cfg = self.config
@@ -681,6 +707,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")
+        assert self.log is not None  # _run opened it
         self.log.event("samples", step, file=path.relative_to(self.out).as_posix())
         return path
 
@@ -698,7 +725,7 @@ class Trainer:
             self.echo(f"{signal.Signals(signum).name}: stopping after this step and saving the state "
                       "(again to abort without saving)")
 
-        old = {}
+        old: dict[int, Any] = {}
         for s in (signal.SIGINT, signal.SIGTERM):
             old[s] = signal.signal(s, handler)
         return old
@@ -753,6 +780,7 @@ class Trainer:
                           tensorboard=cfg.tensorboard, echo=self._echo)
         old_handlers = self._install_signals()
         try:
+            assert self.batches is not None  # _prepare made it
             if state is None:
                 self.log.event("start", 0, method=self.method.name, images=len(self.dataset),
                                val_images=len(self.val_items), resolution=self.resolution,

@@ -260,12 +260,16 @@ class PersonalizeMixin:
 
     prior_default: bool = False
     prior: PriorPreservation | None = None
+    options: Any  # a PersonalizeOptions subclass, set by the method's TrainingMethod.__init__
 
     def personalize_prepare(self, ctx: TrainingContext) -> None:
-        options = self.options  # type: ignore[attr-defined]
+        from sdtune.training.methods.base import TrainingMethod
+
+        assert isinstance(self, TrainingMethod)  # the mixin is only ever a TrainingMethod subclass's base
+        options = self.options
         apply_instance_prompt(ctx, options.prompt)
         self.prior = PriorPreservation(self, ctx, options) if prior_enabled(options, self.prior_default) \
-            else None  # type: ignore[arg-type]
+            else None
 
     def extra_loss(self, batch: Batch, diffusion_loss: DiffusionLoss) -> torch.Tensor | None:
         if self.prior is None:
@@ -274,7 +278,7 @@ class PersonalizeMixin:
 
     def personalize_metadata(self) -> dict[str, str]:
         """The instance and class prompts and the prior weight, for the output file's metadata."""
-        options = self.options  # type: ignore[attr-defined]
+        options = self.options
         meta: dict[str, str] = {}
         if options.prompt:
             meta["sdtune_instance_prompt"] = options.prompt

@@ -21,7 +21,7 @@ from sdtune.atomic import write_atomic
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSONL log; a torn last line (a crash mid-write) is skipped."""
-    out = []
+    out: list[dict[str, Any]] = []
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -97,7 +97,7 @@ def _opt_str(v: Any) -> str | None:
 def to_a1111(hn: Hypernetwork) -> dict[Any, Any]:
     """The dict of an A1111 .pt file (plain containers, CPU tensors: loadable with weights_only=True)."""
     out: dict[Any, Any] = {}
-    for w, pair in hn.layers.items():
+    for w, pair in hn.module_pairs():
         out[int(w)] = tuple({k: v.detach().to("cpu", torch.float32).contiguous().clone()
                              for k, v in m.state_dict().items()} for m in pair)
     out.update(file_metadata(hn))
@@ -151,11 +151,9 @@ def save_hypernetwork(hn: Hypernetwork, path: str | Path, *, format: str | None 
         meta = {**{str(k): str(v) for k, v in (metadata or {}).items()}, FORMAT_KEY: "hypernetwork",
                 META_KEY: json.dumps(file_metadata(hn))}
         return save_safetensors_atomic(hn.flat_state_dict(), p, meta)
-    from sdtune.atomic import atomic_path
+    from sdtune.formats.safe_io import save_torch_pickle_atomic
 
-    with atomic_path(p) as tmp:
-        torch.save(to_a1111(hn), tmp)
-    return p
+    return save_torch_pickle_atomic(to_a1111(hn), p)  # the legacy pickle layout A1111's safe unpickler accepts
 
 
 def convert_hypernetwork(info: Any, target: str, out: Path, *, dtype: str | None = None, **_: Any) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence, cast
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ class HypernetworkModule(nn.Module):
 
     def init_weights(self, settings: HypernetworkSettings, generator: torch.Generator | None = None) -> None:
         init, act = settings.weight_initialization, settings.activation_func.lower()
-        nonlin = "leaky_relu" if act == "leakyrelu" else "relu"
+        nonlin: Literal["leaky_relu", "relu"] = "leaky_relu" if act == "leakyrelu" else "relu"
         with torch.no_grad():
             for layer in self.linear:
                 if not isinstance(layer, (nn.Linear, nn.LayerNorm)):
@@ -135,7 +135,9 @@ class HypernetworkModule(nn.Module):
                 b.zero_()
 
     def forward(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        w = self.linear[0].weight
+        first = self.linear[0]
+        assert isinstance(first, nn.Linear)  # __init__ always starts the stack with a Linear
+        w = first.weight
         delta = self.linear(x.to(w.dtype))
         return x + (delta * strength).to(x.dtype)
 
@@ -160,18 +162,24 @@ class Hypernetwork(nn.Module):
 
     def init_weights(self, seed: int = 0) -> "Hypernetwork":
         gen = torch.Generator("cpu").manual_seed(seed)
-        for pair in self.layers.values():
+        for _, pair in self.module_pairs():
             for m in pair:
                 m.init_weights(self.settings, gen)
         return self
 
     def pair(self, width: int) -> nn.ModuleList | None:
-        return self.layers[str(width)] if str(width) in self.layers else None
+        return cast(nn.ModuleList, self.layers[str(width)]) if str(width) in self.layers else None
+
+    def module_pairs(self) -> Iterator[tuple[str, tuple[HypernetworkModule, HypernetworkModule]]]:
+        """(width as in `layers`, (k module, v module)) for every width, in order."""
+        for w, pair in self.layers.items():
+            k, v = cast(nn.ModuleList, pair)  # __init__ builds every value as ModuleList([k_module, v_module])
+            yield w, (cast(HypernetworkModule, k), cast(HypernetworkModule, v))
 
     def flat_state_dict(self) -> dict[str, torch.Tensor]:
         """`<width>.<k|v>.linear.<n>.<weight|bias>` -> tensor (the safetensors form's keys)."""
         out = {}
-        for w, pair in self.layers.items():
+        for w, pair in self.module_pairs():
             for kv, m in zip("kv", pair):
                 for key, t in m.state_dict().items():
                     out[f"{w}.{kv}.{key}"] = t
@@ -189,7 +197,7 @@ class Hypernetwork(nn.Module):
             raise SdtuneError(f"{source}: {k} has shape {list(state[k].shape)}, its settings give "
                               f"{list(want[k].shape)}")
         with torch.no_grad():
-            for w, pair in self.layers.items():
+            for w, pair in self.module_pairs():
                 for kv, m in zip("kv", pair):
                     prefix = f"{w}.{kv}."
                     m.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from sdtune.adapters.lora.models import (
+    LoraTarget,
     adapter_names,
     components_of,
     guess_family,
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 LoraSpec = Any  # a path, a LoraNetwork, or (path | LoraNetwork, weight)
 
 
-def check_compatible(net: LoraNetwork, family: str | None, modules: Mapping[str, torch.nn.Module],
+def check_compatible(net: LoraNetwork, family: str | None, modules: Mapping[str, LoraTarget],
                      model_name: str = "the model") -> None:
     """Refuse a LoRA made for another family, or whose modules do not exist / do not fit in this model."""
     name = Path(net.source).name if net.source else "the LoRA"
@@ -69,7 +70,7 @@ def check_compatible(net: LoraNetwork, family: str | None, modules: Mapping[str,
                           f"size?): {', '.join(bad[:6])}" + (" ..." if len(bad) > 6 else ""))
 
 
-def _fit(net: LoraNetwork, modules: Mapping[str, torch.nn.Module]) -> LoraNetwork:
+def _fit(net: LoraNetwork, modules: Mapping[str, LoraTarget]) -> LoraNetwork:
     """Reshape linear factors for 1x1-conv layers and vice versa (SD1 proj_in is a conv, SD2's a linear)."""
     from sdtune.adapters.lora.network import LoraModule
 
@@ -158,10 +159,10 @@ class PipelineLoras:
         """Load a LoRA file (or LoraNetwork) as a new, inactive adapter; a file already loaded is reused."""
         key = None
         if not isinstance(src, LoraNetwork):
-            path = Path(src).expanduser()
-            if not path.is_file():
+            file = Path(src).expanduser()
+            if not file.is_file():
                 raise SdtuneError(f"LoRA {src}: no such file")
-            key = file_key(path)
+            key = file_key(file)
             if key in self._by_key:
                 return self.loaded[self._by_key[key]]
         net, path = self._read(src)

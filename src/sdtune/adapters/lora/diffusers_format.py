@@ -160,9 +160,9 @@ def diffusers_to_network(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str]
             alpha = float(parts["alpha"].float().item())
         else:
             cfg = configs.get(comp) or (peft_config if not prefix.startswith(K.COMPONENTS) else None) or {}
-            alpha = _alpha_from_config(cfg, path, rank)
-            if alpha is None:
-                alpha = float(rank)  # diffusers' convention without metadata: scale 1
+            configured = _alpha_from_config(cfg, path, rank)
+            # without one, diffusers' convention without metadata: scale 1
+            alpha = configured if configured is not None else float(rank)
         modules[name] = LoraModule(down=down, up=up, alpha=alpha)
     net = LoraNetwork(modules=modules, metadata=dict(meta), unet_layout=layout_from_metadata(meta), source=source,
                       unknown_keys=sorted(unknown))

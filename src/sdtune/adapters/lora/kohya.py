@@ -123,8 +123,10 @@ def kohya_metadata(net: LoraNetwork, *, family: str | None = None, layout: Mappi
     from sdtune.version import __version__
 
     family = family or net.family
-    ranks, alphas = Counter(), Counter()
-    conv_ranks, conv_alphas = Counter(), Counter()
+    ranks: Counter[int] = Counter()
+    alphas: Counter[float] = Counter()
+    conv_ranks: Counter[int] = Counter()
+    conv_alphas: Counter[float] = Counter()
     for m in net.modules.values():
         big_kernel = m.is_conv and tuple(m.down.shape[2:]) != (1, 1)
         (conv_ranks if big_kernel else ranks)[m.rank] += 1

@@ -65,9 +65,12 @@ def unet_layout_of(obj: Any) -> dict[str, Any] | None:
     return K.unet_layout(_unwrap(unet).config) if unet is not None else None
 
 
-def target_modules(obj: Any) -> dict[str, torch.nn.Module]:
+LoraTarget = torch.nn.Linear | torch.nn.Conv2d  # a layer a LoRA module can sit on
+
+
+def target_modules(obj: Any) -> dict[str, LoraTarget]:
     """Canonical name -> Linear/Conv2d module (the base layer when PEFT wrapped it) for every LoRA-able module."""
-    out: dict[str, torch.nn.Module] = {}
+    out: dict[str, LoraTarget] = {}
     for comp, model in components_of(obj).items():
         root = _unwrap(model)
         for name, mod in root.named_modules():

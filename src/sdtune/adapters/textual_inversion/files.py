@@ -39,6 +39,11 @@ from sdtune.errors import SdtuneError
 WIDTH_KEYS = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
 KEY_WIDTHS = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
 FAMILY_KEYS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
+# A1111 reads SDXL embeddings only as .safetensors with clip_l [n, 768] and clip_g [n, 1280] (as ComfyUI does);
+# a .pt or PNG embedding of SDXL crashes its loader ('str' object has no attribute 'detach')
+SDXL_REFUSED = {fmt: f"an SDXL embedding as {fmt} does not load in A1111; write format safetensors (or sdxl): "
+                     "clip_l + clip_g in a .safetensors, which A1111, ComfyUI and diffusers read"
+                for fmt in ("a1111", "png")}
 FORMATS = ("safetensors", "diffusers", "a1111", "kohya", "sdxl", "png")
 FORMAT_EXT = {"safetensors": ".safetensors", "diffusers": ".safetensors", "a1111": ".pt", "kohya": ".safetensors",
               "sdxl": ".safetensors", "png": ".png"}
@@ -96,25 +101,26 @@ def from_dict(data: Mapping[str, Any], name: str, *, meta: Mapping[str, str] | N
               source: str = "embedding") -> Embedding:
     """Interpret a loaded dict in any of the layouts of the module docstring."""
     meta = dict(meta or {})
-    step = meta.get("sdtune_step")
+    raw_step: Any = meta.get("sdtune_step")  # a string, or the file's own value (made an int at the end)
     token = meta.get("sdtune_ti_token")
     if isinstance(data.get("string_to_param"), Mapping):
         params = data["string_to_param"]
         params = getattr(params, "_parameters", params)
-        tensors = [v for v in params.values() if isinstance(v, torch.Tensor)]
-        if len(tensors) != 1:
-            raise SdtuneError(f"{source}: string_to_param holds {len(tensors)} tensors; an A1111 embedding has one")
-        t = _as_2d(tensors[0], source)
+        param_tensors = [v for v in params.values() if isinstance(v, torch.Tensor)]
+        if len(param_tensors) != 1:
+            raise SdtuneError(f"{source}: string_to_param holds {len(param_tensors)} tensors; an A1111 embedding "
+                              "has one")
+        t = _as_2d(param_tensors[0], source)
         vectors, layout = {key_for_width(t.shape[1]): t}, "a1111"
         token = token or (data.get("name") if isinstance(data.get("name"), str) else None)
-        step = data.get("step", step)
+        raw_step = data.get("step", raw_step)
     elif "clip_l" in data and "clip_g" in data:
         vectors = {k: _as_2d(data[k], f"{source} ({k})") for k in ("clip_l", "clip_g")}
         if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
             raise SdtuneError(f"{source}: clip_l has {vectors['clip_l'].shape[0]} vectors but clip_g has "
                               f"{vectors['clip_g'].shape[0]}")
         layout = "sdxl"
-        step = data.get("step", step) if not isinstance(data.get("step"), torch.Tensor) else step
+        raw_step = data.get("step", raw_step) if not isinstance(data.get("step"), torch.Tensor) else raw_step
         if isinstance(data.get("name"), str):
             token = token or data["name"]
     elif isinstance(data.get("emb_params"), torch.Tensor):
@@ -130,8 +136,9 @@ def from_dict(data: Mapping[str, Any], name: str, *, meta: Mapping[str, str] | N
         t = _as_2d(t, source)
         vectors, layout = {key_for_width(t.shape[1]): t}, "diffusers"
         token = token or key
+    step: int | None
     try:
-        step = int(step) if step is not None else None
+        step = int(raw_step) if raw_step is not None else None
     except (TypeError, ValueError):
         step = None
     return Embedding(name=name, vectors=vectors, token=token, step=step, metadata=meta, layout=layout)
@@ -201,7 +208,8 @@ def read_embedding(path: str | Path) -> Embedding:
         data, meta = read_png_data(p)
         if data is None:
             raise SdtuneError(f"{p.name} is an image without an embedding ({PNG_CHUNK} chunk)")
-        name = data.get("name") if isinstance(data.get("name"), str) and data.get("name") else p.stem
+        png_name = data.get("name")
+        name = png_name if isinstance(png_name, str) and png_name else p.stem
         emb = from_dict(data, name, meta=meta, source=p.name)
         emb.token = meta.get("sdtune_ti_token", emb.token)
         emb.layout = "png"
@@ -264,7 +272,7 @@ def write_embedding(emb: Embedding, path: str | Path, format: str = "safetensors
     [n, d]}` (.safetensors, or a .bin pickle); SDXL as clip_l/clip_g. a1111: a .pt with string_to_param (SDXL:
     clip_l/clip_g, name, step). kohya: `emb_params` (SDXL: clip_l/clip_g). sdxl: clip_l/clip_g. png: the A1111
     dict in the image's `sd-ti-embedding` chunk."""
-    from sdtune.formats.safe_io import save_safetensors_atomic
+    from sdtune.formats.safe_io import save_safetensors_atomic, save_torch_pickle_atomic
 
     if format not in FORMATS:
         raise SdtuneError(f"unknown embedding format {format!r}; use one of {', '.join(FORMATS)}")
@@ -278,6 +286,8 @@ def write_embedding(emb: Embedding, path: str | Path, format: str = "safetensors
     sdxl = emb.is_sdxl()
     if format == "sdxl" and not sdxl:
         raise SdtuneError(f"embedding {emb.name!r} ({emb.shapes()}) is not an SDXL embedding (clip_l + clip_g)")
+    if sdxl and format in SDXL_REFUSED:
+        raise SdtuneError(SDXL_REFUSED[format])
     if format in ("safetensors", "kohya", "sdxl") or (format == "diffusers" and out.suffix.lower() != ".bin"):
         if sdxl:
             tensors = vecs
@@ -290,12 +300,12 @@ def write_embedding(emb: Embedding, path: str | Path, format: str = "safetensors
         return save_safetensors_atomic(tensors, out, meta)
     if format == "diffusers":  # .bin
         obj: dict[str, Any] = vecs if sdxl else {_clean_token(emb.token, emb.name): emb.single().float()}
-        return _torch_save_atomic(obj, out)
+        return save_torch_pickle_atomic(obj, out)
     if format == "a1111":
         d = _a1111_dict(Embedding(emb.name, vecs, emb.token, emb.step), checkpoint_hash=checkpoint_hash,
                         checkpoint_name=checkpoint_name)
         d["sdtune_metadata"] = json.dumps(meta)
-        return _torch_save_atomic(d, out)
+        return save_torch_pickle_atomic(d, out)
     # png
     d = _a1111_dict(Embedding(emb.name, vecs, emb.token, emb.step), checkpoint_hash=checkpoint_hash,
                     checkpoint_name=checkpoint_name)
@@ -306,10 +316,6 @@ def write_embedding(emb: Embedding, path: str | Path, format: str = "safetensors
     info.add_text(PNG_CHUNK, png_payload(d))
     info.add_text("sdtune_metadata", json.dumps(meta))
     return _atomic(out, lambda tmp: _card(emb, image).save(tmp, format="PNG", pnginfo=info))
-
-
-def _torch_save_atomic(obj: Any, out: Path) -> Path:
-    return _atomic(out, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic(out: Path, write: Any) -> Path:

@@ -27,6 +27,7 @@ import torch
 from sdtune.training.options import NoOptions
 
 if TYPE_CHECKING:
+    from sdtune.generate.generator import Generator
     from sdtune.models.loading import LoadedModel
     from sdtune.training.config import TrainConfig
     from sdtune.training.context import TrainingContext
@@ -80,7 +81,7 @@ class TrainingMethod:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    file_ext: ClassVar[str] = ".safetensors"
+    file_ext: str = ".safetensors"                # a method may choose it per instance (from its options)
     public: ClassVar[bool] = True                 # False: Python API only, no `sdtune train <name>` command
     text_cache_size: ClassVar[int] = 4096
 
@@ -199,7 +200,7 @@ class TrainingMethod:
     # -- sampling ------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def apply_for_sampling(self, generator: Any) -> Iterator[Any]:
+    def apply_for_sampling(self, generator: Generator) -> Iterator[Generator]:
         """Make `generator` (a `sdtune.generate.Generator` over the live model) use the current weights. The
         default suits methods that train the live modules in place: eval mode while sampling."""
         mods = self.modules()

@@ -20,8 +20,10 @@ from sdtune.training.options import opt
 from sdtune.training.methods.base import Batch, DiffusionLoss, TrainingMethod, trainable
 
 if TYPE_CHECKING:
+    from sdtune.generate.generator import Generator
     from sdtune.models.loading import LoadedModel
     from sdtune.training.config import TrainConfig
+    from sdtune.training.context import TrainingContext
 
 
 @dataclass
@@ -61,8 +63,26 @@ class HypernetworkOptions:
                               metavar="S")
     max_strength: float = opt(1.0, "Upper end of the training strength range (see --min-strength).",
                               section="hypernetwork", kind="float", metavar="S")
-    format: str = opt("safetensors", "File format: safetensors (sdtune) or a1111 (.pt, A1111/ComfyUI).",
-                      section="hypernetwork", kind="str", choices=("safetensors", "a1111"))
+    format: str = opt("a1111", "File format: a1111 (.pt: A1111 and ComfyUI load it) or safetensors (sdtune only: "
+                      "A1111 lists only .pt hypernetworks and ComfyUI reads none of its layers).",
+                      section="hypernetwork", kind="str", choices=("a1111", "safetensors"))
+
+
+# the activations ComfyUI's hypernetwork loader builds (it skips a file with any other, e.g. gelu or mish)
+COMFYUI_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign")
+
+
+def comfyui_warnings(o: HypernetworkOptions) -> list[str]:
+    """What ComfyUI does with these settings, as its loader is written: it skips activations outside
+    COMFYUI_ACTIVATIONS, and its layer-norm + swish output differs from A1111's (A1111 loads both as trained)."""
+    act = o.activation.lower()
+    out = []
+    if act not in COMFYUI_ACTIVATIONS:
+        out.append(f"ComfyUI does not load hypernetworks with activation {act} (A1111 does); use one of "
+                   f"{', '.join(COMFYUI_ACTIVATIONS)} for a file both load")
+    if o.layer_norm and act == "swish":
+        out.append("ComfyUI's output for swish with layer_norm differs from A1111's; A1111 applies it as trained")
+    return out
 
 
 def settings_from_options(o: HypernetworkOptions) -> Any:
@@ -87,6 +107,10 @@ class HypernetworkMethod(TrainingMethod):
             self.file_ext = ".pt"
         self.network: Any = None
         self.stack: Any = None
+
+    def prepare_data(self, ctx: TrainingContext) -> None:
+        for warning in comfyui_warnings(self.options):
+            ctx.echo(f"warning: {warning}")
 
     @classmethod
     def check_options(cls, options: Any, config: TrainConfig) -> None:
@@ -131,7 +155,7 @@ class HypernetworkMethod(TrainingMethod):
         return super().conditioning(batch)
 
     @contextlib.contextmanager
-    def apply_for_sampling(self, generator: Any) -> Iterator[Any]:
+    def apply_for_sampling(self, generator: Generator) -> Iterator[Generator]:
         """Samples during training show the hypernetwork at strength 1, whatever the last step drew."""
         entries, self.stack.entries = self.stack.entries, [(self.network, 1.0)]
         try:
@@ -148,6 +172,7 @@ class HypernetworkMethod(TrainingMethod):
             return 1.0
         from sdtune.training.noise import step_generator
 
+        assert self.config is not None  # set by setup
         u = float(torch.rand((), generator=step_generator(self.config.seed, step, stream="strength")))
         return low + (high - low) * u
 

@@ -73,19 +73,19 @@ def expand_targets(targets: list[str]) -> list[str]:
     return out
 
 
-def _matching(model: torch.nn.Module, targets: list[str]) -> dict[str, torch.nn.Module]:
+def _matching(model: torch.nn.Module, targets: list[str]) -> dict[str, torch.nn.Linear | torch.nn.Conv2d]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
             and any(n == t or n.endswith("." + t) for t in targets)}
 
 
-def layer_dim(module: torch.nn.Module) -> int:
+def layer_dim(module: torch.nn.Linear | torch.nn.Conv2d) -> int:
     """The largest rank a LoRA on this layer can have: min(fan-in, fan-out)."""
     w = module.weight
     fan_in = int(w[0].numel())
     return min(fan_in, int(w.shape[0]))
 
 
-def check_rank(rank: int, layers: Mapping[str, torch.nn.Module], where: str) -> None:
+def check_rank(rank: int, layers: Mapping[str, torch.nn.Linear | torch.nn.Conv2d], where: str) -> None:
     small = sorted(((layer_dim(m), n) for n, m in layers.items() if layer_dim(m) < rank))
     if small:
         dim, name = small[0]
@@ -142,13 +142,16 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
         check_rank(self.options.rank, _matching(unet, targets), "UNet")
         for _, te in self.text_encoders():
             check_rank(self.options.rank, _matching(te, TEXT_TARGETS), "text-encoder")
-        unet.add_adapter(LoraConfig(r=self.options.rank, lora_alpha=self.alpha, lora_dropout=self.options.dropout,
+        # peft annotates lora_alpha as int, but only ever computes lora_alpha / r with it: a float alpha is fine
+        unet.add_adapter(LoraConfig(r=self.options.rank, lora_alpha=self.alpha,  # type: ignore[arg-type]
+                                    lora_dropout=self.options.dropout,
                                     target_modules=targets, init_lora_weights=True), adapter_name=ADAPTER)
         groups: list[dict[str, Any]] = [{"params": trainable(unet.parameters())}]
         te_params: list[torch.nn.Parameter] = []
         for _, te in self.text_encoders():
             # peft's own API, not transformers' `add_adapter` integration: that layer demands its own peft versions
-            inject_adapter_in_model(LoraConfig(r=self.options.rank, lora_alpha=self.alpha,
+            inject_adapter_in_model(LoraConfig(r=self.options.rank,
+                                               lora_alpha=self.alpha,  # type: ignore[arg-type]  # float: see above
                                                lora_dropout=self.options.dropout, target_modules=list(TEXT_TARGETS),
                                                init_lora_weights=True), te, adapter_name=ADAPTER)
             te_params += trainable(te.parameters())

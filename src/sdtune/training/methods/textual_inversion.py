@@ -34,13 +34,21 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
-from sdtune.adapters.textual_inversion.files import FORMAT_EXT, FORMATS, Embedding, file_stem_for, write_embedding
+from sdtune.adapters.textual_inversion.files import (
+    FORMAT_EXT,
+    FORMATS,
+    SDXL_REFUSED,
+    Embedding,
+    file_stem_for,
+    write_embedding,
+)
 from sdtune.errors import SdtuneError
 from sdtune.prompts.embeddings import MAX_VECTORS, EmbeddingRegistry
 from sdtune.training.options import opt
 from sdtune.training.methods.base import TrainingMethod
 
 if TYPE_CHECKING:
+    from sdtune.generate.generator import Generator
     from sdtune.models.loading import LoadedModel
     from sdtune.training.config import TrainConfig
 
@@ -196,6 +204,8 @@ class TextualInversionMethod(TrainingMethod):
         opts = self.options
         if opts.format == "sdxl" and model.family != "sdxl":
             raise SdtuneError(f"format sdxl is for SDXL models; {model.name} is {model.family}")
+        if model.family == "sdxl" and opts.format in SDXL_REFUSED:  # before training, not at the first save
+            raise SdtuneError(SDXL_REFUSED[opts.format])
         if config.output_name is None:  # the file is named after the token (A1111: the name in prompts)
             config.output_name = file_stem_for(opts.token)
         self.templates = load_templates(opts.templates)
@@ -285,7 +295,7 @@ class TextualInversionMethod(TrainingMethod):
     # -- sampling ---------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def apply_for_sampling(self, generator: Any) -> Iterator[Any]:
+    def apply_for_sampling(self, generator: Generator) -> Iterator[Generator]:
         """The generator's prompt encoder sees the token with the current vectors (a copy) while sampling."""
         enc = generator.encode_prompt
         if not hasattr(enc, "embeddings"):
