@@ -149,10 +149,9 @@ def _components(pipe_or_components: Any) -> dict[str, Any]:
 
 
 def _guess_family(c: Mapping[str, Any]) -> str:
-    if c.get("text_encoder_2") is not None:
-        return "sdxl" if c.get("text_encoder") is not None else "sdxl-refiner"
-    te = c.get("text_encoder")
-    return "sd2" if te is not None and getattr(te.config, "hidden_act", "") == "gelu" else "sd1"
+    from sdtune.models.family import family_of_components
+
+    return family_of_components(c) or "sd1"
 
 
 def _tokenizer_spec(tok: Any, default_pad: str) -> str | None:

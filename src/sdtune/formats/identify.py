@@ -131,7 +131,9 @@ def _classify_lora(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, str
             targets["text_encoder"] += 1
         else:
             targets["other"] += 1
-    family = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}.get(meta.get("ss_base_model_version", ""))
+    from sdtune.models.family import family_from_kohya_version
+
+    family = family_from_kohya_version(meta.get("ss_base_model_version"))
     if family is None and te2:
         family = "sdxl"
     down = ("lora_down.weight", "lora_A.weight", "down.weight", "hada_w1_b")

@@ -11,6 +11,34 @@ from typing import Any, Iterable, Mapping
 from sdtune.errors import SdtuneError
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
+# kohya's `ss_base_model_version` metadata for each family (what A1111's and kohya's tools read in LoRA files)
+KOHYA_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def family_of_components(components: Mapping[str, Any]) -> str | None:
+    """sd1/sd2/sdxl/sdxl-refiner from loaded pipeline components (the one place that knows it): two text encoders
+    are SDXL, the second alone an SDXL refiner; SD2's text encoder uses gelu, SD1's quick_gelu; a bare UNet is told
+    by its cross-attention width and added conditioning."""
+    if components.get("text_encoder_2") is not None:
+        return "sdxl" if components.get("text_encoder") is not None else "sdxl-refiner"
+    te = components.get("text_encoder")
+    if te is not None:
+        return "sd2" if getattr(getattr(te, "config", None), "hidden_act", "") == "gelu" else "sd1"
+    unet = components.get("unet")
+    if unet is not None:
+        cfg = unet.config
+        return {(768, None): "sd1", (1024, None): "sd2", (2048, "text_time"): "sdxl",
+                (1280, "text_time"): "sdxl-refiner"}.get((cfg.cross_attention_dim, cfg.addition_embed_type))
+    return None
+
+
+def family_from_kohya_version(value: str | None) -> str | None:
+    """The family an `ss_base_model_version` names (kohya writes e.g. sd_v1, sd_v2_768_v, sdxl_base_v1-0)."""
+    base = str(value or "").lower()
+    for prefix, family in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
+        if base.startswith(prefix):
+            return family
+    return None
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -35,6 +35,7 @@ import torch
 from sdtune.atomic import atomic_path
 from sdtune.errors import SdtuneError
 from sdtune.models.bundled import is_bundled_model
+from sdtune.models.family import KOHYA_BASE_MODEL_VERSION
 from sdtune.training.batches import BatchSource, LatentEncoder, sdxl_time_ids
 from sdtune.training.checkpoint import StateStore, TrainState, capture_rng, link_or_copy, restore_rng
 from sdtune.training.config import TrainConfig, parse_select_by
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
     from sdtune.models.loading import LoadedModel
     from sdtune.training.data import DatasetItem
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 # Settings that may differ on resume without changing the maths of the steps already taken.
 RESUME_FREE = {"steps", "save_every", "keep_checkpoints", "keep_states", "resume", "sample_every", "sample_prompts",
                "sample_seeds", "sample_negative", "sample_steps", "sample_cfg", "sample_sampler", "early_stop",
@@ -461,7 +461,7 @@ class Trainer:
         pred = self.unet(noisy, t, **cond.unet_kwargs()).sample
         if reduce:
             return self.noise.loss(pred, target, t)
-        return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        return self.noise.per_sample_mse(pred, target)
 
     def diffusion_loss(self, latents: torch.Tensor, cond: UNetConditioning, gen: torch.Generator,
                        target: TargetFn | None = None) -> torch.Tensor:
@@ -550,8 +550,8 @@ class Trainer:
                 "sdtune_prediction_type": m.prediction_type, "sdtune_steps": str(self.config.steps),
                 "sdtune_seed": str(self.config.seed), "sdtune_resolution": str(self.resolution),
                 "sdtune_config": json.dumps(self.config.replace(resume=None).to_dict())}
-        if m.family in BASE_MODEL_VERSION:
-            meta["ss_base_model_version"] = BASE_MODEL_VERSION[m.family]
+        if m.family in KOHYA_BASE_MODEL_VERSION:
+            meta["ss_base_model_version"] = KOHYA_BASE_MODEL_VERSION[m.family]
         meta.update(self.dataset.metadata())
         return meta
 

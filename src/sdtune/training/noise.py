@@ -66,9 +66,14 @@ class NoiseModel:
             w = torch.clamp(snr, max=self.min_snr_gamma) / (snr + 1.0)
         return w
 
+    @staticmethod
+    def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of each sample (float32), unweighted (validation compares these across runs)."""
+        return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
     def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Mean squared error per sample (float32), weighted by min-SNR when on, averaged over the batch."""
-        per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        per = self.per_sample_mse(pred, target)
         w = self.weights(t)
         if w is not None:
             per = per * w

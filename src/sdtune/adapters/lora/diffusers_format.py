@@ -238,10 +238,10 @@ def save_diffusers(net: LoraNetwork, path: str | Path, *, dtype: torch.dtype | N
                             "sdtune_modules": str(len(net.modules))}
     if net.family:
         meta["sdtune_family"] = net.family
-        from sdtune.adapters.lora.network import KOHYA_BASE_VERSION
+        from sdtune.models.family import KOHYA_BASE_MODEL_VERSION
 
-        if net.family in KOHYA_BASE_VERSION:  # what LoRA browsers (and `sdtune info`) read for the family
-            meta["ss_base_model_version"] = KOHYA_BASE_VERSION[net.family]
+        if net.family in KOHYA_BASE_MODEL_VERSION:  # what LoRA browsers (and `sdtune info`) read for the family
+            meta["ss_base_model_version"] = KOHYA_BASE_MODEL_VERSION[net.family]
     if net.unet_layout and "unet" in configs:
         meta["sdtune_unet_layout"] = json.dumps(K.unet_layout(net.unet_layout))
     if comment:

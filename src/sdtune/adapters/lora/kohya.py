@@ -23,7 +23,6 @@ import torch
 from sdtune.adapters.lora import keys as K
 from sdtune.adapters.lora.lycoris import fold_tucker, is_locon, refuse_unsupported
 from sdtune.adapters.lora.network import (
-    KOHYA_BASE_VERSION,
     LoraModule,
     LoraNetwork,
     check_network,
@@ -31,6 +30,7 @@ from sdtune.adapters.lora.network import (
     layout_from_metadata,
 )
 from sdtune.errors import SdtuneError
+from sdtune.models.family import KOHYA_BASE_MODEL_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,8 @@ def kohya_metadata(net: LoraNetwork, *, family: str | None = None, layout: Mappi
     meta["ss_network_args"] = json.dumps(
         {"conv_dim": str(conv_ranks.most_common(1)[0][0]), "conv_alpha": _fmt(conv_alphas.most_common(1)[0][0])}
         if conv_ranks else {})
-    if family in KOHYA_BASE_VERSION:
-        meta["ss_base_model_version"] = KOHYA_BASE_VERSION[family]
+    if family in KOHYA_BASE_MODEL_VERSION:
+        meta["ss_base_model_version"] = KOHYA_BASE_MODEL_VERSION[family]
     if family:
         meta["sdtune_family"] = family
     if family in _MODELSPEC_ARCH:

@@ -46,18 +46,9 @@ def guess_family(obj: Any) -> str | None:
     fam = getattr(obj, "family", None)
     if isinstance(fam, str):
         return fam
-    c = components_of(obj)
-    if "text_encoder_2" in c:
-        return "sdxl" if "text_encoder" in c else "sdxl-refiner"
-    te = c.get("text_encoder")
-    if te is not None:
-        return "sd2" if getattr(_unwrap(te).config, "hidden_act", "") == "gelu" else "sd1"
-    unet = c.get("unet")
-    if unet is not None:
-        cfg = _unwrap(unet).config
-        return {(768, None): "sd1", (1024, None): "sd2", (2048, "text_time"): "sdxl",
-                (1280, "text_time"): "sdxl-refiner"}.get((cfg.cross_attention_dim, cfg.addition_embed_type))
-    return None
+    from sdtune.models.family import family_of_components
+
+    return family_of_components({k: _unwrap(v) for k, v in components_of(obj).items()})
 
 
 def unet_layout_of(obj: Any) -> dict[str, Any] | None:

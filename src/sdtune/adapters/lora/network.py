@@ -18,8 +18,6 @@ import torch
 from sdtune.errors import SdtuneError
 
 FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
-# what kohya writes in ss_base_model_version, and what it means
-KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 _WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
@@ -165,13 +163,11 @@ def family_from_metadata(meta: Mapping[str, str]) -> str | None:
     fam = meta.get("sdtune_family")
     if fam in FAMILY_NAMES:
         return fam
-    base = str(meta.get("ss_base_model_version", "")).lower()
-    if base.startswith("sdxl"):
-        return "sdxl"
-    if base.startswith("sd_v2"):
-        return "sd2"
-    if base.startswith("sd_v1"):
-        return "sd1"
+    from sdtune.models.family import family_from_kohya_version
+
+    kohya = family_from_kohya_version(meta.get("ss_base_model_version"))
+    if kohya is not None:
+        return kohya
     arch = str(meta.get("modelspec.architecture", "")).lower()
     if arch.startswith("stable-diffusion-xl-v1-refiner"):
         return "sdxl-refiner"
