@@ -10,7 +10,7 @@ _EXPORTS = {
     "Trainer": "sdtune.training.loop",
     "TrainResult": "sdtune.training.loop",
     "TrainingDiverged": "sdtune.training.loop",
-    "EvalContext": "sdtune.training.loop",
+    "EvalContext": "sdtune.training.sampling",
     "train": "sdtune.training.loop",
     "METHODS": "sdtune.training.methods",
     "TrainingMethod": "sdtune.training.methods",
