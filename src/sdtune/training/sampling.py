@@ -16,15 +16,11 @@ import torch
 
 from sdtune.atomic import atomic_path
 from sdtune.errors import SdtuneError
-from sdtune.training.batches import BatchSource
-from sdtune.training.checkpoint import StateStore
 from sdtune.training.config import TrainConfig
-from sdtune.training.ledger import CheckpointLedger
 from sdtune.training.methods import Batch, UNetConditioning, TrainingMethod
 from sdtune.training.methods.base import TargetFn
-from sdtune.training.noise import NoiseModel
+from sdtune.training.parts import TrainerParts
 from sdtune.training.runlog import RunLog
-from sdtune.training.validation import ValidationSet
 
 
 if TYPE_CHECKING:
@@ -32,7 +28,6 @@ if TYPE_CHECKING:
 
     from sdtune.generate.generator import Generator
     from sdtune.models.loading import LoadedModel
-    from sdtune.training.data import DatasetItem
 
 
 @dataclass
@@ -65,36 +60,8 @@ class EvalContext:
 Evaluator = Callable[[EvalContext], Mapping[str, float]]
 
 
-class TrainerSampling:
+class TrainerSampling(TrainerParts):
     """Validation, evaluation and samples (see the module docstring)."""
-
-    # set by Trainer.__init__ / run (see `training.loop.Trainer`)
-    config: TrainConfig
-    model: Any
-    evaluator: Any
-    out: Path
-    store: StateStore
-    device: torch.device
-    step: int
-    batches: BatchSource | None
-    ledger: CheckpointLedger
-    is_sdxl: bool
-    resolution: int
-    latents_mode: str
-    unet: Any
-    noise: NoiseModel
-    accelerator: Any
-    val: ValidationSet | None
-    val_items: list[DatasetItem]
-    _generator: Generator | None
-    _method: TrainingMethod | None
-    _given_model: bool
-
-    if TYPE_CHECKING:  # provided by Trainer; declared for the type checker only (never in the MRO)
-        @property
-        def method(self) -> TrainingMethod: ...
-
-        def echo(self, text: str) -> None: ...
 
     log: RunLog | None
 

@@ -17,20 +17,19 @@ import torch
 from sdtune.errors import SdtuneError
 from sdtune.models.bundled import is_bundled_model
 from sdtune.training.batches import BatchSource, LatentEncoder, sdxl_time_ids
-from sdtune.training.checkpoint import StateStore, TrainState
-from sdtune.training.config import TrainConfig, parse_select_by
+from sdtune.training.checkpoint import TrainState
+from sdtune.training.config import parse_select_by
 from sdtune.training.ledger import CheckpointLedger
-from sdtune.training.methods import TrainingMethod, get_method
+from sdtune.training.methods import get_method
 from sdtune.training.context import TrainingContext
 from sdtune.training.noise import NoiseModel
+from sdtune.training.parts import TrainerParts
 from sdtune.training.schedules import LRSchedule, parse_early_stop
 from sdtune.training.validation import Selection, ValidationSet
 
 
 if TYPE_CHECKING:
-    from PIL import Image
 
-    from sdtune.generate.generator import Generator
     from sdtune.training.data import DatasetItem
 
 
@@ -57,39 +56,8 @@ def _make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Any:
         return Accelerator(**kwargs)
 
 
-class TrainerSetup:
+class TrainerSetup(TrainerParts):
     """`Trainer._prepare` and what it needs (see the module docstring)."""
-
-    # set by Trainer.__init__ / run (see `training.loop.Trainer`)
-    config: TrainConfig
-    model: Any
-    evaluator: Any
-    out: Path
-    store: StateStore
-    device: torch.device
-    step: int
-    batches: BatchSource | None
-    ledger: CheckpointLedger
-    is_sdxl: bool
-    resolution: int
-    latents_mode: str
-    unet: Any
-    noise: NoiseModel
-    accelerator: Any
-    val: ValidationSet | None
-    val_items: list[DatasetItem]
-    _generator: Generator | None
-    _method: TrainingMethod | None
-    _given_model: bool
-
-    if TYPE_CHECKING:  # provided by Trainer; declared for the type checker only (never in the MRO)
-        @property
-        def method(self) -> TrainingMethod: ...
-
-        def echo(self, text: str) -> None: ...
-
-        def generate_images(self, prompts: list[str], seeds: list[int], **params: Any) -> list[Image.Image]: ...
-
 
     def _find_resume(self) -> TrainState | None:
         cfg = self.config
