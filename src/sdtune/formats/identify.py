@@ -104,6 +104,11 @@ def _embedding_family(widths: list[int]) -> str | None:
 
 
 def _classify_lora(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, str]) -> tuple[str | None, dict, list]:
+    bundled: dict[str, int] = {}  # embeddings bundled in the LoRA (A1111's bundle_emb.<name>.*): name -> vectors
+    for k, shp in shapes.items():
+        if k.startswith("bundle_emb.") and len(k.split(".")) >= 3:
+            bundled[k.split(".")[1]] = int(shp[0]) if len(shp) == 2 else 1
+    shapes = {k: v for k, v in shapes.items() if not k.startswith("bundle_emb.")}
     keys = list(shapes)
     suffixes: Counter[str] = Counter()
     for k in keys:
@@ -151,6 +156,9 @@ def _classify_lora(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, str
     rank_txt = ", ".join(f"{r} (x{n})" for r, n in sorted(ranks.items())) or "n/a"
     summary = [f"network: {network}", f"modules: {len(modules)} ({', '.join(f'{t} {n}' for t, n in targets.items())})",
                f"rank: {rank_txt}"]
+    if bundled:
+        details["bundled_embeddings"] = bundled
+        summary.append("bundled embeddings: " + ", ".join(f"{n} ({v} vector(s))" for n, v in sorted(bundled.items())))
     return family, details, summary
 
 

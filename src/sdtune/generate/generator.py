@@ -115,7 +115,7 @@ class Generator:
         from sdtune.adapters.hypernetwork.extra_network import HypernetworkExtraNetwork
         from sdtune.adapters.lora.extra_network import LoraExtraNetwork
 
-        self.loras = LoraExtraNetwork(self.model, lora_dirs)
+        self.loras = LoraExtraNetwork(self.model, lora_dirs, embedding_registry=lambda: self.embeddings.registry)
         self.hypernetworks = HypernetworkExtraNetwork(self.model)
         self._embeddings: Any = None  # EmbeddingLibrary, created on first use
         # activated in this order before every run (see `sdtune.generate.extra_networks`)
@@ -255,7 +255,7 @@ class Generator:
         self._set_sampler(base, params.sampler)
         if refiner is not None:
             self._set_sampler(refiner, params.sampler)
-        for net in self.extra_networks:  # embeddings picked up, <lora:...>/<hypernet:...> tags: before encoding
+        for net in list(self.extra_networks):  # embeddings picked up, <lora:...>/<hypernet:...> tags: first
             net.activate(params.prompt, params.negative_prompt)
         embeds = self._embeds(base, params)
         ref_embeds = self._embeds(refiner, params) if refiner is not None else None

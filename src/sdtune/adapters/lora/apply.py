@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -96,6 +96,7 @@ class LoadedLora:
     modules: int
     components: tuple[str, ...]
     key: tuple | None = None
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # bundled in the file
 
 
 def _inject_text_encoder(model: torch.nn.Module, comp: str, sd: Mapping[str, torch.Tensor],
@@ -166,6 +167,7 @@ class PipelineLoras:
             if key in self._by_key:
                 return self.loaded[self._by_key[key]]
         net, path = self._read(src)
+        bundled = net.embeddings  # _fit below returns the modules only
         modules = target_modules(self.pipe)
         check_compatible(net, self.family, modules, self.model_name)
         net = _fit(net, modules)
@@ -186,7 +188,7 @@ class PipelineLoras:
 
         lora = LoadedLora(adapter=adapter, name=display, path=path, modules=len(net.modules),
                           hash=lora_short_hash(path) if path is not None and path.is_file() else None,
-                          components=tuple(net.components), key=key)
+                          components=tuple(net.components), key=key, embeddings=dict(bundled))
         self.loaded[adapter] = lora
         if key is not None:
             self._by_key[key] = adapter

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sdtune.adapters.lora.apply import LoraSpec, PipelineLoras, parse_lora_specs
 from sdtune.adapters.lora.tags import LORA_TAGS, lora_hashes_value, resolve_lora_tags
 from sdtune.adapters.tags import prompt_tags
+from sdtune.prompts.embeddings import EmbeddingRegistry
 
 log = logging.getLogger(__name__)
 
@@ -26,19 +27,25 @@ class LoraExtraNetwork:
 
     kind = "lora"
 
-    def __init__(self, model: Any, dirs: Any = None) -> None:
+    def __init__(self, model: Any, dirs: Any = None,
+                 embedding_registry: Callable[[], EmbeddingRegistry] | None = None) -> None:
         self.model = model
         self.dirs: list[str | Path] = list(dirs or [])
         self.fixed: list[LoraSpec] = []
         self.stack: PipelineLoras | None = None  # created on first use: no LoRA, no PEFT layers
         self._tagged = False
+        # where embeddings bundled in LoRA files are registered while their LoRA is active (A1111's behaviour)
+        self.embedding_registry = embedding_registry
+        self._bundled: dict[str, int] = {}  # name -> id of the vectors registered under it
 
     def set_fixed(self, loras: Any) -> list[Any]:
         """LoRAs used for every image: [(path, weight), ...] or paths (weight 1); [] = none."""
         self.fixed = list(loras or [])
         if self.stack is None and not self.fixed:
             return []
-        return self._stack().set(self.fixed)
+        active = self._stack().set(self.fixed)
+        self._sync_bundled()
+        return active
 
     def _stack(self) -> PipelineLoras:
         if self.stack is None:
@@ -65,11 +72,36 @@ class LoraExtraNetwork:
             return
         self._stack().set(specs)
         self._tagged = bool(tags)
+        self._sync_bundled()
+
+    def _sync_bundled(self) -> None:
+        """Embeddings bundled in the active LoRA files usable by name; those of inactive ones removed."""
+        active = {name: vecs for lora, w in (self.stack.active if self.stack else []) if w != 0
+                  for name, vecs in lora.embeddings.items()}
+        if not active and not self._bundled:
+            return
+        if self.embedding_registry is None:
+            log.warning("embeddings bundled in the LoRA (%s) are not used: this generator has no embeddings",
+                        ", ".join(sorted(active)))
+            return
+        registry = self.embedding_registry()
+        for name in [n for n in self._bundled if self._bundled[n] != id(active.get(n))]:
+            registry.remove(name)
+            del self._bundled[name]
+        for name, vecs in active.items():
+            if name in self._bundled:
+                continue
+            if name in registry:
+                log.warning("embedding %r bundled in a LoRA is not used: an embedding of that name is loaded", name)
+                continue
+            registry.add(name, dict(vecs))
+            self._bundled[name] = id(vecs)
 
     def deactivate(self) -> None:
         if self.stack is not None:
             self.stack.clear()
         self._tagged = True  # the next activate sets the fixed LoRAs again
+        self._sync_bundled()
 
     def infotext_fields(self) -> list[tuple[str, str]]:
         value = lora_hashes_value(self.stack.infotext_entries()) if self.stack is not None else None

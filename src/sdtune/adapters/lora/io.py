@@ -45,7 +45,10 @@ def network_from_state_dict(sd: Mapping[str, torch.Tensor], meta: Mapping[str, s
     strict: unknown keys raise an SdtuneError naming them; otherwise they are logged as a warning with the full
     list and kept in `network.unknown_keys`. expect_family: the model's family; a LoRA detected as another family
     is refused first (before unknown keys, which a LoRA for another model is full of)."""
+    from sdtune.adapters.lora.bundled import split_bundled
+
     meta = dict(meta or {})
+    sd, bundled = split_bundled(sd)  # embeddings bundled in the file (A1111 reads them with the LoRA)
     keys = list(sd)
     if is_kohya(keys):
         net = kohya_to_network(sd, meta, source=source, layout=layout)
@@ -59,6 +62,7 @@ def network_from_state_dict(sd: Mapping[str, torch.Tensor], meta: Mapping[str, s
         refuse_unsupported(keys, source)
         raise SdtuneError(f"{source} is not a LoRA file (no lora_down/lora_up or lora_A/lora_B keys; e.g. "
                           f"{', '.join(keys[:3]) or 'no tensors'}); run `sdtune info` on it to see what it is")
+    net.embeddings = bundled
     check_family(net.family, expect_family, source, model_name)
     if not net.modules:
         raise SdtuneError(f"{source}: no LoRA module in the file matches a UNet or text-encoder layer; "

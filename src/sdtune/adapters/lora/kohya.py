@@ -227,6 +227,7 @@ def save_kohya(net: LoraNetwork, path: str | Path, *, family: str | None = None,
     if out.suffix.lower() != ".safetensors":
         raise SdtuneError(f"{out.name}: LoRA files are written as .safetensors")
     check_network(net, max_rank=True)
+    bundled = net.embeddings
     family = family or net.family
     if family is None and any(n.startswith("text_encoder_2.") for n in net.modules):
         family = "sdxl"
@@ -237,6 +238,9 @@ def save_kohya(net: LoraNetwork, path: str | Path, *, family: str | None = None,
     written = LoraNetwork({**net.modules, **pads}, net.family, net.metadata, net.unet_layout, net.source) \
         if pads else net
     tensors = network_to_kohya(written, family=family, layout=layout, dtype=dtype)
+    from sdtune.adapters.lora.bundled import bundle_keys
+
+    tensors.update(bundle_keys(bundled))  # bundled embeddings, as A1111 reads them
     meta = kohya_metadata(net, family=family, layout=layout, comment=comment, title=out.stem)
     if pads:
         meta["sdtune_zero_modules"] = json.dumps(sorted(pads))

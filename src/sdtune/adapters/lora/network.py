@@ -75,6 +75,8 @@ class LoraNetwork:
     unet_layout: dict[str, Any] | None = None
     source: str = ""
     unknown_keys: list[str] = field(default_factory=list)  # keys of the file that are not LoRA modules
+    # Textual Inversion embeddings bundled in the file: {name: {"*" | "clip_l" | "clip_g": [n, width]}}
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def components(self) -> list[str]:
