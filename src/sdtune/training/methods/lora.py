@@ -60,7 +60,9 @@ class LoraOptions(PersonalizeOptions):
     text_encoder: bool = opt(False, "Also train LoRAs on the text encoder(s).", section="lora", kind="bool")
     text_encoder_lr: float | None = opt(None, "Learning rate of the text-encoder LoRAs (default: --lr; it follows "
                                         "the same schedule).", section="lora", kind="float")
-    format: str = opt("kohya", "File layout: kohya (A1111/ComfyUI/kohya/diffusers) or diffusers (PEFT keys).",
+    format: str = opt("kohya", "File layout: kohya (A1111, ComfyUI, kohya and diffusers load it) or diffusers "
+                      "(PEFT keys: diffusers only; A1111 and kohya map none of its keys and ComfyUI ignores its "
+                      "attention keys and its alpha; `sdtune convert FILE --to kohya` makes a kohya file of it).",
                       section="lora", kind="str", choices=("kohya", "diffusers"))
 
 
