@@ -107,3 +107,20 @@ def test_info_names_the_bundled_model_tiny(capsys, tmp_path, monkeypatch):
     code, out, err = run(capsys, "tiny", "--hash")
     assert code == 0 and err == ""
     assert "family:   sd1" in out and "hash:" in out
+
+
+def test_info_reads_png_embeddings_and_refuses_plain_images(tmp_path):
+    """A1111's image embeddings (the dict in the PNG's text chunk); before, `info` refused every .png."""
+    import torch
+    from PIL import Image
+
+    from sdtune.adapters.textual_inversion.files import Embedding, write_embedding
+    from sdtune.errors import SdtuneError
+    from sdtune.formats.identify import identify
+
+    path = write_embedding(Embedding(name="pngemb", vectors={"*": torch.randn(2, 768)}), tmp_path / "pngemb.png", "png")
+    fi = identify(path)
+    assert (fi.kind, fi.family, fi.format, fi.parameters) == ("embedding", "sd1", "png", 2 * 768)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(SdtuneError, match="without an embedding"):
+        identify(tmp_path / "plain.png")

@@ -329,6 +329,8 @@ def identify(path: str | Path) -> FileInfo:
     p = Path(path).expanduser()
     if p.is_dir():
         return _identify_folder(p)
+    if p.suffix.lower() in (".png", ".webp") and p.is_file():
+        return _identify_image_embedding(p)
     p = check_file(p)
     if p.suffix.lower() in SAFETENSORS_EXTS:
         infos, meta = read_safetensors_header(p)
@@ -358,3 +360,21 @@ def identify(path: str | Path) -> FileInfo:
         dtypes = Counter(str(v.dtype).replace("torch.", "") for v in flat.values())
     return FileInfo(p, kind, family, fmt, len(shapes), sum(_numel(s) for s in shapes.values()), dict(dtypes),
                     summary, dict(meta), details)
+
+
+def _identify_image_embedding(p: Path) -> FileInfo:
+    """A1111's image embeddings: the embedding dict in the PNG/WebP's text chunk (A1111 also reads it from the
+    pixels; sdtune reads the chunk). An ordinary image is a one-line error."""
+    from sdtune.adapters.textual_inversion.files import read_embedding
+
+    emb = read_embedding(p)
+    shapes = {k: tuple(v.shape) for k, v in emb.vectors.items()}
+    widths = sorted({s[-1] for s in shapes.values()})
+    family = "sdxl" if emb.is_sdxl() else _width_family(widths[0]) if widths else None
+    summary = [f"textual inversion embedding {emb.name!r} in an image: {emb.num_vectors} vector(s), {emb.shapes()}"]
+    if emb.step is not None:
+        summary.append(f"step: {emb.step}")
+    dtypes = Counter(str(v.dtype).replace("torch.", "") for v in emb.vectors.values())
+    return FileInfo(p, "embedding", family, "png", len(shapes), sum(_numel(s) for s in shapes.values()),
+                    dict(dtypes), summary, dict(emb.metadata), {"name": emb.name, "vectors": emb.num_vectors})
+
