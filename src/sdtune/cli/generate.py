@@ -31,6 +31,8 @@ def _from_png(png: Path, overrides: dict[str, Any], model: str | None, vae: str 
     from sdtune.generate.params import params_from_infotext
     from sdtune.generate.pnginfo import parse_infotext, read_png_infotext
 
+    if png.is_dir():
+        raise SdtuneError(f"--from-png {png} is a folder; give the path of one PNG made by sdtune or A1111")
     rec = params_from_infotext(parse_infotext(read_png_infotext(png)))
     params = rec.params.replace(**overrides)
     keep: set[int] | None = None

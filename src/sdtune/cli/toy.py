@@ -89,8 +89,24 @@ def dataset_cmd(out, count, shapes, colours, backgrounds, styles, caption, seed)
     co = pick(colours, world.COLOURS, "colour")
     bg = pick(backgrounds, world.BACKGROUNDS, "background")
     st = pick(styles, world.STYLES, "style")
+    if caption:  # a bad template fails here, before anything is written
+        fields = {"shape": sh[0], "colour": co[0], "background": bg[0], "style": st[0]}
+        try:
+            caption.format(**fields)
+        except KeyError as exc:
+            raise SdtuneError(f"--caption {caption!r}: unknown field {{{exc.args[0]}}}; use {{shape}} {{colour}} "
+                              "{background} {style} (write {{ }} for literal braces)") from None
+        except (ValueError, IndexError, AttributeError) as exc:
+            raise SdtuneError(f"--caption {caption!r} is not a valid template ({exc}); use fields {{shape}} "
+                              "{colour} {background} {style} and write {{ }} for literal braces") from None
+    if out.exists() and not out.is_dir():
+        raise SdtuneError(f"--out {out} is a file, not a folder; choose a new folder for the dataset")
     if out.exists() and any(out.iterdir()):
         raise SdtuneError(f"{out} is not empty; choose a new folder so nothing is overwritten")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SdtuneError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); choose another") from None
     rng = random.Random(seed)
     scenes = [world.random_scene(rng, shapes=sh, colours=co, backgrounds=bg, styles=st) for _ in range(count)]
     caps = [caption.format(shape=s.shape, colour=s.colour, background=s.background, style=s.style) if caption

@@ -23,6 +23,7 @@ PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_EXTS = SAFETENSORS_EXTS + PICKLE_EXTS
 
 _MAX_HEADER = 100 * 1024 * 1024  # real headers are a few MB at most
+_MAX_HEADER_DEPTH = 64  # real headers nest 3 levels (tensor -> info -> shape); safetensors itself stops at 128
 _ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
               "U16", "U32", "U64", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
 
@@ -56,6 +57,18 @@ def _looks_like_text(head: bytes) -> bool:
     return printable / len(head) > 0.95
 
 
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests lists/objects more than `limit` levels deep (walked without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate a .safetensors file's header and return (tensor infos, metadata) without reading tensor data.
 
@@ -78,10 +91,16 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], di
             raise SdtuneError(f"{p.name} is truncated (header says {n} bytes, file has {size - 8}); "
                               "the download or copy was incomplete, fetch it again")
         raw = f.read(n)
+    too_deep = False
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise SdtuneError(f"{p.name} has a corrupt safetensors header; re-download or re-export it") from None
+    except RecursionError:  # nested deeper than Python's recursion limit
+        too_deep = True
+    if too_deep or _depth_over(header, _MAX_HEADER_DEPTH):
+        raise SdtuneError(f"{p.name} has a corrupt safetensors header (JSON nested more than {_MAX_HEADER_DEPTH} "
+                          "levels deep); it is not a real weight file, re-download or re-export it")
     if not isinstance(header, dict):
         raise SdtuneError(f"{p.name} has a corrupt safetensors header; re-download or re-export it")
     metadata_raw = header.pop("__metadata__", None) or {}

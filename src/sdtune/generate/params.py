@@ -22,6 +22,12 @@ from sdtune.generate.samplers import check_sampler, normalize_sampler_name
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
 MAX_SEED = 2**32 - 1  # A1111's random seeds are 32-bit; larger explicit seeds are still accepted
 _SEED_LIMIT = 2**63
+# bounds of one run, shared with the HTTP API (server/a1111_models.py): larger values are refused before loading
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+MAX_BATCH_SIZE = 64
+MAX_BATCH_COUNT = 1000
+MAX_CLIP_SKIP = 12  # SD1/SD2/SDXL text encoders have 12 to 32 layers; the model's own count is checked on encoding
 
 
 @dataclass
@@ -58,14 +64,14 @@ class GenerationParams:
 
     def validate(self) -> GenerationParams:
         """Raise SdtuneError on the first bad setting; returns self with the sampler name canonicalised."""
-        _check_int("steps", self.steps, 1, "use at least 1 (20 is typical)")
-        _check_int("batch size", self.batch_size, 1, "use 1 or more images per batch")
-        _check_int("batch count", self.batch_count, 1, "use 1 or more batches")
-        _check_int("clip skip", self.clip_skip, 1, "use 1 (last layer) or 2 (the layer before)")
+        _check_int("steps", self.steps, 1, MAX_STEPS, "use at least 1 (20 is typical)")
+        _check_int("batch size", self.batch_size, 1, MAX_BATCH_SIZE, "use 1 or more images per batch")
+        _check_int("batch count", self.batch_count, 1, MAX_BATCH_COUNT, "use 1 or more batches")
+        _check_int("clip skip", self.clip_skip, 1, MAX_CLIP_SKIP, "use 1 (last layer) or 2 (the layer before)")
         for name, value in (("width", self.width), ("height", self.height)):
             if value is None:
                 continue
-            _check_int(name, value, 8, "use a positive multiple of 8 such as 512")
+            _check_int(name, value, 8, MAX_SIDE, "use a positive multiple of 8 such as 512")
             if value % 8:
                 raise SdtuneError(f"{name} {value} is not a multiple of 8; use e.g. {max(8, value // 8 * 8)} "
                                   f"or {(value // 8 + 1) * 8}")
@@ -81,6 +87,10 @@ class GenerationParams:
                               "use e.g. 0.8 (base does 80% of the steps)")
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise SdtuneError("prompt and negative prompt must be text")
+        from sdtune.prompts.tokens import check_text
+
+        check_text(self.prompt, "the prompt")
+        check_text(self.negative_prompt, "the negative prompt")
         from sdtune.prompts.emphasis import EMPHASES
         from sdtune.prompts.syntax import SYNTAXES
 
@@ -95,11 +105,13 @@ class GenerationParams:
         return self if self.seed >= 0 else self.replace(seed=random.randrange(MAX_SEED))
 
 
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> None:
+def _check_int(name: str, value: Any, minimum: int, maximum: int, hint: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SdtuneError(f"{name} {value!r} is not a whole number; {hint}")
     if value < minimum:
         raise SdtuneError(f"{name} {value} is too small (minimum {minimum}); {hint}")
+    if value > maximum:
+        raise SdtuneError(f"{name} {value} is too large (maximum {maximum}); use {minimum}..{maximum}")
 
 
 @dataclass

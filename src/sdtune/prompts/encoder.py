@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from sdtune.errors import SdtuneError
 from sdtune.prompts import emphasis as emph
 from sdtune.prompts.fragments import Blend, Conditioning, Fragment
 from sdtune.prompts.tokens import CHUNK, chunk_ids, chunk_tokens
@@ -50,6 +51,13 @@ def encoder_slots(pipe: Any) -> list[EncoderSlot]:
         return slots
     te = pipe.text_encoder
     return [EncoderSlot(pipe.tokenizer, te, "clip_h" if te.config.hidden_size == 1024 else "clip_l", False, False)]
+
+
+def _layer_count(model: Any) -> int:
+    """Transformer layers of a text encoder (hidden states: this many + the embeddings)."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None)
+    return int(n) if isinstance(n, int) and n > 0 else 10**9  # unknown: no bound here
 
 
 @dataclass
@@ -88,6 +96,10 @@ class TextConditioner:
         self.pipe = pipe
         self.slots = encoder_slots(pipe)
         self.clip_skip = max(1, int(clip_skip))
+        layers = min(_layer_count(slot.model) for slot in self.slots)
+        if self.clip_skip > layers:
+            raise SdtuneError(f"clip skip {self.clip_skip} is more than this model's text encoder has layers "
+                              f"({layers}); use 1..{layers} (1 = last layer, 2 = the layer before)")
         self.embeddings = embeddings
         self.comma_backtrack = comma_backtrack
         self._empty: dict[int, tuple[Any, Any]] = {}

@@ -12,12 +12,15 @@ each chunk becomes BOS + 75 tokens + EOS when encoded (`chunk_ids`), padded afte
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from sdtune.errors import SdtuneError
 from sdtune.prompts.fragments import Fragment
 
 CHUNK = 75
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,23 @@ class PromptToken:
     vector: int = 0    # which of the embedding's vectors
 
 
+def check_text(text: str, what: str = "the prompt", *, part: bool = False) -> None:
+    """Raise a one-line SdtuneError if `text` cannot be tokenized: it holds a lone surrogate, which is what
+    invalid UTF-8 bytes in a command line become (Python's surrogateescape) and what no tokenizer accepts (any
+    surrogate code point in a str is one UTF-8 cannot encode). part: `text` is a piece of the prompt (the
+    message quotes it, since the position is within the piece)."""
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        where = f" of {text[:40]!a}" if part else ""
+        raise SdtuneError(f"{what} is not valid text (unpaired surrogate / invalid UTF-8 {bad.group()!a} at "
+                          f"position {bad.start()}{where}); retype it, or save the file it came from as UTF-8")
+
+
 def _token_ids(tokenizer: Any, pieces: list[str]) -> list[list[int]]:
     if not pieces:
         return []
+    for piece in pieces:
+        check_text(piece, part=True)
     return tokenizer(pieces, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
 

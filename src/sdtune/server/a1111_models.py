@@ -13,11 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdtune.errors import SdtuneError
 from sdtune.generate import GenerationParams
+from sdtune.generate.params import MAX_BATCH_SIZE, MAX_SIDE, MAX_STEPS
 
-# bounds of one request: larger values are refused (422) before anything is queued
-MAX_STEPS = 1000
-MAX_SIDE = 4096
-MAX_BATCH_SIZE = 64
+# bounds of one request: larger values are refused (422) before anything is queued. Steps, sides and batch size
+# are the run's own bounds (GenerationParams.validate); n_iter is stricter than MAX_BATCH_COUNT because one
+# request holds the one worker until all its batches are done.
 MAX_N_ITER = 100
 SCHEDULERS = {"automatic": "", "karras": " Karras"}  # A1111 >= 1.9 schedule names sdtune maps
 # values of A1111's sampler noise settings that give its default behaviour (clients often send them explicitly)

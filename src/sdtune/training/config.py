@@ -29,6 +29,7 @@ import math
 import os
 import re
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -37,6 +38,10 @@ from sdtune.atomic import write_atomic
 from sdtune.errors import SdtuneError
 from sdtune.models.bundled import is_bundled_model
 from sdtune.training.options import KINDS, SECTIONS, NoOptions, coerce, merge_options, opt, unknown_setting
+
+# entries the loop writes into a run folder; a result named like one would collide with it (a folder result such
+# as DreamBooth's diffusers output is OUT/<name>/)
+RUN_ENTRIES = ("state", "checkpoints", "samples", "class_images")
 
 if TYPE_CHECKING:
     from sdtune.training.methods.base import TrainingMethod
@@ -327,10 +332,8 @@ class TrainConfig:
             raise SdtuneError("sample prompts need at least one seed; add --sample-seed N")
         if any(s < 0 for s in self.sample_seeds):
             raise SdtuneError("sample seeds must be >= 0")
-        if self.output_name is not None and (not self.output_name.strip() or re.search(r"[\\/:*?\"<>|]",
-                                                                                     self.output_name)):
-            raise SdtuneError(f"output_name {self.output_name!r} must be a plain file name without / \\ : * ? \" "
-                              "< > |")
+        if self.output_name is not None:
+            self.check_output_name(self.output_name)
         if self.sample_sampler:
             from sdtune.generate.samplers import get_sampler
 
@@ -342,6 +345,21 @@ class TrainConfig:
         cls.check_options(self.options if isinstance(self.options, getattr(cls, "Options", NoOptions))
                           else cls.Options(), self)
         return self
+
+    @staticmethod
+    def check_output_name(name: str, what: str = "output_name") -> None:
+        """Refuse a result name that is not one plain file name in the run folder, or that is one of the run
+        folder's own entries (`RUN_ENTRIES`, any case: a result folder or file there would collide)."""
+        if not isinstance(name, str) or any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+            raise SdtuneError(f"{what} {name!a} contains control characters or invalid UTF-8; use a plain file "
+                              "name such as my_lora")
+        if not name.strip() or re.search(r"[\\/:*?\"<>|]", name):
+            raise SdtuneError(f"{what} {name!r} must be a plain file name without / \\ : * ? \" < > |")
+        if not name.strip(". "):
+            raise SdtuneError(f"{what} {name!r} is not a file name (only dots); use a name such as my_lora")
+        if name.lower() in RUN_ENTRIES:
+            raise SdtuneError(f"{what} {name!r}: that name is taken by the run folder's own entries "
+                              f"({', '.join(RUN_ENTRIES)}); choose another name")
 
     def _check_judge(self, select_metric: str) -> None:
         if self.judge is None:

@@ -188,6 +188,8 @@ class EmbeddingLibrary:
             if path.suffix.lower() in (".png", ".webp") and "without an embedding" in str(exc):
                 return  # an ordinary image
             state.note = f"skipped {path}: {exc}"
+        except RecursionError:  # a hostile file nested too deeply for a reader (safetensors headers are checked)
+            state.note = f"skipped {path}: its contents are nested too deeply to be an embedding"
         else:
             why = fit_check(emb, self._slots)
             if why is not None:

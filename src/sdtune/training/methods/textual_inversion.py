@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
@@ -78,7 +79,8 @@ BUILTIN_TEMPLATES = {
     "style_filewords": [t + ", [filewords]" for t in STYLE_TEMPLATES],
     "filewords": ["[filewords]"],
 }
-_BAD_NAME = set("()[]:|\\")
+_BAD_NAME = set("()[]:|/\\")
+_BAD_START = set(".,;")
 
 
 @dataclass
@@ -185,8 +187,15 @@ class TextualInversionMethod(TrainingMethod):
         token = options.token
         if not token or not token.strip():
             raise SdtuneError("no token; pass --token \"<name>\" (the word prompts will use)")
+        if any(unicodedata.category(c) in ("Cc", "Cs") for c in token):
+            raise SdtuneError(f"token {token!a} contains control characters or invalid UTF-8; use a plain word "
+                              "such as \"<star>\"")
         if any(c.isspace() for c in token) or _BAD_NAME & set(token):
-            raise SdtuneError(f"token {token!r} must be one word without spaces or ()[]:|\\ characters")
+            raise SdtuneError(f"token {token!r} must be one word without spaces or ()[]:|/\\ characters")
+        if token[0] in _BAD_START:  # captions glue it to the word before ("a photo of .x" -> "a photo of.x")
+            raise SdtuneError(f"token {token!r} must not start with {token[0]!r}; use a word such as \"<star>\"")
+        if config.output_name is None:  # the file will be named after the token
+            config.check_output_name(file_stem_for(token), f"token {token!r} gives the file name")
         if not 1 <= options.vectors <= MAX_VECTORS:
             raise SdtuneError(f"vectors {options.vectors} must be between 1 and {MAX_VECTORS} (1-8 is typical)")
         if not options.init or not options.init.strip():
