@@ -212,7 +212,7 @@ def test_sdxl_embeddings_per_encoder(pipes):
 
 def test_registry_rejects_bad_vectors():
     reg = EmbeddingRegistry()
-    for name, vectors in [("two words", torch.zeros(1, 4)), ("x", torch.zeros(76, 4)), ("x", torch.full((1, 4), float("nan"))),
+    for name, vectors in [(" padded", torch.zeros(1, 4)), ("a:b", torch.zeros(1, 4)), ("x", torch.zeros(76, 4)), ("x", torch.full((1, 4), float("nan"))),
                           ("x", {"clip_l": torch.zeros(1, 4), "clip_g": torch.zeros(2, 8)}), ("x", "text")]:
         with pytest.raises(SdtuneError):
             reg.add(name, vectors)

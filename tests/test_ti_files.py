@@ -238,3 +238,22 @@ def test_generate_cli_embeddings(tmp_path, capsys, tiny_random_dir):
     err = capsys.readouterr().err
     assert "embeddings: mything" in err
     assert len(list((tmp_path / "o").glob("*.png"))) == 1
+
+
+def test_an_embedding_whose_file_name_has_spaces_is_used_by_that_name(tmp_path):
+    """A1111 names an embedding by its file stem, spaces included ("my style.pt" -> "my style"); before, sdtune
+    skipped such a file."""
+    from sdtune.generate import GenerationParams, Generator
+
+    vectors = torch.randn(2, 64, generator=torch.Generator().manual_seed(1)) * 0.5
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_embedding(Embedding(name="my style", vectors={"*": vectors}), tmp_path / "a" / "my style.safetensors")
+    write_embedding(Embedding(name="mystyle", vectors={"*": vectors}), tmp_path / "b" / "mystyle.safetensors")
+    spaced = Generator("tiny", embeddings=[tmp_path / "a"])
+    assert "my style" in spaced.embeddings.names
+    one_word = Generator("tiny", embeddings=[tmp_path / "b"])
+    image = spaced.generate(GenerationParams(prompt="a red circle, my style", steps=3, seed=2))[0].image
+    same = one_word.generate(GenerationParams(prompt="a red circle, mystyle", steps=3, seed=2))[0].image
+    plain = spaced.generate(GenerationParams(prompt="a red circle, my", steps=3, seed=2))[0].image
+    assert image.tobytes() == same.tobytes() and image.tobytes() != plain.tobytes()

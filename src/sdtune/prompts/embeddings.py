@@ -33,9 +33,11 @@ class EmbeddingRegistry:
         """Register `name` (replacing an existing one) with a tensor [n, width] or {encoder key: tensor}."""
         import torch
 
-        # "<star>" is allowed (diffusers-style tokens); ":" is not, so extra-network tags <kind:name> never match
-        if not isinstance(name, str) or not name or any(c.isspace() for c in name) or re.search(r"[()\[\]:|\\]", name):
-            raise SdtuneError(f"embedding name {name!r} must be one word without spaces or ()[]:|\\ characters")
+        # "<star>" is allowed (diffusers-style tokens); ":" is not, so extra-network tags <kind:name> never match.
+        # Spaces are allowed: A1111 names an embedding by its file stem, "my style.pt" is used as "my style".
+        if not isinstance(name, str) or not name.strip() or name != name.strip() or "\n" in name \
+                or re.search(r"[()\[\]:|\\]", name):
+            raise SdtuneError(f"embedding name {name!r} must be text without ()[]:|\\ characters or line breaks")
         table = dict(vectors) if isinstance(vectors, Mapping) else {"*": vectors}
         if not table:
             raise SdtuneError(f"embedding {name!r} has no vectors")
