@@ -405,6 +405,14 @@ def test_training_run_start_inspect_stop_resume_use(world, tmp_path):
     assert missing.status_code == 422 and "no checkpoint file of step 3" in missing.json()["errors"]
 
 
+def test_a_run_that_fails_while_preparing_says_why(world, tmp_path):
+    (world["root"] / "datasets" / "empty").mkdir(exist_ok=True)
+    c = make_client(world, tmp_path)
+    assert c.post("/sdtune/v1/runs", json={"method": "lora", "name": "e", "config": {"data": "empty"}}).status_code == 200
+    run = wait_for(c, "e", ("failed",))
+    assert run["message"].startswith("error: ") and "is empty" in run["message"]
+
+
 def test_a_bad_training_config_is_refused_before_it_queues(client):
     r = client.post("/sdtune/v1/runs", json={"method": "ti", "name": "bad", "config": {"steps": 0, "data": "stars"}})
     assert r.status_code == 422 and "steps" in r.json()["errors"]

@@ -117,7 +117,7 @@ def sdtune_router(state: Any) -> APIRouter:
         doc["status"] = job.status if job is not None else ("finished" if (doc.get("summary") or {}).get("final")
                                                               else "stopped")
         doc["job"] = job.describe() if job is not None else None
-        doc["message"] = job.progress.text if job is not None else ""
+        doc["message"] = "" if job is None else (f"error: {job.error}" if job.status == "failed" else job.progress.text)
         return doc
 
     @api.get("/runs/{name}/file")
