@@ -165,19 +165,19 @@ def test_extra_networks_are_taken_out():
 
 # -- compel ------------------------------------------------------------------------------------------------------------
 
-COMPEL = [
+COMPEL = [  # compel's own reading (its parser joins fragments of equal weight with one space; see test_compel_cases)
     ("a cat playing with a ball++ in the forest",
-     [["a cat playing with a ", 1.0], ["ball", 1.1 ** 2], [" in the forest", 1.0]]),
-    ("a ball+", [["a ", 1.0], ["ball", 1.1]]),
-    ("a ball--- x", [["a ", 1.0], ["ball", 0.9 ** 3], [" x", 1.0]]),
-    ("(a cat)1.3 b", [["a cat", 1.3], [" b", 1.0]]),
+     [["a cat playing with a", 1.0], ["ball", 1.1 ** 2], ["in the forest", 1.0]]),
+    ("a ball+", [["a", 1.0], ["ball", 1.1]]),
+    ("a ball--- x", [["a", 1.0], ["ball", 0.9 ** 3], ["x", 1.0]]),
+    ("(a cat)1.3 b", [["a cat", 1.3], ["b", 1.0]]),
     ("(a cat)+++", [["a cat", 1.1 ** 3]]),
-    ("(a (red)1.2 cat)0.5", [["a ", 0.5], ["red", 0.6], [" cat", 0.5]]),
+    ("(a (red)1.2 cat)0.5", [["a", 0.5], ["red", 0.6], ["cat", 0.5]]),
     ('"a phrase"1.3, x', [["a phrase", 1.3], [", x", 1.0]]),
     ("(plain group)", [["plain group", 1.0]]),
     ("close-up of a C4-x", [["close-up of a C4-x", 1.0]]),
     ("\\(not a group\\)1.3", [["(not a group)1.3", 1.0]]),
-    ("(unclosed", [["unclosed", 1.0]]),
+    ("(unclosed", [["(unclosed", 1.0]]),  # compel keeps a bracket that does not close as text
     ("stray) here", [["stray) here", 1.0]]),
     ("", [["", 1.0]]),
 ]
@@ -194,17 +194,19 @@ def test_compel_blend_and_conjunction():
     blend = parse_compel('("a red cat", "a (blue)1.2 dog").blend(0.7, 0.3)')
     assert isinstance(blend, Blend)
     assert [w for _, w in blend.parts] == pytest.approx([0.7, 0.3])
-    assert blend.parts[1][0] == (Fragment("a ", 1.0), Fragment("blue", 1.2), Fragment(" dog", 1.0))
+    assert blend.parts[1][0] == (Fragment("a", 1.0), Fragment("blue", 1.2), Fragment("dog", 1.0))
     assert [w for _, w in parse_compel('("a", "b").blend(2, 2)').parts] == [0.5, 0.5]
     assert [w for _, w in parse_compel('("a", "b").blend(1, -1)').parts] == [0.5, -0.5]  # sum 0: by |w|
     assert [w for _, w in parse_compel('("a", "b").blend(0, 0)').parts] == [0.5, 0.5]
-    assert [w for _, w in parse_compel('("a", "b", "c").blend(1)').parts] == pytest.approx([1 / 3] * 3)
+    assert [w for _, w in parse_compel('("a", "b", "c").blend()').parts] == pytest.approx([1 / 3] * 3)
     conj = parse_compel('("a cat", "a dog").and()')
     assert [f.is_break for f in conj] == [False, True, False]
     conj = parse_compel('("a cat", "a dog").and(1.0, 0.5)')
     assert conj[2] == Fragment("a dog", 0.5)
-    # not a call (b is not quoted): read as weighted text, groups and quotes removed
-    assert parse_compel('("a", b).blend(1)') == (Fragment("a, b.blend1", 1.0),)
+    # compel rejects a weight count that does not match the prompts (b unquoted is still a prompt)
+    for text in ('("a", b).blend(1)', '("a", "b", "c").blend(1)', '("a", "b").and(2)'):
+        with pytest.raises(SdtuneError, match="2 prompts but 1 weights|3 prompts but 1 weights"):
+            parse_compel(text)
 
 
 @pytest.mark.parametrize("text,syntax", [
@@ -216,6 +218,10 @@ def test_compel_blend_and_conjunction():
     ("a (ball)--", "compel"),
     ('("a", "b").blend(1, 1)', "compel"),
     ('("a", "b").and()', "compel"),
+    ("(flames).attend(0.5)", "compel"),
+    ("sun.swap(moon)", "compel"),
+    ('("a", "b").add()', "compel"),
+    ("a withLora(my lora)", "compel"),  # malformed: compel's clear error, not A1111 text
     ("a ball++ and a (cat:1.2)", "a1111"),  # an A1111 weight wins
     ("C++ code", "compel"),
     ("[cat:dog:0.5]", "a1111"),
@@ -347,10 +353,11 @@ def compel_prompt(draw, depth=0):
 @settings(max_examples=300, deadline=None)
 @given(compel_prompt())
 def test_compel_text_round_trips(case):
-    """The same for compel: joined fragment text is the prompt without groups, quotes and weight suffixes."""
+    """The same for compel: fragment texts joined with spaces (compel's own joining) are the prompt without groups,
+    quotes and weight suffixes."""
     text, plain = case
     result = parse_compel_weights(text)
-    assert "".join(t for t, _ in result) == plain
+    assert " ".join(t for t, _ in result) == plain
     assert all(0 < w < math.inf for _, w in result)
 
 
