@@ -366,3 +366,35 @@ def test_compel_text_round_trips(case):
 def test_text_without_brackets_is_unchanged(text, steps):
     assert prompt_schedule(text, steps) == [[steps, text]]
     assert parse_attention(text) == [[text, 1.0]]
+
+
+def test_break_and_and_splits_equal_a1111_patterns_without_their_quadratic_cost():
+    """A1111 splits at `\\s*\\bBREAK\\b\\s*` and reads AND weights with a lazy `^((?:\\s|.)*?)(?:\\s*:\\s*(num))?\\s*$`;
+    both backtrack quadratically over long whitespace. sdtune's linear versions must give the same results
+    (bench/prompt_parse_scaling.py measures the time)."""
+    import math
+    import random
+    import re
+
+    from sdtune.prompts.attention import split_break
+    from sdtune.prompts.composable import split_and
+
+    brk = re.compile(r"\s*\bBREAK\b\s*", re.S)
+    and_word = re.compile(r"\bAND\b")
+    weight = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+    def a1111_and(text):
+        out = []
+        for sub in and_word.split(text):
+            m = weight.match(sub)
+            w = float(m.group(2)) if m.group(2) is not None else 1.0
+            out.append((m.group(1), w if math.isfinite(w) else 1.0))
+        return out
+
+    rng = random.Random(7)
+    pieces = ["BREAK", "AND", " ", "  ", "\t", "\n", "a", "xBREAK", "BREAKx", ":", "0.5", "1.", ".7", "-", ",", "é",
+              "\u3000", ":2 ", "1e999"]
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 14)))
+        assert split_break(text) == brk.split(text), repr(text)
+        assert split_and(text) == a1111_and(text), repr(text)

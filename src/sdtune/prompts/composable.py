@@ -13,15 +13,19 @@ import math
 import re
 
 _AND = re.compile(r"\bAND\b")
-_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+# A1111 reads a sub-prompt with `^((?:\s|.)*?)(?:\s*:\s*(number))?\s*$`; that lazy pattern backtracks over
+# whitespace quadratically, so the same split is done here by stripping and one anchored search (linear)
+_TAIL_WEIGHT = re.compile(r":\s*([-+]?(?:\d+\.?|\d*\.\d+))$")
 
 
 def split_and(text: str) -> list[tuple[str, float]]:
     """Sub-prompts and their weights; always at least one. Weights are finite (an overflowing one becomes 1)."""
     parts = []
     for sub in _AND.split(text):
-        m = _WEIGHT.match(sub)
-        body, weight = (m.group(1), m.group(2)) if m else (sub, None)
+        body, weight = sub.rstrip(), None
+        m = _TAIL_WEIGHT.search(body)
+        if m:
+            body, weight = body[:m.start()].rstrip(), m.group(1)
         w = float(weight) if weight is not None else 1.0
         parts.append((body, w if math.isfinite(w) else 1.0))
     return parts
