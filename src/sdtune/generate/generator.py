@@ -166,11 +166,6 @@ class Generator:
             self.extra_networks.insert(0, EmbeddingExtraNetwork(self._embeddings))
         return self._embeddings
 
-    def clear_extra_networks(self) -> None:
-        """Every extra network off (files stay loaded): the base model's exact images until the next tags."""
-        for net in self.extra_networks:
-            net.deactivate()
-
     # -- models ---------------------------------------------------------------------------------------------
 
     def _remember_scheduler(self, loaded: Any) -> None:

@@ -164,9 +164,6 @@ class JobQueue:
 
         return await asyncio.wrap_future(self.submit(Job(kind=kind, title=title, run=fn)).future)
 
-    def find(self, job_id: str) -> Job | None:
-        return self.jobs.get(job_id)
-
     def interrupt_all(self) -> None:
         """A1111's interrupt: stop the running job; waiting jobs still run (A1111 interrupts only the current)."""
         job = self.current

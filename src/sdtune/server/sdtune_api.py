@@ -5,7 +5,6 @@ Generate page needs beyond A1111's API (token counts, extra-network cards, saved
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -249,7 +248,3 @@ def sdtune_router(state: Any) -> APIRouter:
         return jobs.snapshot()
 
     return api
-
-
-def relative_to_outputs(folders: Any, path: Path) -> str:
-    return path.resolve().relative_to(folders.outputs.resolve()).as_posix()
