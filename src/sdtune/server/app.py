@@ -101,8 +101,9 @@ class ServerState:
                                             "shape": None, "vectors": None, "reason": note}
         return {"loaded": loaded, "skipped": skipped}
 
-    def extra_network_cards(self) -> dict[str, Any]:
-        """The Generate page's cards: name, the tag a click inserts, the family, and the preview image's URL."""
+    def file_cards(self) -> dict[str, Any]:
+        """The Generate page's LoRA and hypernetwork cards: name, the tag a click inserts, the family (read from the
+        file's header), and the preview image's URL. Needs no model, so it stays off the job worker."""
         from sdtune.formats.identify import identify
 
         def family(path: Path) -> str | None:
@@ -115,15 +116,14 @@ class ServerState:
             preview = f"/sdtune/v1/preview?kind={kind}&name={f.name}" if f.preview is not None else None
             return {"name": f.name, "tag": tag, "family": family(f.path), "preview": preview}
 
-        cards = {"lora": [card("lora", f, f"<lora:{f.name}:1>") for f in self.folders.loras()],
-                 "hypernetwork": [card("hypernetwork", f, f"<hypernet:{f.name}:1>")
-                                  for f in self.folders.hypernetworks()],
-                 "embedding": []}
-        emb = self.embedding_listing()["loaded"]
+        return {"lora": [card("lora", f, f"<lora:{f.name}:1>") for f in self.folders.loras()],
+                "hypernetwork": [card("hypernetwork", f, f"<hypernet:{f.name}:1>") for f in self.folders.hypernetworks()]}
+
+    def embedding_cards(self) -> list[dict[str, Any]]:
+        """Cards of the embeddings the loaded model can use (on the job worker: the library belongs to it)."""
         width_family = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
-        cards["embedding"] = [{"name": n, "tag": n, "family": width_family.get(v["shape"]), "preview": None}
-                              for n, v in sorted(emb.items())]
-        return cards
+        return [{"name": n, "tag": n, "family": width_family.get(v["shape"]), "preview": None}
+                for n, v in sorted(self.embedding_listing()["loaded"].items())]
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:

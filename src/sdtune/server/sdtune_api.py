@@ -225,7 +225,9 @@ def sdtune_router(state: Any) -> APIRouter:
 
     @api.get("/extra-networks")
     async def extra_networks() -> dict[str, Any]:
-        return await jobs.run("extra-networks", "list extra networks", lambda job: state.extra_network_cards())
+        cards = await asyncio.to_thread(state.file_cards)  # file headers only: generation is not held up
+        cards["embedding"] = await jobs.run("embeddings", "list embeddings", lambda job: state.embedding_cards())
+        return cards
 
     @api.get("/preview")
     def preview(kind: str, name: str) -> FileResponse:
