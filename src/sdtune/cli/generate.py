@@ -72,10 +72,12 @@ def _progress_bar(total_hint: int) -> Any:
 
 def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None, vae: str | None,
                  refiner: str | None, out: Path, device: str | None, dtype: str | None, grid: bool,
-                 overrides: dict[str, Any], loras: Any = None, lora_dirs: Any = None) -> list[Path]:
+                 overrides: dict[str, Any], loras: Any = None, lora_dirs: Any = None,
+                 negative_loras: Any = None) -> list[Path]:
     """The command's work, callable without click: validate, load, generate, save, print.
 
-    loras: `FILE[:WEIGHT]` strings (or (file, weight) pairs) applied to the model."""
+    loras: `FILE[:WEIGHT]` strings (or (file, weight) pairs) applied to the model; negative_loras: the same,
+    applied to the unconditional (negative) pass only."""
     from sdtune.generate import GenerationParams, Generator
     from sdtune.generate.grid import make_grid
     from sdtune.generate.output import check_out_dir, save_grid, save_image
@@ -109,15 +111,21 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
     from sdtune.adapters.lora.tags import parse_lora_arg
 
     lora_specs = [parse_lora_arg(x) if isinstance(x, str) else tuple(x) for x in (loras or ())]
-    for lora_path, _ in lora_specs:  # before loading the model: a typo costs nothing
-        if not Path(lora_path).expanduser().is_file():
-            raise SdtuneError(f"--lora {lora_path}: no such file")
+    negative_specs = [parse_lora_arg(x, "--negative-lora") if isinstance(x, str) else tuple(x)
+                      for x in (negative_loras or ())]
+    for option, specs in (("--lora", lora_specs), ("--negative-lora", negative_specs)):
+        for lora_path, _ in specs:  # before loading the model: a typo costs nothing
+            if not Path(lora_path).expanduser().is_file():
+                raise SdtuneError(f"{option} {lora_path}: no such file")
+    if negative_specs and params.cfg_scale <= 1.0:
+        raise SdtuneError(f"--negative-lora acts on the unconditional pass, which CFG scale {params.cfg_scale:g} "
+                          "does not run; use --cfg above 1")
     lora_dirs = list(lora_dirs or ())  # <lora:name:weight> tags are looked up here, then in the --lora folders
     for lora_dir in lora_dirs:
         if not Path(lora_dir).expanduser().is_dir():
             raise SdtuneError(f"--lora-dir {lora_dir}: no such folder")
     generator = Generator(model, vae=vae, device=device, dtype=None if dtype == "auto" else dtype,
-                          loras=lora_specs or None, lora_dirs=lora_dirs)
+                          loras=lora_specs or None, lora_dirs=lora_dirs, negative_loras=negative_specs or None)
     if hn_specs or hn_dirs:
         generator.set_hypernetworks(hn_specs, dirs=hn_dirs)
     if emb_sources:  # Textual Inversion embeddings, usable by name in the prompts
@@ -174,6 +182,9 @@ def register(cli: click.Group) -> None:
     @click.option("--vae", metavar="VAE", help="Replace the model's VAE (folder or file).")
     @click.option("--lora", "loras", multiple=True, metavar="FILE[:W]", help="Apply a LoRA (kohya, LoCon or "
                   "diffusers file) with weight W [default: 1]; repeat for several.")
+    @click.option("--negative-lora", "negative_loras", multiple=True, metavar="FILE[:W]", help="Apply a LoRA to "
+                  "the unconditional (negative) pass only, so images move away from what it learned (the 'wrong' "
+                  "LoRA recipe: --negative-lora wrong.safetensors --negative wrong); repeatable; needs --cfg > 1.")
     @click.option("--lora-dir", "lora_dirs", multiple=True, metavar="DIR", help="Folder searched (recursively) for "
                   "<lora:name:weight> prompt tags; repeatable; the folders of --lora files are searched too.")
     @click.option("--hypernetwork", "hypernetworks", multiple=True, metavar="FILE[:S]", help="Apply a hypernetwork "
@@ -229,6 +240,7 @@ def register(cli: click.Group) -> None:
         overrides = {k: v for k, v in settings.items() if v is not None}
         loras = overrides.pop("loras", ())
         lora_dirs = overrides.pop("lora_dirs", ())
+        negative_loras = overrides.pop("negative_loras", ())
         run_generate(prompt, from_png=from_png, model=model, vae=vae, refiner=refiner, out=out, device=device,
                      dtype=dtype, grid=not no_grid, overrides=overrides, loras=loras,
-                     lora_dirs=lora_dirs)
+                     lora_dirs=lora_dirs, negative_loras=negative_loras)

@@ -28,6 +28,17 @@ class PromptEmbeds:
         """Pipeline keyword arguments; absent parts are left out so SD1/SD2 pipelines accept them too."""
         return {k: v for k, v in vars(self).items() if v is not None and k != "guidance"}
 
+    def with_negative_of(self, other: "PromptEmbeds") -> "PromptEmbeds":
+        """These positive embeddings with `other`'s negative ones (the negative prompt encoded under a network
+        that is active in the unconditional pass only; see `generate.negative_pass`)."""
+        from dataclasses import replace
+
+        guidance = self.guidance
+        if guidance is not None and other.guidance is not None:
+            guidance = replace(guidance, uncond=other.guidance.uncond)
+        return replace(self, negative_prompt_embeds=other.negative_prompt_embeds,
+                       negative_pooled_prompt_embeds=other.negative_pooled_prompt_embeds, guidance=guidance)
+
 
 class PromptEncoder(Protocol):
     """Encode `prompt`/`negative_prompt` for `pipe`, repeated `num_images` times.

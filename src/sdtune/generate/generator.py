@@ -19,6 +19,7 @@ from sdtune.generate.conditioning import PromptEmbeds, PromptEncoder
 from sdtune.generate.extra_networks import ExtraNetwork
 from sdtune.generate.guidance import Guide, guided_unet
 from sdtune.generate.inference import optimize_for_inference
+from sdtune.generate.negative_pass import unconditional_rows_with
 from sdtune.generate.params import GenerationParams, ModelInfo, infotext_for
 from sdtune.generate.pnginfo import add_infotext_field
 from sdtune.generate.samplers import make_scheduler
@@ -86,12 +87,13 @@ class Generator:
     already loaded `LoadedModel`. refiner: optional spec or LoadedModel to preload for `params.refiner`.
     encode_prompt: the text-conditioning hook (see `conditioning.PromptEncoder`); the default is
     `sdtune.prompts.WeightedPromptEncoder()` (pass one with an `EmbeddingRegistry` to use embeddings by name).
-    loras: [(path, weight), ...] applied to the base model (see `set_loras`)."""
+    loras: [(path, weight), ...] applied to the base model (see `set_loras`); negative_loras: the same, applied to
+    the unconditional (negative) pass only (see `set_negative_loras`)."""
 
     def __init__(self, model: Any = None, *, vae: str | Path | None = None, device: str | None = None,
                  dtype: str | None = None, prediction_type: str | None = None, refiner: Any = None,
                  encode_prompt: PromptEncoder | None = None, loras: Any = None,
-                 embeddings: Any = None, lora_dirs: Any = None) -> None:
+                 embeddings: Any = None, lora_dirs: Any = None, negative_loras: Any = None) -> None:
         self._load_kwargs = dict(device=device, dtype=dtype)
         self.model = model if _is_loaded(model) else _load(model, vae=vae, prediction_type=prediction_type,
                                                            **self._load_kwargs)
@@ -122,6 +124,8 @@ class Generator:
         self.extra_networks: list[ExtraNetwork] = [self.loras, self.hypernetworks]
         if loras:
             self.set_loras(loras)
+        if negative_loras:
+            self.set_negative_loras(negative_loras)
         if embeddings:
             library = self.embeddings
             for source in [embeddings] if isinstance(embeddings, (str, Path)) else embeddings:
@@ -138,6 +142,13 @@ class Generator:
         paths (weight 1); [] = none. Files are loaded once and kept; weights change without reloading anything
         (see `sdtune.adapters.lora.apply`). `<lora:name:weight>` tags of a prompt are added for its images."""
         return self.loras.set_fixed(loras)
+
+    def set_negative_loras(self, loras: Any) -> Any:
+        """LoRAs active only in classifier-free guidance's unconditional pass (UNet and, while the negative prompt
+        is encoded, text encoder) of the base model: what they learned is steered away from, like a negative
+        prompt. The "wrong" LoRA recipe: `set_negative_loras(["wrong.safetensors"])` and "wrong" in the negative
+        prompt. Needs cfg > 1; [] = none. See `sdtune.generate.negative_pass`."""
+        return self.loras.set_negative(loras)
 
     def set_hypernetworks(self, hypernetworks: Any = (), dirs: Any = None) -> None:
         """Hypernetworks on the base model from the next image on: [(path, strength), ...] or paths (strength 1),
@@ -253,6 +264,15 @@ class Generator:
         for net in list(self.extra_networks):  # embeddings picked up, <lora:...>/<hypernet:...> tags: first
             net.activate(params.prompt, params.negative_prompt)
         embeds = self._embeds(base, params)
+        wanted = any(w != 0 for _, w in self.loras.negative)  # weight 0: no split, the base model's exact bits
+        negative = self.loras.negative_pass if wanted and params.cfg_scale > 1.0 else None
+        if wanted and negative is None:
+            log.warning("--negative-lora has no effect at CFG scale %g: there is no unconditional pass; use a "
+                        "CFG scale above 1", params.cfg_scale)
+        if negative is not None and (self.loras.negative_touches("text_encoder")
+                                     or self.loras.negative_touches("text_encoder_2")):
+            with negative():
+                embeds = embeds.with_negative_of(self._embeds(base, params))
         ref_embeds = self._embeds(refiner, params) if refiner is not None else None
         total = params.steps * params.batch_count
         split = params.refiner_start if refiner is not None else 1.0
@@ -284,7 +304,8 @@ class Generator:
 
             common = dict(num_inference_steps=params.steps, guidance_scale=float(params.cfg_scale), generator=gens)
             base_guide = Guide(embeds.guidance)
-            with torch.no_grad(), guided_unet(base.pipe, base_guide):
+            with torch.no_grad(), unconditional_rows_with(base.pipe, params.batch_size, negative), \
+                    guided_unet(base.pipe, base_guide):
                 result = base.pipe(**embeds.as_kwargs(), **common, height=params.height, width=params.width,
                                    latents=latents, output_type="latent" if refiner is not None else "pil",
                                    callback_on_step_end=report(0.0, split, base_guide),

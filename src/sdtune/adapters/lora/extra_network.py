@@ -6,13 +6,17 @@ LoRAs plus the tagged ones become exactly the active set (`PipelineLoras.set`). 
 LoRAs switch on, off and change weight between images without reloading the model. The same file in a tag and in
 --lora: the weights add up (as two A1111 tags). The prompt keeps its tags, so the infotext reads like A1111's, plus
 `Lora hashes`. Tags in the negative prompt are not applied (A1111 ignores them too); a warning says so.
+
+`--negative-lora FILE[:W]` files (`set_negative`) are active only in the unconditional pass: the Generator runs that
+pass inside `negative_pass()` (see `generate.negative_pass`).
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sdtune.adapters.lora.apply import LoraSpec, PipelineLoras, parse_lora_specs
 from sdtune.adapters.lora.tags import LORA_TAGS, lora_hashes_value, resolve_lora_tags
@@ -32,6 +36,8 @@ class LoraExtraNetwork:
         self.model = model
         self.dirs: list[str | Path] = list(dirs or [])
         self.fixed: list[LoraSpec] = []
+        self.negative: list[tuple[Any, float]] = []  # --negative-lora: the unconditional pass only
+        self._specs: list[LoraSpec] = []  # what is active in the conditional pass now
         self.stack: PipelineLoras | None = None  # created on first use: no LoRA, no PEFT layers
         self._tagged = False
         # where embeddings bundled in LoRA files are registered while their LoRA is active (A1111's behaviour)
@@ -41,6 +47,7 @@ class LoraExtraNetwork:
     def set_fixed(self, loras: Any) -> list[Any]:
         """LoRAs used for every image: [(path, weight), ...] or paths (weight 1); [] = none."""
         self.fixed = list(loras or [])
+        self._specs = list(self.fixed)
         if self.stack is None and not self.fixed:
             return []
         active = self._stack().set(self.fixed)
@@ -71,6 +78,7 @@ class LoraExtraNetwork:
             self._tagged = False
             return
         self._stack().set(specs)
+        self._specs = specs
         self._tagged = bool(tags)
         self._sync_bundled()
 
@@ -97,7 +105,34 @@ class LoraExtraNetwork:
             registry.add(name, dict(vecs))
             self._bundled[name] = id(vecs)
 
+    def set_negative(self, loras: Any) -> list[Any]:
+        """LoRAs active in the unconditional (negative) pass only, for every image: [(path, weight), ...] or paths;
+        [] = none. Loaded (and checked against the model) now, inactive until a run's negative pass."""
+        self.negative = parse_lora_specs(loras)
+        if not self.negative:
+            return []
+        stack = self._stack()
+        return [(stack.load(src), w) for src, w in self.negative]
+
+    def negative_touches(self, component: str) -> bool:
+        """Whether a negative LoRA has layers in `component` ("unet", "text_encoder", ...)."""
+        if not self.negative or self.stack is None:
+            return False
+        stack = self.stack
+        return any(component in stack.load(src).components for src, _ in self.negative)
+
+    @contextmanager
+    def negative_pass(self) -> Iterator[None]:
+        """The conditional pass's LoRAs plus the negative ones while inside; back to the former after."""
+        stack = self._stack()
+        stack.set(list(self._specs) + list(self.negative))
+        try:
+            yield
+        finally:
+            stack.set(self._specs)
+
     def deactivate(self) -> None:
+        self._specs = []
         if self.stack is not None:
             self.stack.clear()
         self._tagged = True  # the next activate sets the fixed LoRAs again
@@ -105,4 +140,11 @@ class LoraExtraNetwork:
 
     def infotext_fields(self) -> list[tuple[str, str]]:
         value = lora_hashes_value(self.stack.infotext_entries()) if self.stack is not None else None
-        return [("Lora hashes", value)] if value else []
+        fields = [("Lora hashes", value)] if value else []
+        if self.negative and self.stack is not None:
+            loaded = [(self.stack.load(src), w) for src, w in self.negative]
+            fields.append(("Negative LoRA", ", ".join(f"{lora.name}:{w:g}" for lora, w in loaded)))
+            hashes = lora_hashes_value((lora.name, lora.hash) for lora, w in loaded if w != 0 and lora.hash)
+            if hashes:
+                fields.append(("Negative Lora hashes", hashes))
+        return fields

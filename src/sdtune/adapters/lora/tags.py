@@ -31,9 +31,9 @@ def lora_hashes_value(entries: Iterable[tuple[str, str]]) -> str | None:
     return ", ".join(parts) or None
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
+def parse_lora_arg(text: str, option: str = "--lora") -> tuple[str, float]:
     """`FILE[:WEIGHT]` -> (FILE, weight); the weight defaults to 1 (a `C:\\...` drive letter is not a weight)."""
-    return parse_file_weight(text, "--lora", "weight")
+    return parse_file_weight(text, option, "weight")
 
 
 def resolve_lora_tags(tags: Iterable[Any], search_dirs: Sequence[str | Path]) -> list[tuple[Path, float]]:
