@@ -26,9 +26,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from sdtune.cli import convert, dataset, demo, generate, info, merge, prompt, toy, train, ui
+    from sdtune.cli import convert, dataset, demo, generate, info, merge, prompt, recipe, toy, train, ui
 
-    for module in (convert, dataset, demo, generate, info, merge, prompt, toy, train, ui):
+    for module in (convert, dataset, demo, generate, info, merge, prompt, recipe, toy, train, ui):
         module.register(cli)
 
 

@@ -1,0 +1,1 @@
+"""Recipes: several steps of the library (generate, train, compare) as one resumable command each."""
