@@ -21,6 +21,9 @@ def demo(out: Path, model: str | None, steps: int) -> None:
     from tqdm import tqdm
 
     from sdtune.demo import run_demo
+    from sdtune.paths import check_writable_dir
+
+    check_writable_dir(out, "--out")  # before a few minutes of work, not after
 
     bars: dict[str, tqdm] = {}
 

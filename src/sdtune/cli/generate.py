@@ -10,6 +10,7 @@ import click
 
 from sdtune.errors import SdtuneError
 from sdtune.models.bundled import is_bundled_model
+from sdtune.paths import check_readable
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -33,6 +34,7 @@ def _from_png(png: Path, overrides: dict[str, Any], model: str | None, vae: str 
 
     if png.is_dir():
         raise SdtuneError(f"--from-png {png} is a folder; give the path of one PNG made by sdtune or A1111")
+    check_readable(png, f"--from-png {png}")
     rec = params_from_infotext(parse_infotext(read_png_infotext(png)))
     params = rec.params.replace(**overrides)
     keep: set[int] | None = None
@@ -88,10 +90,16 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
     for hn_path, _ in hn_specs:  # before loading the model: a typo costs nothing
         if not Path(hn_path).expanduser().is_file():
             raise SdtuneError(f"--hypernetwork {hn_path}: no such file")
+        check_readable(hn_path, f"--hypernetwork {hn_path}")
+    for hn_dir in hn_dirs:
+        if not Path(hn_dir).expanduser().is_dir():
+            raise SdtuneError(f"--hypernetwork-dir {hn_dir}: no such folder")
+        check_readable(hn_dir, f"--hypernetwork-dir {hn_dir}")
     emb_sources = list(overrides.pop("embeddings", None) or ())
     for src in emb_sources:  # before loading the model: a typo costs nothing
         if not Path(src).expanduser().exists():
             raise SdtuneError(f"--embeddings {src}: no such file or folder")
+        check_readable(src, f"--embeddings {src}")
     if prompt is not None:
         overrides["prompt"] = prompt
     keep: set[int] | None = None
@@ -112,10 +120,15 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
     for lora_path, _ in lora_specs:  # before loading the model: a typo costs nothing
         if not Path(lora_path).expanduser().is_file():
             raise SdtuneError(f"--lora {lora_path}: no such file")
+        check_readable(lora_path, f"--lora {lora_path}")
     lora_dirs = list(lora_dirs or ())  # <lora:name:weight> tags are looked up here, then in the --lora folders
     for lora_dir in lora_dirs:
         if not Path(lora_dir).expanduser().is_dir():
             raise SdtuneError(f"--lora-dir {lora_dir}: no such folder")
+        check_readable(lora_dir, f"--lora-dir {lora_dir}")
+    for option, name in (("--model", model), ("--vae", vae), ("--refiner", params.refiner)):
+        if name and not is_bundled_model(name):
+            check_readable(name, f"{option} {name}")  # a missing one is reported by the loader, which knows more
     generator = Generator(model, vae=vae, device=device, dtype=None if dtype == "auto" else dtype,
                           loras=lora_specs or None, lora_dirs=lora_dirs)
     if hn_specs or hn_dirs:

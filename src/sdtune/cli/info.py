@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from sdtune.models.bundled import is_bundled_model
+from sdtune.paths import check_readable
 
 _LONG = 160  # metadata values longer than this are shortened unless --full
 
@@ -53,6 +54,7 @@ def info(file: Path, as_json: bool, keys: bool, full: bool, with_hash: bool) -> 
         from sdtune.models.bundled import bundled_model_path
 
         file = bundled_model_path()
+    check_readable(file, str(file))
     fi = identify(file)
     model_hash = None
     if with_hash:

@@ -9,6 +9,8 @@ from typing import Any
 import click
 
 from sdtune.errors import SdtuneError
+from sdtune.models.bundled import is_bundled_model
+from sdtune.paths import check_readable, check_writable_dir, check_writable_file
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -29,11 +31,18 @@ def run_merge(model: str | None, loras: list[Any], out: Path, *, dtype: str | No
     for path, _ in specs:
         if not Path(path).expanduser().is_file():
             raise SdtuneError(f"--lora {path}: no such file")
+        check_readable(path, f"--lora {path}")
+    if model and not is_bundled_model(model) and Path(model).expanduser().exists():
+        check_readable(model, f"--model {model}")
     single = out.suffix.lower() == ".safetensors"
     if out.exists() and (single or not out.is_dir() or any(out.iterdir())):
         raise SdtuneError(f"{out} already exists; choose a new output path (merge never overwrites)")
     if out.suffix and not single:
         raise SdtuneError(f"{out.name}: write a single-file checkpoint as .safetensors, or give a folder name")
+    if single:
+        check_writable_file(out, f"--out {out}")
+    else:
+        check_writable_dir(out, "--out")
     loaded = load_model(model, device="cpu", dtype=None if dtype in (None, "auto") else dtype)
     merged = merge_loras(loaded, specs, model_name=loaded.name)
     record = json.dumps([{"name": m.name, "weight": m.weight, "hash": m.hash, "modules": m.modules}

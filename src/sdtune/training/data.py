@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from sdtune.errors import SdtuneError
+from sdtune.paths import check_readable, read_bytes
 from sdtune.training import captions as cap
 from sdtune.training import images as imgs
 
@@ -67,7 +68,7 @@ def check_folder(folder: str | Path) -> Path:
         raise SdtuneError(f"dataset folder {p} does not exist; pass the folder that holds your training images")
     if not p.is_dir():
         raise SdtuneError(f"{p} is a file, not a folder; pass the folder that holds your training images")
-    return p
+    return check_readable(p, f"dataset folder {p}")
 
 
 def list_folder(folder: Path, caption_exts: tuple[str, ...] = cap.CAPTION_EXTS, default_repeats: int = 1) -> Listing:
@@ -87,6 +88,7 @@ def list_folder(folder: Path, caption_exts: tuple[str, ...] = cap.CAPTION_EXTS, 
         m = KOHYA_DIR.match(d.name)
         if m and int(m.group(1)) > 0:
             out.concept_dirs.append((d, int(m.group(1))))
+            check_readable(d, f"dataset folder {d}")
             files_of(d, int(m.group(1)), m.group(2).strip())
         else:
             out.skipped_dirs.append((d, sum(1 for f in d.rglob("*") if _is_image(f))))
@@ -128,7 +130,7 @@ class Probe:
 def probe_file(path: Path, folder: Path, repeats: int, concept: str, caption_exts: tuple[str, ...],
                *, draft: int | None = None) -> tuple[Probe, Image.Image | None]:
     """Read one image fully (so truncated files are caught now) plus its caption; returns the RGB image too."""
-    data = path.read_bytes()
+    data = read_bytes(path)
     pr = Probe(path=path, rel=path.relative_to(folder).as_posix(), repeats=repeats,
                sha256=hashlib.sha256(data).hexdigest())
     rgb = None
@@ -141,7 +143,7 @@ def probe_file(path: Path, folder: Path, repeats: int, concept: str, caption_ext
     cf = cap.find_caption(path, caption_exts)
     if cf is not None:
         pr.caption_file = cf
-        pr.caption, pr.caption_problem = cap.decode_caption(cf.read_bytes())
+        pr.caption, pr.caption_problem = cap.decode_caption(read_bytes(cf))
         pr.caption_source = "file" if pr.caption else "none"
     if not pr.caption and concept:
         pr.caption, pr.caption_source = concept, "folder"
