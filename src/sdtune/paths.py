@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -22,8 +23,9 @@ from sdtune.errors import SdtuneError
 # ENOSPC: the disk is full; EDQUOT: the user's quota is; EFBIG: the file is larger than the file system or the
 # process's limit (RLIMIT_FSIZE) allows. The user's remedy is the same for all three.
 DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", None)) if e is not None)
-# safetensors (Rust) reports I/O errors as text: `IoError(Os { code: 28, kind: StorageFull, ... })`.
-_RUST_DISK_FULL = re.compile(r"code: (\d+),|StorageFull|FileTooLarge|QuotaExceeded")
+# safetensors (Rust) reports I/O errors as text: "I/O error: File too large (os error 27)" (0.4+) or
+# `IoError(Os { code: 28, kind: StorageFull, ... })` (Debug formatting, older releases).
+_RUST_DISK_FULL = re.compile(r"os error (\d+)|code: (\d+),|StorageFull|FileTooLarge|QuotaExceeded")
 
 
 def access(path: str | os.PathLike[str], mode: int) -> bool:
@@ -37,7 +39,8 @@ def is_disk_full(exc: BaseException) -> bool:
         return exc.errno in DISK_FULL_ERRNOS
     if type(exc).__name__ == "SafetensorError":
         for m in _RUST_DISK_FULL.finditer(str(exc)):
-            if m.group(1) is None or int(m.group(1)) in DISK_FULL_ERRNOS:
+            code = m.group(1) or m.group(2)
+            if code is None or int(code) in DISK_FULL_ERRNOS:
                 return True
     return False
 
@@ -52,6 +55,10 @@ def os_error(exc: BaseException, path: str | os.PathLike[str] | None = None) -> 
     where = path if path is not None else getattr(exc, "filename", None) or "a file"
     if is_disk_full(exc):
         return disk_full_error(where)
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        return SdtuneError(f"file name too long: {str(where)[:80]}...; use a shorter name or path")
+    if isinstance(exc, ValueError) and "embedded null byte" in str(exc):
+        return SdtuneError("a path contains a NUL byte (\\0); retype it")
     if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.EROFS):
         return SdtuneError(f"permission denied: {where}; check its permissions (and its folder's), or choose "
                            "another path")
@@ -110,9 +117,18 @@ def check_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise SdtuneError(f"{what} {p}: cannot create the folder ({probe} is a file); choose another path")
+    where = "" if probe == p else f" (its nearest existing folder {probe} is not writable)"
     if not access(probe, os.W_OK | os.X_OK):
-        where = "" if probe == p else f" (its nearest existing folder {probe} is not writable)"
         raise SdtuneError(f"{what} {p} is not writable{where}; choose another folder or fix its permissions")
+    try:  # the real test: root passes os.access everywhere, read-only mounts and ACLs fool it
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".sdtune-write-test.")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(p) from None
+        raise SdtuneError(f"{what} {p} is not writable{where} ({exc.strerror or exc}); choose another folder or "
+                          "fix its permissions") from None
     return p
 
 

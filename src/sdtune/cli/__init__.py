@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     _register()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    for i, arg in enumerate(args):  # only in-process callers can pass one (a C argv cannot hold NUL)
+        if "\0" in arg:
+            _fail(f"argument {i + 1} ({arg.split(chr(0))[0][:40]!r}...) contains a NUL byte; retype it", 2)
     try:
         cli.main(args=args, prog_name="sdtune", standalone_mode=False)
     except SdtuneError as exc:
@@ -71,5 +74,6 @@ def main(argv: list[str] | None = None) -> None:
 def _fail(message: str, code: int) -> None:
     """Print `error: MESSAGE` as one line on stderr and exit with `code`."""
     line = " ".join(part.strip() for part in message.splitlines())  # a user reads the first line only
+    line = line.encode("utf-8", "backslashreplace").decode("utf-8")  # invalid UTF-8 from argv, shown escaped
     click.echo(f"error: {line}", err=True)
     sys.exit(code)

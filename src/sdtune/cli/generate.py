@@ -119,16 +119,25 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
     lora_specs = [parse_lora_arg(x) if isinstance(x, str) else tuple(x) for x in (loras or ())]
     for lora_path, _ in lora_specs:  # before loading the model: a typo costs nothing
         if not Path(lora_path).expanduser().is_file():
-            raise SdtuneError(f"--lora {lora_path}: no such file")
+            what = "is a folder; give a LoRA file" if Path(lora_path).expanduser().is_dir() else "no such file"
+            raise SdtuneError(f"--lora {lora_path}: {what}")
         check_readable(lora_path, f"--lora {lora_path}")
     lora_dirs = list(lora_dirs or ())  # <lora:name:weight> tags are looked up here, then in the --lora folders
     for lora_dir in lora_dirs:
         if not Path(lora_dir).expanduser().is_dir():
             raise SdtuneError(f"--lora-dir {lora_dir}: no such folder")
         check_readable(lora_dir, f"--lora-dir {lora_dir}")
+    from sdtune.models.device import resolve_device_dtype
+    from sdtune.models.loading import resolve_spec
+
+    resolve_device_dtype(device, None if dtype == "auto" else dtype)  # an unknown device or dtype costs no loading
     for option, name in (("--model", model), ("--vae", vae), ("--refiner", params.refiner)):
-        if name and not is_bundled_model(name):
-            check_readable(name, f"{option} {name}")  # a missing one is reported by the loader, which knows more
+        if name is None and option != "--model":
+            continue  # none given
+        if option == "--vae" and not Path(str(name)).expanduser().exists():
+            raise SdtuneError(f"VAE {name!r} not found; pass a diffusers VAE folder or a .safetensors/.ckpt VAE file")
+        path, _ = resolve_spec(name)  # a missing model fails here, with the loader's own message
+        check_readable(path, f"{option} {name}")
     generator = Generator(model, vae=vae, device=device, dtype=None if dtype == "auto" else dtype,
                           loras=lora_specs or None, lora_dirs=lora_dirs)
     if hn_specs or hn_dirs:

@@ -30,7 +30,8 @@ def run_merge(model: str | None, loras: list[Any], out: Path, *, dtype: str | No
         raise SdtuneError("no LoRA given; pass --lora FILE[:WEIGHT] (repeatable)")
     for path, _ in specs:
         if not Path(path).expanduser().is_file():
-            raise SdtuneError(f"--lora {path}: no such file")
+            what = "is a folder; give a LoRA file" if Path(path).expanduser().is_dir() else "no such file"
+            raise SdtuneError(f"--lora {path}: {what}")
         check_readable(path, f"--lora {path}")
     if model and not is_bundled_model(model) and Path(model).expanduser().exists():
         check_readable(model, f"--model {model}")

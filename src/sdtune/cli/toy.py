@@ -96,6 +96,9 @@ def dataset_cmd(out, count, shapes, colours, backgrounds, styles, caption, seed)
     bg = pick(backgrounds, world.BACKGROUNDS, "background")
     st = pick(styles, world.STYLES, "style")
     if caption:  # a bad template fails here, before anything is written
+        from sdtune.prompts.tokens import check_text
+
+        check_text(caption, "--caption")
         fields = {"shape": sh[0], "colour": co[0], "background": bg[0], "style": st[0]}
         try:
             caption.format(**fields)

@@ -333,6 +333,12 @@ class TrainConfig:
             raise SdtuneError("sample prompts need at least one seed; add --sample-seed N")
         if any(s < 0 for s in self.sample_seeds):
             raise SdtuneError("sample seeds must be >= 0")
+        from sdtune.prompts.tokens import check_text
+
+        for i, text in enumerate(self.sample_prompts):  # refused now, not at the first sample after minutes
+            check_text(text, f"sample prompt {i + 1}")
+        if self.sample_negative:
+            check_text(self.sample_negative, "sample_negative")
         if self.output_name is not None:
             self.check_output_name(self.output_name)
         if self.sample_sampler:

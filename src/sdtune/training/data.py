@@ -71,6 +71,23 @@ def check_folder(folder: str | Path) -> Path:
     return check_readable(p, f"dataset folder {p}")
 
 
+def list_images(folder: str | Path, exts: tuple[str, ...] = cap.CAPTION_EXTS,
+                default_repeats: int = 1) -> tuple[Path, Listing]:
+    """The folder and its image files, or a one-line error when it has none (nothing is decoded: cheap enough
+    to run before a model loads, so an empty or wrong folder costs no loading time)."""
+    root = check_folder(folder)
+    listing = list_folder(root, exts, default_repeats)
+    if not listing.images:
+        found = found_instead(listing)
+        if not found:
+            raise SdtuneError(f"{root} is empty; put training images ({', '.join(imgs.IMAGE_EXTS)}) in it, each with "
+                              "an optional <name>.txt caption")
+        hint = ("; name subfolders <repeats>_<name> (e.g. 10_sks dog) to use them, or pass the subfolder itself"
+                if listing.skipped_dirs else "")
+        raise SdtuneError(f"no images in {root} (found {found}); supported: {', '.join(imgs.IMAGE_EXTS)}{hint}")
+    return root, listing
+
+
 def list_folder(folder: Path, caption_exts: tuple[str, ...] = cap.CAPTION_EXTS, default_repeats: int = 1) -> Listing:
     out = Listing()
 
@@ -233,16 +250,7 @@ def scan_dataset(folder: str | Path, *, resolution: int, min_images: int = 1,
                           "1024 for SDXL, 64 for tiny)")
     exts = (caption_ext,) if isinstance(caption_ext, str) else tuple(caption_ext)
     exts = tuple(e if e.startswith(".") else "." + e for e in exts)
-    root = check_folder(folder)
-    listing = list_folder(root, exts, default_repeats)
-    if not listing.images:
-        found = found_instead(listing)
-        if not found:
-            raise SdtuneError(f"{root} is empty; put training images ({', '.join(imgs.IMAGE_EXTS)}) in it, each with "
-                              "an optional <name>.txt caption")
-        hint = ("; name subfolders <repeats>_<name> (e.g. 10_sks dog) to use them, or pass the subfolder itself"
-                if listing.skipped_dirs else "")
-        raise SdtuneError(f"no images in {root} (found {found}); supported: {', '.join(imgs.IMAGE_EXTS)}{hint}")
+    root, listing = list_images(folder, exts, default_repeats)
 
     bucket_list = imgs.make_buckets(resolution, step=bucket_step, max_ratio=max_ratio) if buckets else []
     if buckets and not bucket_list:
