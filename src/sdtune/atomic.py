@@ -23,6 +23,7 @@ def _read_umask() -> int:
 
 _UMASK = _read_umask()  # read once: os.umask can only be read by setting it, which is not thread-safe
 FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK  # what a plain mkdir gives (tempfile.mkdtemp makes 0700)
 
 
 @contextmanager

@@ -116,7 +116,8 @@ def check_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise SdtuneError(f"{what} {p}: cannot create the folder ({probe} is a file); choose another path")
+        raise SdtuneError(f"{what} {p} is not writable: cannot create the folder ({probe} is a file); choose "
+                          "another path")
     where = "" if probe == p else f" (its nearest existing folder {probe} is not writable)"
     if not access(probe, os.W_OK | os.X_OK):
         raise SdtuneError(f"{what} {p} is not writable{where}; choose another folder or fix its permissions")

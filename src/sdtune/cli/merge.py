@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 
+from sdtune.atomic import DIR_MODE
 from sdtune.errors import SdtuneError
 from sdtune.models.bundled import is_bundled_model
 from sdtune.paths import check_readable, check_writable_dir, check_writable_file
@@ -55,13 +57,27 @@ def run_merge(model: str | None, loras: list[Any], out: Path, *, dtype: str | No
         return save_single_file(loaded.pipe, out, loaded.family, dtype=target_dtype,
                                 metadata={"sdtune_merged_loras": record, "sdtune_base_model": loaded.name,
                                           "sdtune_base_model_hash": loaded.hash})
+    import shutil
+    import tempfile
+
     from sdtune.models.loading import quiet_loading
+    from sdtune.paths import writing
 
     pipe = loaded.pipe.to(target_dtype) if target_dtype is not None else loaded.pipe
-    with quiet_loading():
-        pipe.save_pretrained(str(out), safe_serialization=True)
-    (out / "sdtune_merge.json").write_text(json.dumps({"base_model": loaded.name, "base_model_hash": loaded.hash,
-                                                      "loras": json.loads(record)}, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out):  # the folder appears complete or not at all: a full disk leaves no half model behind
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            with quiet_loading():
+                pipe.save_pretrained(str(tmp), safe_serialization=True)
+            (tmp / "sdtune_merge.json").write_text(json.dumps({"base_model": loaded.name, "base_model_hash":
+                                                              loaded.hash, "loras": json.loads(record)}, indent=2)
+                                                   + "\n")
+            os.chmod(tmp, DIR_MODE)
+            os.replace(tmp, out)  # onto a missing or empty folder (checked above)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 
