@@ -79,10 +79,24 @@ def writing(path: str | os.PathLike[str]) -> Iterator[None]:
         raise mapped from exc
 
 
+NAME_MAX = 255  # bytes per file name on ext4, XFS, btrfs, APFS and NTFS (in UTF-16 units there)
+
+
+def check_name(path: str | os.PathLike[str], what: str) -> Path:
+    """Refuse a path with a name longer than file systems allow: the OS would say ENAMETOOLONG from the first
+    `exists()` on, which is no answer a user can act on."""
+    p = Path(path).expanduser()
+    for part in p.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise SdtuneError(f"{what}: the name {part[:24]!r}... is {len(os.fsencode(part))} bytes long; file "
+                              f"systems allow {NAME_MAX}, use a shorter name")
+    return p
+
+
 def check_readable(path: str | os.PathLike[str], what: str) -> Path:
     """`path` exists and can be read: a file is opened, a folder listed. `what` names it for the user (e.g.
     "--lora a.safetensors"). Missing paths are left to the caller's own message (it knows what was meant)."""
-    p = Path(path).expanduser()
+    p = check_name(path, what)
     if not p.exists():
         return p
     is_dir = p.is_dir()
@@ -107,7 +121,7 @@ def check_readable(path: str | os.PathLike[str], what: str) -> Path:
 def check_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
     """`path` is, or can be created as, a folder this process can write in; nothing is created. The nearest
     existing ancestor must be a writable folder (a file on the way is refused too)."""
-    p = Path(path).expanduser()
+    p = check_name(path, f"{what} {path}")
     if p.exists() and not p.is_dir():
         raise SdtuneError(f"{what} {p} is a file, not a folder; choose a folder")
     probe = p

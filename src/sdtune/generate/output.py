@@ -13,7 +13,7 @@ from typing import Any
 from sdtune.atomic import FILE_MODE
 from sdtune.errors import SdtuneError
 from sdtune.generate.pnginfo import png_info
-from sdtune.paths import check_writable_dir, writing
+from sdtune.paths import check_name, check_writable_dir, writing
 
 _NUMBERED = re.compile(r"^(\d+)-")
 _GRID = re.compile(r"^grid-(\d+)")
@@ -21,6 +21,7 @@ _GRID = re.compile(r"^grid-(\d+)")
 
 def check_out_dir(folder: Path) -> None:
     """Fail before generating when the output folder cannot be one (it is a file, or not writable)."""
+    check_name(folder, f"output folder {folder}")
     if folder.exists() and not folder.is_dir():
         raise SdtuneError(f"output folder {folder} is a file; pass a folder with --out")
     check_writable_dir(folder, "output folder")
