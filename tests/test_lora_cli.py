@@ -53,6 +53,28 @@ def test_merge_writes_base_plus_weighted_delta(setup, capsys, tmp_path, out_name
         assert record["loras"][0]["name"] == "style" and record["loras"][0]["weight"] == 0.7
 
 
+@pytest.mark.parametrize("out_name", ["merged.safetensors", "merged_folder"])
+def test_merge_on_a_full_disk_leaves_nothing(setup, capsys, tmp_path, monkeypatch, out_name):
+    """A full disk while saving the merged model: one line, and no partial file or folder (issue 19)."""
+    import errno
+
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, *args, **kwargs):
+        real(dict(list(tensors.items())[:1]), filename, *args, **kwargs)  # a part is written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / out_name
+    code, _, err = run_cli(["merge", "--model", str(setup["model"]), "--lora", str(setup["lora"]), "--out",
+                            str(out)], capsys)
+    assert code == 2 and err.strip().splitlines() == [f"error: no space left writing {out}: free space or "
+                                                      "choose another --out"], err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_merge_refuses_existing_output_and_other_families(setup, capsys, tmp_path):
     from sdtune.adapters.lora import save_lora
     from sdtune.adapters.lora.testing import random_network

@@ -41,18 +41,39 @@ def main(argv: list[str] | None = None) -> None:
     _register()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    for i, arg in enumerate(args):  # only in-process callers can pass one (a C argv cannot hold NUL)
+        if "\0" in arg:
+            _fail(f"argument {i + 1} ({arg.split(chr(0))[0][:40]!r}...) contains a NUL byte; retype it", 2)
     try:
         cli.main(args=args, prog_name="sdtune", standalone_mode=False)
     except SdtuneError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # one line, like every other error; the usage text is one --help away
+        where = exc.ctx.command_path if exc.ctx is not None else "sdtune"
+        _fail(f"{exc.format_message()} (see `{where} --help`)", exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _fail(exc.format_message(), exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        # Safety net, not the fix: commands check their paths before working (sdtune.paths) and their writers map
+        # a full disk themselves; a refusal by the OS that still gets here is one line, not a traceback.
+        from sdtune.paths import os_error
+
+        mapped = os_error(exc)
+        if mapped is None or debug:
+            raise
+        _fail(str(mapped), mapped.exit_code)
+
+
+def _fail(message: str, code: int) -> None:
+    """Print `error: MESSAGE` as one line on stderr and exit with `code`."""
+    line = " ".join(part.strip() for part in message.splitlines())  # a user reads the first line only
+    line = line.encode("utf-8", "backslashreplace").decode("utf-8")  # invalid UTF-8 from argv, shown escaped
+    click.echo(f"error: {line}", err=True)
+    sys.exit(code)

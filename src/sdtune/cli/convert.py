@@ -96,7 +96,15 @@ register_converter("embedding", ("safetensors", "diffusers", "a1111", "kohya", "
 
 def run_convert(file: Path, target: str, out: Path, **options: Any) -> str:
     from sdtune.formats.identify import FileInfo, identify
+    from sdtune.paths import check_readable, check_writable_file
 
+    check_readable(file, str(file))
+    if Path(out).exists():
+        raise SdtuneError(f"{out} already exists; choose a new output path (convert never overwrites)")
+    check_writable_file(out, f"--out {out}")
+    model = options.get("model")
+    if model and Path(model).expanduser().exists():
+        check_readable(model, f"--model {model}")
     info: FileInfo | SimpleNamespace  # a converter reads its .path and .kind
     if Path(file).suffix.lower() in (".png", ".webp"):  # A1111 image embeddings (identify reads weight files only)
         info = SimpleNamespace(path=Path(file), kind="embedding")

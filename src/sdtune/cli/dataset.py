@@ -56,6 +56,8 @@ def check_cmd(folder: Path, method: str | None, resolution: int, as_json: bool) 
     else:
         click.echo(report.format())
     if not report.usable:
+        click.echo(f"error: {folder} has no usable training images (see the report above); add images or fix "
+                   "the ones listed", err=True)
         sys.exit(2)
 
 

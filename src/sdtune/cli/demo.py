@@ -21,6 +21,12 @@ def demo(out: Path, model: str | None, steps: int) -> None:
     from tqdm import tqdm
 
     from sdtune.demo import run_demo
+    from sdtune.paths import check_writable_dir
+
+    from sdtune.models.loading import resolve_spec
+
+    check_writable_dir(out, "--out")  # before a few minutes of work, not after
+    resolve_spec(model)  # a missing model fails now, with the loader's message
 
     bars: dict[str, tqdm] = {}
 

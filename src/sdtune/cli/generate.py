@@ -10,6 +10,7 @@ import click
 
 from sdtune.errors import SdtuneError
 from sdtune.models.bundled import is_bundled_model
+from sdtune.paths import check_readable
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -33,6 +34,7 @@ def _from_png(png: Path, overrides: dict[str, Any], model: str | None, vae: str 
 
     if png.is_dir():
         raise SdtuneError(f"--from-png {png} is a folder; give the path of one PNG made by sdtune or A1111")
+    check_readable(png, f"--from-png {png}")
     rec = params_from_infotext(parse_infotext(read_png_infotext(png)))
     params = rec.params.replace(**overrides)
     keep: set[int] | None = None
@@ -90,10 +92,16 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
     for hn_path, _ in hn_specs:  # before loading the model: a typo costs nothing
         if not Path(hn_path).expanduser().is_file():
             raise SdtuneError(f"--hypernetwork {hn_path}: no such file")
+        check_readable(hn_path, f"--hypernetwork {hn_path}")
+    for hn_dir in hn_dirs:
+        if not Path(hn_dir).expanduser().is_dir():
+            raise SdtuneError(f"--hypernetwork-dir {hn_dir}: no such folder")
+        check_readable(hn_dir, f"--hypernetwork-dir {hn_dir}")
     emb_sources = list(overrides.pop("embeddings", None) or ())
     for src in emb_sources:  # before loading the model: a typo costs nothing
         if not Path(src).expanduser().exists():
             raise SdtuneError(f"--embeddings {src}: no such file or folder")
+        check_readable(src, f"--embeddings {src}")
     if prompt is not None:
         overrides["prompt"] = prompt
     keep: set[int] | None = None
@@ -116,7 +124,9 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
     for option, specs in (("--lora", lora_specs), ("--negative-lora", negative_specs)):
         for lora_path, _ in specs:  # before loading the model: a typo costs nothing
             if not Path(lora_path).expanduser().is_file():
-                raise SdtuneError(f"{option} {lora_path}: no such file")
+                what = "is a folder; give a LoRA file" if Path(lora_path).expanduser().is_dir() else "no such file"
+                raise SdtuneError(f"{option} {lora_path}: {what}")
+            check_readable(lora_path, f"{option} {lora_path}")
     if negative_specs and params.cfg_scale <= 1.0:
         raise SdtuneError(f"--negative-lora acts on the unconditional pass, which CFG scale {params.cfg_scale:g} "
                           "does not run; use --cfg above 1")
@@ -124,6 +134,18 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
     for lora_dir in lora_dirs:
         if not Path(lora_dir).expanduser().is_dir():
             raise SdtuneError(f"--lora-dir {lora_dir}: no such folder")
+        check_readable(lora_dir, f"--lora-dir {lora_dir}")
+    from sdtune.models.device import resolve_device_dtype
+    from sdtune.models.loading import resolve_spec
+
+    resolve_device_dtype(device, None if dtype == "auto" else dtype)  # an unknown device or dtype costs no loading
+    for option, name in (("--model", model), ("--vae", vae), ("--refiner", params.refiner)):
+        if name is None and option != "--model":
+            continue  # none given
+        if option == "--vae" and not Path(str(name)).expanduser().exists():
+            raise SdtuneError(f"VAE {name!r} not found; pass a diffusers VAE folder or a .safetensors/.ckpt VAE file")
+        path, _ = resolve_spec(name)  # a missing model fails here, with the loader's own message
+        check_readable(path, f"{option} {name}")
     generator = Generator(model, vae=vae, device=device, dtype=None if dtype == "auto" else dtype,
                           loras=lora_specs or None, lora_dirs=lora_dirs, negative_loras=negative_specs or None)
     if hn_specs or hn_dirs:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from sdtune.models.bundled import is_bundled_model
+from sdtune.paths import check_name, check_readable
 
 _LONG = 160  # metadata values longer than this are shortened unless --full
 
@@ -49,10 +50,12 @@ def info(file: Path, as_json: bool, keys: bool, full: bool, with_hash: bool) -> 
     """
     from sdtune.formats.identify import identify
 
+    check_name(file, str(file))
     if not file.exists() and is_bundled_model(file):  # the bundled model, by the name --model takes
         from sdtune.models.bundled import bundled_model_path
 
         file = bundled_model_path()
+    check_readable(file, str(file))
     fi = identify(file)
     model_hash = None
     if with_hash:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 
+from sdtune.atomic import DIR_MODE
 from sdtune.errors import SdtuneError
+from sdtune.models.bundled import is_bundled_model
+from sdtune.paths import check_readable, check_writable_dir, check_writable_file
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -28,12 +32,20 @@ def run_merge(model: str | None, loras: list[Any], out: Path, *, dtype: str | No
         raise SdtuneError("no LoRA given; pass --lora FILE[:WEIGHT] (repeatable)")
     for path, _ in specs:
         if not Path(path).expanduser().is_file():
-            raise SdtuneError(f"--lora {path}: no such file")
+            what = "is a folder; give a LoRA file" if Path(path).expanduser().is_dir() else "no such file"
+            raise SdtuneError(f"--lora {path}: {what}")
+        check_readable(path, f"--lora {path}")
+    if model and not is_bundled_model(model) and Path(model).expanduser().exists():
+        check_readable(model, f"--model {model}")
     single = out.suffix.lower() == ".safetensors"
     if out.exists() and (single or not out.is_dir() or any(out.iterdir())):
         raise SdtuneError(f"{out} already exists; choose a new output path (merge never overwrites)")
     if out.suffix and not single:
         raise SdtuneError(f"{out.name}: write a single-file checkpoint as .safetensors, or give a folder name")
+    if single:
+        check_writable_file(out, f"--out {out}")
+    else:
+        check_writable_dir(out, "--out")
     loaded = load_model(model, device="cpu", dtype=None if dtype in (None, "auto") else dtype)
     merged = merge_loras(loaded, specs, model_name=loaded.name)
     record = json.dumps([{"name": m.name, "weight": m.weight, "hash": m.hash, "modules": m.modules}
@@ -45,13 +57,27 @@ def run_merge(model: str | None, loras: list[Any], out: Path, *, dtype: str | No
         return save_single_file(loaded.pipe, out, loaded.family, dtype=target_dtype,
                                 metadata={"sdtune_merged_loras": record, "sdtune_base_model": loaded.name,
                                           "sdtune_base_model_hash": loaded.hash})
+    import shutil
+    import tempfile
+
     from sdtune.models.loading import quiet_loading
+    from sdtune.paths import writing
 
     pipe = loaded.pipe.to(target_dtype) if target_dtype is not None else loaded.pipe
-    with quiet_loading():
-        pipe.save_pretrained(str(out), safe_serialization=True)
-    (out / "sdtune_merge.json").write_text(json.dumps({"base_model": loaded.name, "base_model_hash": loaded.hash,
-                                                      "loras": json.loads(record)}, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out):  # the folder appears complete or not at all: a full disk leaves no half model behind
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            with quiet_loading():
+                pipe.save_pretrained(str(tmp), safe_serialization=True)
+            (tmp / "sdtune_merge.json").write_text(json.dumps({"base_model": loaded.name, "base_model_hash":
+                                                              loaded.hash, "loras": json.loads(record)}, indent=2)
+                                                   + "\n")
+            os.chmod(tmp, DIR_MODE)
+            os.replace(tmp, out)  # onto a missing or empty folder (checked above)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 

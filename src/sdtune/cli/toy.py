@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import click
 
 from sdtune.errors import SdtuneError
+from sdtune.paths import check_readable, check_writable_dir
 
 
 @click.group("toy")
@@ -46,6 +48,10 @@ def eval_cmd(model, seeds, steps, cfg_scale, sampler, shapes, out) -> None:
     unknown = [s for s in shape_list if s not in world.SHAPES]
     if unknown:
         raise SdtuneError(f"unknown shape(s) {', '.join(unknown)}; the world has {', '.join(world.SHAPES)}")
+    if not math.isfinite(cfg_scale):
+        raise SdtuneError(f"--cfg {cfg_scale} is not a number; use a finite CFG scale such as 7")
+    if out is not None:
+        check_writable_dir(out, "--out")
     gen = Generator(model)
     prompts = base_prompts(shape_list)
     bar = tqdm(total=len(prompts), desc="eval", unit="prompt", file=sys.stderr)
@@ -90,6 +96,9 @@ def dataset_cmd(out, count, shapes, colours, backgrounds, styles, caption, seed)
     bg = pick(backgrounds, world.BACKGROUNDS, "background")
     st = pick(styles, world.STYLES, "style")
     if caption:  # a bad template fails here, before anything is written
+        from sdtune.prompts.tokens import check_text
+
+        check_text(caption, "--caption")
         fields = {"shape": sh[0], "colour": co[0], "background": bg[0], "style": st[0]}
         try:
             caption.format(**fields)
@@ -103,6 +112,7 @@ def dataset_cmd(out, count, shapes, colours, backgrounds, styles, caption, seed)
         raise SdtuneError(f"--out {out} is a file, not a folder; choose a new folder for the dataset")
     if out.exists() and any(out.iterdir()):
         raise SdtuneError(f"{out} is not empty; choose a new folder so nothing is overwritten")
+    check_writable_dir(out, "--out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -124,6 +134,8 @@ def judge_cmd(images) -> None:
     from sdtune.toy.judge import judge
 
     for path in images:
+        if path.is_file():
+            check_readable(path, str(path))
         try:
             with Image.open(path) as im:
                 v = judge(im)

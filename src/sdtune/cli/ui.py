@@ -32,9 +32,18 @@ def build_settings(*, listen: bool, auth: str | None, no_api: bool, datasets: tu
         if not d.expanduser().is_dir():
             raise SdtuneError(f"--datasets {d}: no such folder")
     model_folders.datasets = [d.expanduser().resolve() for d in datasets] or [Path.cwd().resolve()]
+    from sdtune.paths import check_readable, check_writable_dir
+
     for folder, option in ((model_folders.outputs, "--outputs"), (model_folders.runs, "--runs")):
         if folder.exists() and not folder.is_dir():
             raise SdtuneError(f"{option} {folder} is a file; pass a folder")
+        check_writable_dir(folder, option)
+    for option, given in (("--data-dir", folders.get("data_dir")), ("--ckpt-dir", folders.get("ckpt_dir")),
+                          ("--vae-dir", folders.get("vae_dir")), ("--lora-dir", folders.get("lora_dir")),
+                          ("--embeddings-dir", folders.get("embeddings_dir")),
+                          ("--hypernetwork-dir", folders.get("hypernetwork_dir")), *(("--datasets", d) for d in datasets)):
+        if given is not None and Path(given).expanduser().is_dir():
+            check_readable(given, f"{option} {given}")
     from sdtune.toy.concept_eval import evaluator_for
 
     return Settings(folders=model_folders, auth=parse_auth(auth), listen=listen, api=not no_api, device=device,

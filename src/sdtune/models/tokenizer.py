@@ -86,6 +86,9 @@ def tokenizer_for(model: str | None) -> Any:
         path = Path(model).expanduser()
     if not path.exists():
         raise SdtuneError(f"model {model!r} not found; pass a diffusers folder, a checkpoint file or `tiny`")
+    from sdtune.paths import check_readable
+
+    check_readable(path, f"--model {model}")
     if path.is_file():
         return clip_tokenizer()
     for sub in ("tokenizer", "tokenizer_2"):

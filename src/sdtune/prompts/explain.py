@@ -101,6 +101,10 @@ def _names(cond: Any, embeddings: Any) -> set[str]:
 def explain_prompt(text: str, *, negative: str = "", tokenizer: Any = None, syntax: str = "auto", steps: int = 20,
                    emphasis: str = "auto", embeddings: Any = None, comma_backtrack: int = 20) -> str:
     """A multi-line explanation of `text` (and `negative`, if given). tokenizer defaults to SD's CLIP tokenizer."""
+    from sdtune.prompts.tokens import check_text
+
+    check_text(text)
+    check_text(negative, "the negative prompt")
     if tokenizer is None:
         from sdtune.models.tokenizer import clip_tokenizer
 

@@ -84,12 +84,19 @@ def write_dataset(folder, scenes: list[world.Scene], captions: list[str]) -> lis
     """Write rendered scenes as PNGs with `.txt` caption sidecars (the layout every trainer here reads)."""
     from pathlib import Path
 
+    from sdtune.atomic import atomic_path, write_atomic
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (scene, caption) in enumerate(zip(scenes, captions)):
         path = folder / f"{i:04d}.png"
-        world.render(scene).save(path)
-        path.with_suffix(".txt").write_text(caption + "\n")
+        with atomic_path(path) as tmp:  # a full disk: one line, no partial PNG, the pairs written before kept
+            world.render(scene).save(tmp, format="PNG")
+        try:
+            write_atomic(path.with_suffix(".txt"), caption + "\n")
+        except BaseException:
+            path.unlink(missing_ok=True)  # an image without its caption would train on no caption
+            raise
         paths.append(path)
     return paths

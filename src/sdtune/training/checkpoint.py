@@ -180,7 +180,15 @@ class StateStore:
         self._lock_fd = fd
 
     def unlock(self) -> None:
+        """Release the lock; a run that saved nothing (it failed while preparing) leaves no state folder behind.
+        Unlinking the lock file while holding it is safe: locks are only ever tried without waiting."""
         if self._lock_fd is not None:
+            try:
+                if [p.name for p in self.folder.iterdir()] == [".lock"]:
+                    (self.folder / ".lock").unlink()
+                    self.folder.rmdir()
+            except OSError:
+                pass
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -221,6 +229,14 @@ class StateStore:
     # -- saving --------------------------------------------------------------------------------------------
 
     def save(self, state: TrainState) -> Path:
+        """Write `state` as a new complete folder (then `latest` names it). A full disk or a refused write is one
+        line; the half-written folder is removed and the previous state stays the one `--resume` continues."""
+        from sdtune.paths import writing
+
+        with writing(self.folder / f"step-{state.step:06d}"):
+            return self._save(state)
+
+    def _save(self, state: TrainState) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"step-{state.step:06d}-{time.time_ns():x}"
         tmp = self.folder / f".tmp-{name}"

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from sdtune.atomic import write_atomic
+from sdtune.paths import check_readable, check_writable_dir
 from sdtune.errors import SdtuneError
 from sdtune.models.bundled import is_bundled_model
 from sdtune.training.options import KINDS, SECTIONS, NoOptions, coerce, merge_options, opt, unknown_setting
@@ -188,7 +189,7 @@ class TrainConfig:
     def from_toml(cls, path: str | Path, *, base: TrainConfig | None = None) -> TrainConfig:
         import tomllib
 
-        p = Path(path).expanduser()
+        p = check_readable(path, f"config file {path}")
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -332,6 +333,12 @@ class TrainConfig:
             raise SdtuneError("sample prompts need at least one seed; add --sample-seed N")
         if any(s < 0 for s in self.sample_seeds):
             raise SdtuneError("sample seeds must be >= 0")
+        from sdtune.prompts.tokens import check_text
+
+        for i, text in enumerate(self.sample_prompts):  # refused now, not at the first sample after minutes
+            check_text(text, f"sample prompt {i + 1}")
+        if self.sample_negative:
+            check_text(self.sample_negative, "sample_negative")
         if self.output_name is not None:
             self.check_output_name(self.output_name)
         if self.sample_sampler:
@@ -373,11 +380,15 @@ class TrainConfig:
 
     def check_paths(self, *, model: bool = True, data: bool = True) -> TrainConfig:
         """Files and folders: model/vae/data/val_dir exist, the output folder is (or can be) a writable folder."""
-        if model and not is_bundled_model(self.model) and not Path(self.model).expanduser().exists():
-            raise SdtuneError(f"model {self.model!r} not found; pass a diffusers folder, a .safetensors/.ckpt file, "
-                              "or tiny")
+        if model and not is_bundled_model(self.model):
+            if not Path(self.model).expanduser().exists():
+                raise SdtuneError(f"model {self.model!r} not found; pass a diffusers folder, a .safetensors/.ckpt "
+                                  "file, or tiny")
+            check_readable(self.model, f"model {self.model}")
         if self.vae is not None and not Path(self.vae).expanduser().exists():
             raise SdtuneError(f"vae {self.vae!r} not found; pass a VAE folder or file")
+        if self.vae is not None:
+            check_readable(self.vae, f"vae {self.vae}")
         if data:
             if not self.data:
                 raise SdtuneError("no training data; pass --data DIR (a folder of images with .txt captions)")
@@ -389,9 +400,11 @@ class TrainConfig:
                 if not p.is_dir():
                     what = "does not exist" if not p.exists() else "is a file, not a folder"
                     raise SdtuneError(f"{name} folder {p} {what}; pass the folder that holds the images")
+                check_readable(p, f"{name} folder {p}")
         out = self.out_dir
         if out.exists() and not out.is_dir():
             raise SdtuneError(f"output folder {out} is a file; pass a folder with --out")
+        check_writable_dir(out, "output folder")
         try:
             out.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=out, prefix=".write-test.")
@@ -403,6 +416,8 @@ class TrainConfig:
         if self.resume not in (None, "auto") and not Path(self.resume).expanduser().exists():
             raise SdtuneError(f"resume state {self.resume} does not exist; pass --resume alone to continue from "
                               f"{out / 'state'}")
+        if self.resume not in (None, "auto"):
+            check_readable(self.resume, f"resume state {self.resume}")
         return self
 
     def validate(self, *, model: bool = True, data: bool = True) -> TrainConfig:

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from sdtune.errors import SdtuneError
+from sdtune.paths import check_readable, read_bytes
 from sdtune.training import captions as cap
 from sdtune.training import images as imgs
 
@@ -67,7 +68,24 @@ def check_folder(folder: str | Path) -> Path:
         raise SdtuneError(f"dataset folder {p} does not exist; pass the folder that holds your training images")
     if not p.is_dir():
         raise SdtuneError(f"{p} is a file, not a folder; pass the folder that holds your training images")
-    return p
+    return check_readable(p, f"dataset folder {p}")
+
+
+def list_images(folder: str | Path, exts: tuple[str, ...] = cap.CAPTION_EXTS,
+                default_repeats: int = 1) -> tuple[Path, Listing]:
+    """The folder and its image files, or a one-line error when it has none (nothing is decoded: cheap enough
+    to run before a model loads, so an empty or wrong folder costs no loading time)."""
+    root = check_folder(folder)
+    listing = list_folder(root, exts, default_repeats)
+    if not listing.images:
+        found = found_instead(listing)
+        if not found:
+            raise SdtuneError(f"{root} is empty; put training images ({', '.join(imgs.IMAGE_EXTS)}) in it, each with "
+                              "an optional <name>.txt caption")
+        hint = ("; name subfolders <repeats>_<name> (e.g. 10_sks dog) to use them, or pass the subfolder itself"
+                if listing.skipped_dirs else "")
+        raise SdtuneError(f"no images in {root} (found {found}); supported: {', '.join(imgs.IMAGE_EXTS)}{hint}")
+    return root, listing
 
 
 def list_folder(folder: Path, caption_exts: tuple[str, ...] = cap.CAPTION_EXTS, default_repeats: int = 1) -> Listing:
@@ -87,6 +105,7 @@ def list_folder(folder: Path, caption_exts: tuple[str, ...] = cap.CAPTION_EXTS, 
         m = KOHYA_DIR.match(d.name)
         if m and int(m.group(1)) > 0:
             out.concept_dirs.append((d, int(m.group(1))))
+            check_readable(d, f"dataset folder {d}")
             files_of(d, int(m.group(1)), m.group(2).strip())
         else:
             out.skipped_dirs.append((d, sum(1 for f in d.rglob("*") if _is_image(f))))
@@ -128,7 +147,7 @@ class Probe:
 def probe_file(path: Path, folder: Path, repeats: int, concept: str, caption_exts: tuple[str, ...],
                *, draft: int | None = None) -> tuple[Probe, Image.Image | None]:
     """Read one image fully (so truncated files are caught now) plus its caption; returns the RGB image too."""
-    data = path.read_bytes()
+    data = read_bytes(path)
     pr = Probe(path=path, rel=path.relative_to(folder).as_posix(), repeats=repeats,
                sha256=hashlib.sha256(data).hexdigest())
     rgb = None
@@ -141,7 +160,7 @@ def probe_file(path: Path, folder: Path, repeats: int, concept: str, caption_ext
     cf = cap.find_caption(path, caption_exts)
     if cf is not None:
         pr.caption_file = cf
-        pr.caption, pr.caption_problem = cap.decode_caption(cf.read_bytes())
+        pr.caption, pr.caption_problem = cap.decode_caption(read_bytes(cf))
         pr.caption_source = "file" if pr.caption else "none"
     if not pr.caption and concept:
         pr.caption, pr.caption_source = concept, "folder"
@@ -231,16 +250,7 @@ def scan_dataset(folder: str | Path, *, resolution: int, min_images: int = 1,
                           "1024 for SDXL, 64 for tiny)")
     exts = (caption_ext,) if isinstance(caption_ext, str) else tuple(caption_ext)
     exts = tuple(e if e.startswith(".") else "." + e for e in exts)
-    root = check_folder(folder)
-    listing = list_folder(root, exts, default_repeats)
-    if not listing.images:
-        found = found_instead(listing)
-        if not found:
-            raise SdtuneError(f"{root} is empty; put training images ({', '.join(imgs.IMAGE_EXTS)}) in it, each with "
-                              "an optional <name>.txt caption")
-        hint = ("; name subfolders <repeats>_<name> (e.g. 10_sks dog) to use them, or pass the subfolder itself"
-                if listing.skipped_dirs else "")
-        raise SdtuneError(f"no images in {root} (found {found}); supported: {', '.join(imgs.IMAGE_EXTS)}{hint}")
+    root, listing = list_images(folder, exts, default_repeats)
 
     bucket_list = imgs.make_buckets(resolution, step=bucket_step, max_ratio=max_ratio) if buckets else []
     if buckets and not bucket_list:

@@ -144,6 +144,7 @@ class Trainer(TrainerSetup, TrainerSampling):
         if self._method is not None:
             type(self._method).check_options(self._method.options, cfg)
         cfg.check_paths(model=not self._given_model)
+        self._precheck()
         self.out = cfg.out_dir
         self.store = StateStore(self.out / "state", keep=cfg.keep_states)
         self.store.lock()

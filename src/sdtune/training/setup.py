@@ -114,13 +114,32 @@ class TrainerSetup(TrainerParts):
         if (cfg.val_split > 0 or cfg.val_dir is not None) and self.val is None:
             raise SdtuneError("the validation set is empty")
 
-    def _prepare_device(self) -> None:
+    def _precheck(self) -> None:
+        """What can be refused without the model, before the run takes its output folder (the state lock): the
+        device, and data folders that hold no images or images this process cannot read (listed and opened, not
+        decoded)."""
+        from sdtune.paths import check_readable
+        from sdtune.training.data import list_images
+
+        self._check_device()
+        cfg = self.config
+        for folder in (cfg.data, cfg.val_dir):
+            if folder is not None:
+                for path, _, _ in list_images(folder)[1].images:
+                    check_readable(path, str(path))
+
+    def _check_device(self) -> Any:
         from sdtune.models.device import resolve_device_dtype
 
         cfg = self.config
         dev, _ = resolve_device_dtype(cfg.device, None)
         if cfg.mixed_precision == "fp16" and dev.type != "cuda":
             raise SdtuneError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision bf16 or no")
+        return dev
+
+    def _prepare_device(self) -> None:
+        cfg = self.config
+        dev = self._check_device()
         if dev.type == "cuda" and dev.index is not None:
             torch.cuda.set_device(dev.index)
         self.accelerator = _make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu=dev.type == "cpu")
@@ -180,10 +199,10 @@ class TrainerSetup(TrainerParts):
 
         cfg, model, pipe = self.config, self.model, self.model.pipe
 
+        self._load_data(multiple)  # first: bad images are the likeliest failure, and it ends in one line
         self.latents_mode = resolve_latents_mode(cfg.latents, model)
         if cfg.latents == "auto" and self.latents_mode == "mean":
             self.echo(f"latents: posterior means ({model.name} was trained on them)")
-        self._load_data(multiple)
         self.encoder = LatentEncoder(pipe.vae, upcast_fp16=self.is_sdxl)
         self.aug = Augment(crop=cfg.crop, zoom=(1.0, cfg.zoom), flip_p=cfg.flip, shuffle=cfg.shuffle_tags,
                            keep_first=cfg.keep_tokens, tag_dropout=cfg.tag_dropout, caption_dropout=cfg.caption_dropout)

@@ -133,7 +133,9 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
             try:
                 from sdtune.models.loading import quiet_loading
 
-                with quiet_loading():
+                from sdtune.paths import writing
+
+                with quiet_loading(), writing(path.with_suffix("")):  # a full disk: one line naming the folder
                     pipe.save_pretrained(tmp, safe_serialization=True)
                 _replace_dir(tmp, path.with_suffix(""))
             except BaseException:
