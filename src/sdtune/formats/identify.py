@@ -125,6 +125,13 @@ def _classify_lora(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, str
             ranks[s[0]] += 1
     modules = {re.split(r"\.(lora_|hada_|lokr_|oft_|alpha|dora_|on_input|a1\.|a2\.|b1\.|b2\.|diff)", k)[0]
                for k in keys}
+    full_modules = 0  # LoKr modules of two full matrices: no rank (A1111/ComfyUI apply them with scale 1)
+    for m in modules:  # LoKr's rank: lokr_w2_b's if W2 is factorised, else lokr_w1_b's (what alpha divides by)
+        rank_key = next((f"{m}.{p}" for p in ("lokr_w2_b", "lokr_w1_b") if f"{m}.{p}" in shapes), None)
+        if rank_key is not None:
+            ranks[shapes[rank_key][0]] += 1
+        elif f"{m}.lokr_w1" in shapes and f"{m}.lokr_w2" in shapes:
+            full_modules += 1
     te2 = any(k.startswith(("lora_te2_", "text_encoder_2.")) or ".text_encoder_2." in k for k in keys)
     targets: Counter[str] = Counter()
     for m in modules:
@@ -153,7 +160,10 @@ def _classify_lora(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, str
                                "targets": dict(targets)}
     if "ss_network_alpha" in meta:
         details["alpha"] = meta["ss_network_alpha"]
-    rank_txt = ", ".join(f"{r} (x{n})" for r, n in sorted(ranks.items())) or "n/a"
+    rank_txt = ", ".join([f"{r} (x{n})" for r, n in sorted(ranks.items())]
+                         + ([f"full (x{full_modules})"] if full_modules else [])) or "n/a"
+    if full_modules:
+        details["full_modules"] = full_modules
     summary = [f"network: {network}", f"modules: {len(modules)} ({', '.join(f'{t} {n}' for t, n in targets.items())})",
                f"rank: {rank_txt}"]
     if bundled:

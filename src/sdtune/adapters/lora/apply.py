@@ -20,6 +20,7 @@ so the same LoRAs and weights give the same bits in whatever order they are list
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,9 @@ def check_compatible(net: LoraNetwork, family: str | None, modules: Mapping[str,
         weight = modules[n].weight
         want = tuple(weight.shape)
         have = m.weight_shape()
-        if have != want and not (len(want) == 4 and want[2:] == (1, 1) and have == want[:2]) \
+        flat_conv = m.algorithm != "LoRA" and len(have) == 2 and len(want) == 4 and have[0] == want[0] \
+            and have[1] == math.prod(want[1:])  # a LoHa/LoKr conv whose file leaves the kernel to the layer
+        if have != want and not flat_conv and not (len(want) == 4 and want[2:] == (1, 1) and have == want[:2]) \
                 and not (len(have) == 4 and have[2:] == (1, 1) and have[:2] == want):
             bad.append(f"{n} (LoRA {list(have)}, model {list(want)})")
     if bad:
@@ -71,14 +74,15 @@ def check_compatible(net: LoraNetwork, family: str | None, modules: Mapping[str,
 
 
 def _fit(net: LoraNetwork, modules: Mapping[str, LoraTarget]) -> LoraNetwork:
-    """Reshape linear factors for 1x1-conv layers and vice versa (SD1 proj_in is a conv, SD2's a linear)."""
+    """Reshape linear factors for conv layers and vice versa (SD1 proj_in is a conv, SD2's a linear; a LoHa/LoKr
+    conv may come flat, [r, in*kh*kw])."""
     from sdtune.adapters.lora.network import LoraModule
 
     out = {}
     for n, m in net.modules.items():
         w = modules[n].weight
         if w.ndim == 4 and m.down.ndim == 2:
-            m = LoraModule(m.down[:, :, None, None], m.up[:, :, None, None], m.alpha)
+            m = LoraModule(m.down.reshape(m.down.shape[0], *w.shape[1:]), m.up[:, :, None, None], m.alpha)
         elif w.ndim == 2 and m.down.ndim == 4:
             m = LoraModule(m.down.flatten(1), m.up.flatten(1), m.alpha)
         out[n] = m

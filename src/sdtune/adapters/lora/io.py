@@ -96,7 +96,16 @@ def read_lora(path: str | Path, *, layout: Mapping[str, Any] | None = None, stri
 
 
 def save_lora(net: LoraNetwork, path: str | Path, format: str = "kohya", **kwargs: Any) -> Path:
-    """Write `net` as `format` ("kohya": A1111/ComfyUI/kohya/diffusers all read it; "diffusers": PEFT layout)."""
+    """Write `net` as `format` ("kohya": A1111/ComfyUI/kohya/diffusers all read it; "diffusers": PEFT layout).
+
+    A network read from a LoHa/LoKr file is refused: its modules are held as LoRA factors of a much higher rank
+    (see `loha_lokr.py`), and a LoRA of the file's own rank cannot hold a Hadamard/Kronecker-product delta."""
+    lycoris = [a for a in net.algorithms() if a != "LoRA"]
+    if lycoris:
+        kind = " and ".join(f"{a} ({'Hadamard' if a == 'LoHa' else 'Kronecker'}-product delta)" for a in lycoris)
+        raise SdtuneError(f"{Path(net.source).name or 'this network'} is a LyCORIS {kind}: the kohya/diffusers "
+                          "LoRA formats cannot hold it exactly at its rank; use the file as it is (sdtune "
+                          "generate --lora, sdtune merge; A1111 and ComfyUI read it too)")
     if format == "kohya":
         return save_kohya(net, path, **kwargs)
     if format == "diffusers":

@@ -2,7 +2,8 @@
 
 Each module holds `down` (kohya lora_down = PEFT lora_A), `up` (lora_up = lora_B) and `alpha`; the weight delta at
 multiplier 1 is `up @ down * alpha / rank` (for convs: the same product over the kernel). LyCORIS LoCon's Tucker
-cores are folded into `down` when read (see `lycoris.py`); LoHa/LoKr are refused at reading.
+cores are folded into `down` when read (see `lycoris.py`); LoHa/LoKr modules are rewritten as exact LoRA factors
+of a higher rank when read (see `loha_lokr.py`) and remember their algorithm and file rank.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ def family_name(family: str | None) -> str:
 @dataclass
 class LoraModule:
     """One module's low-rank factors. Shapes: linear down [r, in], up [out, r]; conv down [r, in, kh, kw],
-    up [out, r, 1, 1]."""
+    up [out, r, 1, 1]. algorithm: "LoRA", or "LoHa"/"LoKr" for a module rewritten from those (`rank` is then the
+    rewrite's, `native_rank` the file's; None for a LoKr of two full matrices). A LoHa/LoKr conv module whose file
+    does not give the kernel holds a flat down [r, in*kh*kw] and up [out, r]; the target layer's shape decides."""
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    algorithm: str = "LoRA"
+    native_rank: int | None = None
 
     @property
     def rank(self) -> int:
@@ -94,7 +99,17 @@ class LoraNetwork:
     def parameters(self) -> int:
         return sum(t.numel() for m in self.modules.values() for _, t in m.tensors())
 
+    def algorithms(self) -> list[str]:
+        """The algorithms of the modules ("LoRA", "LoHa", "LoKr"), most common first."""
+        return [a for a, _ in Counter(m.algorithm for m in self.modules.values()).most_common()]
+
     def describe(self) -> str:
+        algos = self.algorithms()
+        if algos and algos != ["LoRA"]:  # the file's ranks, not the rewrite's
+            native = Counter(m.native_rank if m.algorithm != "LoRA" else m.rank for m in self.modules.values())
+            shown = ", ".join(str(r) if r is not None else "full" for r in sorted(native, key=lambda r: r or 0))
+            return (f"{'/'.join(algos)}, {len(self.modules)} modules ({', '.join(self.components)}), rank {shown}, "
+                    f"family {family_name(self.family)}")
         ranks = ", ".join(f"{r}" for r in sorted(self.ranks()))
         return (f"{len(self.modules)} modules ({', '.join(self.components)}), rank {ranks}, "
                 f"family {family_name(self.family)}")
