@@ -373,8 +373,8 @@ def identify(path: str | Path) -> FileInfo:
 
 
 def _identify_image_embedding(p: Path) -> FileInfo:
-    """A1111's image embeddings: the embedding dict in the PNG/WebP's text chunk (A1111 also reads it from the
-    pixels; sdtune reads the chunk). An ordinary image is a one-line error."""
+    """A1111's image embeddings: the embedding dict in the PNG/WebP's text chunk, or in its pixels when the chunk
+    was stripped (as A1111 reads it). An ordinary image is a one-line error."""
     from sdtune.adapters.textual_inversion.files import read_embedding
 
     emb = read_embedding(p)

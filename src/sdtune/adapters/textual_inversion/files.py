@@ -13,7 +13,7 @@ Layouts read (`read_embedding`, one call for all):
 | kohya / A1111 safetensors | `emb_params: [n, d]` | kohya, Civitai, sdtune (default, SD1/SD2) |
 | diffusers | `{token: [n, d] or [d]}` (.safetensors or .bin) | diffusers' textual_inversion example |
 | SDXL | `clip_l: [n, 768]`, `clip_g: [n, 1280]` | A1111, kohya, ComfyUI, sdtune (SDXL) |
-| A1111 PNG | base64 of JSON of the A1111 dict in the `sd-ti-embedding` text chunk, tensors as {"TORCHTENSOR": list} | A1111 |
+| A1111 PNG | base64 of JSON of the A1111 dict in the `sd-ti-embedding` text chunk, tensors as {"TORCHTENSOR": list}; without the chunk, the same JSON hidden in the pixels (`image_data.py`) | A1111 |
 
 Pickles are opened only with `torch.load(weights_only=True)` (`formats.safe_io.load_pickle`); the .pt files written
 here hold only dicts, strings, ints and tensors, so that works for them and for A1111.
@@ -165,13 +165,20 @@ def png_payload(data: Mapping[str, Any]) -> str:
 
 
 def read_png_data(path: Path) -> tuple[dict | None, dict[str, str]]:
-    """(the embedding dict stored in an image's `sd-ti-embedding` chunk or None, sdtune's metadata)."""
+    """(the embedding dict stored in an image's `sd-ti-embedding` chunk or, when the chunk is absent, in its pixels
+    as A1111 stores it there; None for an ordinary image, sdtune's metadata)."""
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    from sdtune.adapters.textual_inversion.image_data import extract_payload
+
+    pixel_data: Any = None
     try:
         with Image.open(path) as im:
             text = dict(getattr(im, "text", {}) or {})
             text.update({k: v for k, v in im.info.items() if isinstance(v, str)})
+            if PNG_CHUNK not in text:  # stripped chunk: A1111 reads the copy in the pixels
+                pixel_data = extract_payload(np.asarray(im.convert("RGB")), _tensor_hook)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise SdtuneError(f"{path.name} could not be read as an image ({exc})") from None
     meta: dict[str, str] = {}
@@ -181,7 +188,7 @@ def read_png_data(path: Path) -> tuple[dict | None, dict[str, str]]:
         meta = {}
     payload = text.get(PNG_CHUNK)
     if payload is None:
-        return None, meta
+        return (pixel_data if isinstance(pixel_data, dict) and "string_to_param" in pixel_data else None), meta
     try:
         data = json.loads(base64.b64decode(payload), object_hook=_tensor_hook)
     except (ValueError, TypeError) as exc:
@@ -271,7 +278,8 @@ def write_embedding(emb: Embedding, path: str | Path, format: str = "safetensors
     safetensors: `emb_params` (one encoder) or `clip_l`/`clip_g` (SDXL), with `metadata`. diffusers: `{token:
     [n, d]}` (.safetensors, or a .bin pickle); SDXL as clip_l/clip_g. a1111: a .pt with string_to_param (SDXL:
     clip_l/clip_g, name, step). kohya: `emb_params` (SDXL: clip_l/clip_g). sdxl: clip_l/clip_g. png: the A1111
-    dict in the image's `sd-ti-embedding` chunk."""
+    dict in the image's `sd-ti-embedding` chunk and, as A1111 writes it, in the pixels (so the file still loads in
+    A1111 and sdtune when the chunk is stripped)."""
     from sdtune.formats.safe_io import save_safetensors_atomic, save_torch_pickle_atomic
 
     if format not in FORMATS:
@@ -312,10 +320,17 @@ def write_embedding(emb: Embedding, path: str | Path, format: str = "safetensors
     d["name"] = out.stem if out.suffix.lower() == ".png" else d["name"]
     from PIL.PngImagePlugin import PngInfo
 
+    import numpy as np
+    from PIL import Image
+
+    from sdtune.adapters.textual_inversion.image_data import insert_payload
+
     info = PngInfo()
     info.add_text(PNG_CHUNK, png_payload(d))
     info.add_text("sdtune_metadata", json.dumps(meta))
-    return _atomic(out, lambda tmp: _card(emb, image).save(tmp, format="PNG", pnginfo=info))
+    picture = Image.fromarray(insert_payload(np.asarray(_card(emb, image)),
+                                             json.dumps(d, default=_tensor_json).encode("utf-8")), mode="RGB")
+    return _atomic(out, lambda tmp: picture.save(tmp, format="PNG", pnginfo=info))
 
 
 def _atomic(out: Path, write: Any) -> Path:

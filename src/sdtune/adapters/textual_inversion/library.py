@@ -9,7 +9,8 @@ overwritten in place and files replaced by an atomic rename are both noticed; re
 Each embedding is usable by its file's stem (A1111) and, when the file records it and it differs, by the token it
 was trained as (`<star>`). Embeddings whose vectors do not fit the model's text encoders (wrong width or family)
 are skipped with a message naming the expected and the found shapes; so are unreadable files and names already
-taken (the first file in path order keeps the name). Images without an `sd-ti-embedding` chunk are ignored.
+taken (the first file in path order keeps the name). Images without an embedding (no `sd-ti-embedding` chunk
+and no data in the pixels) are ignored.
 """
 
 from __future__ import annotations
