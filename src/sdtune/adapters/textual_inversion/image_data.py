@@ -52,13 +52,12 @@ def _xor(block: np.ndarray) -> np.ndarray:
 
 
 def _crop_black(img: np.ndarray) -> np.ndarray:
-    mask = (img > 0).all(2)
-    cols, rows = mask.any(0), mask.any(1)
-    if not cols.any():
+    mask = np.asarray((img > 0).all(axis=2))
+    cols = np.flatnonzero(mask.any(axis=0))
+    rows = np.flatnonzero(mask.any(axis=1))
+    if cols.size == 0:
         return img[:0, :0]
-    c0, c1 = int(cols.argmax()), mask.shape[1] - int(cols[::-1].argmax())
-    r0, r1 = int(rows.argmax()), mask.shape[0] - int(rows[::-1].argmax())
-    return img[r0:r1, c0:c1]
+    return img[int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1]
 
 
 def extract_payload(pixels: np.ndarray, object_hook: Callable[[dict], Any] | None = None) -> Any | None:
