@@ -368,6 +368,15 @@ def identify(path: str | Path) -> FileInfo:
             kind, family, details, summary = classify_tensors({k: tuple(v.shape) for k, v in flat.items()}, meta)
         shapes = {k: tuple(v.shape) for k, v in flat.items()}
         dtypes = Counter(str(v.dtype).replace("torch.", "") for v in flat.values())
+    if kind == "embedding":
+        from sdtune.adapters.textual_inversion.diffusers_pair import pair_of
+
+        pair = pair_of(p)
+        if pair is not None:  # half of one SDXL embedding: say so, and what it reads as
+            family = "sdxl"
+            details = {**details, "diffusers_sdxl_pair": [str(pair[0]), str(pair[1])]}
+            summary = summary + [f"diffusers SDXL pair: {pair[0].name} (CLIP-L) + {pair[1].name} (OpenCLIP-G) are "
+                                 "read as one SDXL embedding (clip_l + clip_g); `sdtune convert` makes one file"]
     return FileInfo(p, kind, family, fmt, len(shapes), sum(_numel(s) for s in shapes.values()), dict(dtypes),
                     summary, dict(meta), details)
 

@@ -12,6 +12,7 @@ Layouts read (`read_embedding`, one call for all):
 | A1111 .pt | `string_to_param: {"*": [n, d]}`, `string_to_token`, `name`, `step`, `sd_checkpoint(_name)` | A1111 |
 | kohya / A1111 safetensors | `emb_params: [n, d]` | kohya, Civitai, sdtune (default, SD1/SD2) |
 | diffusers | `{token: [n, d] or [d]}` (.safetensors or .bin) | diffusers' textual_inversion example |
+| diffusers SDXL pair | `learned_embeds(-steps-N).safetensors` {token: [n, 768]} + `learned_embeds_2...` {token: [n, 1280]} in one folder, read as one clip_l/clip_g embedding named after the token (`diffusers_pair.py`) | diffusers' textual_inversion_sdxl example |
 | SDXL | `clip_l: [n, 768]`, `clip_g: [n, 1280]` | A1111, kohya, ComfyUI, sdtune (SDXL) |
 | A1111 PNG | base64 of JSON of the A1111 dict in the `sd-ti-embedding` text chunk, tensors as {"TORCHTENSOR": list}; without the chunk, the same JSON hidden in the pixels (`image_data.py`) | A1111 |
 
@@ -202,19 +203,53 @@ def read_png_data(path: Path) -> tuple[dict | None, dict[str, str]]:
 
 
 def read_embedding(path: str | Path) -> Embedding:
-    """Read an embedding in any layout (see module docstring). The name is the file's stem (a PNG's stored name)."""
-    from sdtune.formats.safe_io import SAFETENSORS_EXTS, load_pickle, read_safetensors_metadata, read_state_dict
-
+    """Read an embedding in any layout (see module docstring). The name is the file's stem (a PNG's stored name;
+    a diffusers SDXL pair's token, whichever of its two files `path` names)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise SdtuneError(f"{p}: no such embedding file")
     ext = p.suffix.lower()
     if ext not in EMBEDDING_EXTS:
         raise SdtuneError(f"{p.name}: not an embedding file type; expected one of {', '.join(EMBEDDING_EXTS)}")
+    from sdtune.adapters.textual_inversion.diffusers_pair import pair_of
+
+    pair = pair_of(p)
+    if pair is not None:
+        return _read_pair(*pair)
+    return _read_one(p)
+
+
+def _read_pair(first: Path, second: Path) -> Embedding:
+    """diffusers' SDXL pair as one embedding: clip_l from the text_encoder_1 file, clip_g from the other (by role,
+    so any widths the model has), named after the token both files store."""
+    one, two = _read_one(first), _read_one(second)
+    where = f"{first.name} + {second.name}"
+    if len(one.vectors) != 1 or len(two.vectors) != 1:
+        raise SdtuneError(f"{where}: each file of a diffusers SDXL pair holds one tensor {{token: [n, width]}}")
+    l, g = one.single(), two.single()
+    if l.shape[0] != g.shape[0]:
+        raise SdtuneError(f"{where}: {l.shape[0]} vectors for CLIP-L but {g.shape[0]} for OpenCLIP-G; the two files "
+                          "come from different runs")
+    token = one.token or two.token
+    name = file_stem_for(token) if token else first.parent.name
+    steps = first.stem[len("learned_embeds"):]  # "-steps-N" for an intermediate save, else ""
+    if steps:  # its own name; the trained token stays with the final pair in the same folder
+        name, token = name + steps, None
+    emb = Embedding(name=name, vectors={"clip_l": l, "clip_g": g}, token=token, step=one.step,
+                    metadata=dict(one.metadata), layout="diffusers-sdxl-pair")
+    emb.path = first
+    return emb
+
+
+def _read_one(p: Path) -> Embedding:
+    from sdtune.formats.safe_io import SAFETENSORS_EXTS, load_pickle, read_safetensors_metadata, read_state_dict
+
+    ext = p.suffix.lower()
     if ext in (".png", ".webp"):
         data, meta = read_png_data(p)
         if data is None:
-            raise SdtuneError(f"{p.name} is an image without an embedding ({PNG_CHUNK} chunk)")
+            raise SdtuneError(f"{p.name} is an image without an embedding (no {PNG_CHUNK} chunk, no embedding data "
+                              "in its pixels)")
         png_name = data.get("name")
         name = png_name if isinstance(png_name, str) and png_name else p.stem
         emb = from_dict(data, name, meta=meta, source=p.name)
