@@ -76,7 +76,8 @@ def _need(parts: Mapping[str, torch.Tensor], names: tuple[str, ...], what: str) 
 def _cheapest(w: torch.Tensor, own: Pair | None) -> Pair:
     """W as P @ Q with the smallest inner size: (I, W), (W, I) or its own factors."""
     rows, cols = int(w.shape[0]), int(w.shape[1])
-    options = [(rows, lambda: (torch.eye(rows, dtype=w.dtype), w)), (cols, lambda: (w, torch.eye(cols, dtype=w.dtype)))]
+    eye = lambda n: torch.eye(n, dtype=w.dtype, device=w.device)  # noqa: E731
+    options = [(rows, lambda: (eye(rows), w)), (cols, lambda: (w, eye(cols)))]
     if own is not None:
         options.append((int(own[0].shape[1]), lambda: own))
     return min(options, key=lambda o: o[0])[1]()
@@ -88,7 +89,8 @@ def _module(up: torch.Tensor, down: torch.Tensor, scale: float, kernel: tuple[in
     out, flat = int(up.shape[0]), int(down.shape[1])
     if int(up.shape[1]) >= min(out, flat):
         delta = up @ down
-        up, down = (torch.eye(out), delta) if out <= flat else (delta, torch.eye(flat))
+        eye = torch.eye(min(out, flat), dtype=delta.dtype, device=delta.device)
+        up, down = (eye, delta) if out <= flat else (delta, eye)
     up = up * scale
     rank = int(down.shape[0])
     taps = math.prod(kernel) if kernel else 1
