@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdtune.adapters.lora import keys as K
 from sdtune.adapters.lora import read_lora
@@ -166,11 +167,10 @@ def files(tmp_path_factory):
 def test_read_delta_equals_the_formula(files, which):
     path, want, _ = files[which]
     net = read_lora(path)
-    assert set(net.modules) == set(want)
-    assert net.family == "sd1" and net.algorithms() == [which.replace("lo", "Lo").replace("ha", "Ha")
-                                                         .replace("kr", "Kr")]
+    assert set(net.lycoris) == set(want) and not net.modules
+    assert net.family == "sd1" and net.algorithms() == [{"loha": "LoHa", "lokr": "LoKr"}[which]]
     for name, ref in want.items():
-        got = net.modules[name].delta().reshape(ref.shape)
+        got = net.lycoris[name].delta().reshape(ref.shape)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -188,14 +188,27 @@ def test_applied_delta_weight_zero_and_merge(files, which):
     loras.set([(path, 0.7)])
     applied = unet_out(pipe)
     assert (applied - base).abs().max() > 1e-3
-    seen = set()
-    for name, layer, adapter in lora_layers(pipe):  # the delta PEFT adds, per layer, is the formula's
-        delta = layer.get_delta_weight(adapter).reshape(want[name].shape)
-        torch.testing.assert_close(delta, 0.7 * want[name], rtol=1e-4, atol=1e-5, msg=name)
-        seen.add(name)
-    assert seen == set(want)
+    layers = target_modules(pipe)
+    g = torch.Generator().manual_seed(0)
+    for name, ref in want.items():  # what each layer adds is the formula's delta times the weight
+        layer = layers[name]
+        w = layer.weight
+        x = torch.randn(2, *w.shape[1:2], *((5, 5) if w.ndim == 4 else ()), generator=g)
+        with torch.no_grad():
+            got = layer(x)
+            loras.set([(path, 0.0)])
+            plain = layer(x)
+            loras.set([(path, 0.7)])
+        ref_w = 0.7 * ref.reshape(w.shape)
+        extra = F.conv2d(x, ref_w, None, layer.stride, layer.padding) if w.ndim == 4 else F.linear(x, ref_w)
+        torch.testing.assert_close(got - plain, extra, rtol=1e-4, atol=1e-5, msg=name)
+    assert not list(lora_layers(pipe))  # no PEFT LoRA layer: the file's own tensors are used
     loras.set([(path, 0.0)])
     assert torch.equal(unet_out(pipe), base)  # weight 0: the base model bit for bit
+    loras.set([(path, 0.7)])
+    assert torch.equal(unet_out(pipe), applied)  # switching back: the same bits
+    loras.unload()
+    assert torch.equal(unet_out(pipe), base)
 
     merged = tiny_pipeline("sd1", seed=5)
     before = {n: m.weight.detach().clone() for n, m in target_modules(merged).items()}
@@ -212,10 +225,10 @@ def test_lokr_of_two_full_matrices_has_scale_one_and_alpha_over_w2_rank(tmp_path
     name = "lora_unet_mid_block_attentions_0_proj_in"
     w1, w2 = torch.ones(2, 2), torch.eye(4)
     net = network_from_state_dict({f"{name}.lokr_w1": w1, f"{name}.lokr_w2": w2, f"{name}.alpha": torch.tensor(9.)})
-    torch.testing.assert_close(net.modules["unet.mid_block.attentions.0.proj_in"].delta(), torch.kron(w1, w2))
+    torch.testing.assert_close(net.lycoris["unet.mid_block.attentions.0.proj_in"].delta(), torch.kron(w1, w2))
     sd = {f"{name}.lokr_w1_a": torch.ones(2, 1), f"{name}.lokr_w1_b": torch.ones(1, 2),
           f"{name}.lokr_w2_a": torch.ones(4, 2), f"{name}.lokr_w2_b": torch.ones(2, 4), f"{name}.alpha": torch.tensor(8.)}
-    d = network_from_state_dict(sd).modules["unet.mid_block.attentions.0.proj_in"].delta()
+    d = network_from_state_dict(sd).lycoris["unet.mid_block.attentions.0.proj_in"].delta()
     torch.testing.assert_close(d, torch.full((8, 8), 2.0 * 8 / 2))  # kron(ones, 2*ones) * 8 / 2
 
 
@@ -229,7 +242,7 @@ def test_real_sd1_and_sdxl_key_names_and_family(tmp_path):
            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.hada_w2_b": torch.randn(2, 768),
            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha": torch.tensor(1.0)}
     net = network_from_state_dict(sd1)
-    m = net.modules["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
+    m = net.lycoris["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
     assert net.family == "sd1" and m.weight_shape() == (320, 768) and m.native_rank == 2
     xl = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lokr_w1": torch.randn(8, 16, generator=g),
           "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lokr_w2_a": torch.randn(80, 4, generator=g),
@@ -242,15 +255,15 @@ def test_real_sd1_and_sdxl_key_names_and_family(tmp_path):
           "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.hada_w2_b": torch.randn(2, 1280, generator=g)}
     net = network_from_state_dict(xl)
     assert net.family == "sdxl"
-    shapes = {n: m.weight_shape() for n, m in net.modules.items()}
+    shapes = {n: m.weight_shape() for n, m in net.lycoris.items()}
     assert shapes == {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 2048),
                       "unet.down_blocks.0.resnets.0.conv1": (320, 320, 3, 3),
                       "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj": (1280, 1280)}
-    conv = net.modules["unet.down_blocks.0.resnets.0.conv1"]
+    conv = net.lycoris["unet.down_blocks.0.resnets.0.conv1"]
     ref = torch.kron(xl["lora_unet_input_blocks_1_0_in_layers_2.lokr_w1"][:, :, None, None],
                      xl["lora_unet_input_blocks_1_0_in_layers_2.lokr_w2"])
     torch.testing.assert_close(conv.delta(), ref, rtol=1e-4, atol=1e-4)
-    assert conv.rank <= 320  # never more than the layer's own size
+    assert conv.native_rank is None and conv.scale == 1.0  # two full matrices, no alpha
     assert "LoKr" in net.describe() and "family SDXL" in net.describe()
 
 

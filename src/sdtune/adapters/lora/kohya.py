@@ -4,7 +4,7 @@ Per module `<kohya name>.lora_down.weight`, `.lora_up.weight` and a scalar `.alp
 missing alpha means alpha = rank). Conv modules (1x1 projections of SD1, 3x3 resnet convs of LoCon) keep their
 kernels: lora_down [r, in, kh, kw], lora_up [out, r, 1, 1]. Key names: see `keys.py`. LyCORIS LoHa/LoKr files use
 the same module names with `hada_*` / `lokr_*` tensors (no `.weight` suffix); they are read through
-`loha_lokr.py` into exact LoRA factors.
+`loha_lokr.py` and kept as they are (`LoraNetwork.lycoris`).
 
 Metadata written: the `ss_*` keys kohya tools and LoRA browsers read (ss_network_module "networks.lora",
 ss_network_dim, ss_network_alpha, ss_network_args for conv layers, ss_base_model_version "sd_v1"/"sd_v2"/
@@ -24,7 +24,7 @@ import torch
 
 from sdtune.adapters.lora import keys as K
 from sdtune.adapters.lora.loha_lokr import PARTS as LYCORIS_PARTS
-from sdtune.adapters.lora.loha_lokr import algorithm_of, lycoris_module
+from sdtune.adapters.lora.loha_lokr import LycorisModule, algorithm_of, lycoris_module
 from sdtune.adapters.lora.lycoris import fold_tucker, is_locon, refuse_unsupported
 from sdtune.adapters.lora.network import (
     LoraModule,
@@ -76,6 +76,7 @@ def kohya_to_network(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], *,
     except ValueError:
         padding = set()
     modules: dict[str, LoraModule] = {}
+    lycoris: dict[str, LycorisModule] = {}
     origin: dict[str, str] = {}
     for mod, parts in groups.items():
         name = K.from_kohya(mod, layout, meta_family)
@@ -85,7 +86,7 @@ def kohya_to_network(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], *,
             continue
         if algo is None and name in padding and not bool(parts["up"].any()) and not bool(parts["down"].any()):
             continue  # sdtune's zero compatibility module (see diffusers_padding)
-        if name in modules:
+        if name in modules or name in lycoris:
             raise SdtuneError(f"{source}: {mod} and {origin[name]} are the same module ({name}); the file is "
                               "inconsistent, re-export it")
         alpha_t = parts.get("alpha")
@@ -97,7 +98,7 @@ def kohya_to_network(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], *,
             file_alpha = float(alpha_t.float().item()) if alpha_t is not None else None
             if file_alpha is not None:
                 check_alpha(mod, file_alpha, source)
-            modules[name] = lycoris_module(parts, file_alpha, f"{source}: {mod}")
+            lycoris[name] = lycoris_module(parts, file_alpha, f"{source}: {mod}")
             origin[name] = mod
             continue
         down, up = parts["down"], parts["up"]
@@ -107,9 +108,9 @@ def kohya_to_network(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], *,
         modules[name] = LoraModule(down=down, up=up, alpha=alpha)
         origin[name] = mod
     net = LoraNetwork(modules=modules, metadata=dict(meta), unet_layout=layout, source=source,
-                      unknown_keys=sorted(unknown))
-    net.family = detect_family(modules, meta, sgm_names=sgm)
-    if modules:
+                      unknown_keys=sorted(unknown), lycoris=lycoris)
+    net.family = detect_family({**modules, **lycoris}, meta, sgm_names=sgm)
+    if modules or lycoris:
         check_network(net)
     return net
 

@@ -1,8 +1,4 @@
-"""LyCORIS LoHa and LoKr modules, rewritten exactly as ordinary LoRA factors.
-
-Why: generation applies LoRAs as diffusers/PEFT LoRA adapters (switchable, weight 0 = the base model) and
-`sdtune merge` adds `up @ down * scale`; a LoHa or LoKr delta can be written as such a product *exactly* (no
-approximation, only float rounding), at a higher rank, so both paths take them with no code of their own.
+"""LyCORIS LoHa and LoKr modules: their tensors as the file holds them, and the weight delta they stand for.
 
 The file format (LyCORIS; read the same way by A1111's extensions-builtin/Lora and ComfyUI's weight_adapter):
 
@@ -16,27 +12,25 @@ The file format (LyCORIS; read the same way by A1111's extensions-builtin/Lora a
   dim = lokr_w2_b.shape[0] if W2 is factorised, else lokr_w1_b.shape[0] if W1 is; when both are full matrices (or
   there is no alpha) the scale is 1, whatever alpha says.
 
-The rewrite: LoHa (U1 V1) * (U2 V2) = sum_ij (U1[:, i] * U2[:, j]) (V1[i] * V2[j]), rank r1*r2 (the face-splitting
-product). LoKr kron(P1 Q1, P2 Q2) = kron(P1, P2) @ kron(Q1, Q2) with each W = P Q the cheapest of (I, W), (W, I) or
-its own factors. Where that rank reaches the layer's smaller side the full delta is stored instead (up = I or
-down = I), which is as exact. The scale is folded into `up` and alpha = rank (PEFT scale 1).
+Why the native tensors are kept (not rewritten as LoRA factors): a Hadamard or Kronecker product can be written as
+an exact LoRA only at a much higher rank, for SDXL 4 GiB (LoKr dim 8) to 16 GiB (full-matrix LoKr) of factors in
+fp32 (measured with the rewrite this module first had; see docs/lora.md). Generation adds the delta computed from
+these few tensors at each forward (`lycoris_hooks.py`); `sdtune merge` adds `delta()` once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 import torch
 
-from sdtune.adapters.lora.network import LoraModule
 from sdtune.errors import SdtuneError
 
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 PARTS = LOHA_PARTS + LOKR_PARTS
-
-Pair = tuple[torch.Tensor, torch.Tensor]  # (P [rows, k], Q [k, cols]) with W = P @ Q
 
 
 def algorithm_of(parts: Mapping[str, torch.Tensor]) -> str | None:
@@ -48,119 +42,121 @@ def algorithm_of(parts: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _f(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """W[p, q, k, l] = sum_ij t[i, j, k, l] wa[i, p] wb[j, q]."""
+    return torch.einsum("ijkl,ip,jq->pqkl", t, wa, wb)
 
 
-def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, what: str) -> tuple[Pair, tuple[int, ...]]:
-    """A Tucker-form factor (core t [r, r, kh, kw], wa [r, out], wb [r, in]) as (U [out, r], V [r, in*kh*kw])."""
-    if t.ndim != 4 or wa.ndim != 2 or wb.ndim != 2 or t.shape[0] != wa.shape[0] or t.shape[1] != wb.shape[0]:
-        raise SdtuneError(f"{what}: Tucker core {list(t.shape)} does not fit {list(wa.shape)} and {list(wb.shape)}")
-    v = torch.einsum("abkl,bi->aikl", _f(t), _f(wb))  # [r, in, kh, kw]
-    return (_f(wa).t(), v.flatten(1)), tuple(int(s) for s in t.shape[2:])
+@dataclass
+class LycorisModule:
+    """One LoHa/LoKr module. shape: the delta's shape as far as the file tells it: (out, in) for a linear or a conv
+    whose kernel the file leaves to the layer ([out, in*kh*kw] flat), (out, in, kh, kw) when the file gives the
+    kernel (Tucker cores, a 4-D lokr_w2). scale: alpha / dim by the rules above. native_rank: the file's rank (None
+    for a LoKr of two full matrices)."""
+
+    algorithm: str
+    parts: dict[str, torch.Tensor]
+    shape: tuple[int, ...]
+    scale: float
+    native_rank: int | None
+
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return self.parts.items()
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LycorisModule":
+        parts = {k: v.to(device=device, dtype=dtype) for k, v in self.parts.items()}
+        return LycorisModule(self.algorithm, parts, self.shape, self.scale, self.native_rank)
+
+    def delta(self, dtype: torch.dtype = torch.float32, multiplier: float = 1.0) -> torch.Tensor:
+        """The weight delta times `multiplier` (scale included), in `shape`, computed in float32 at least. The
+        factors are multiplied by scale * multiplier while small (one pass over a large tensor fewer: generation
+        computes this at every forward)."""
+        calc = torch.promote_types(dtype, torch.float32)
+        p = {k: v.to(calc) for k, v in self.parts.items()}
+        s = self.scale * multiplier
+        if self.algorithm == "LoHa":
+            if "hada_t1" in p:
+                d = _tucker(p["hada_t1"] * s, p["hada_w1_a"], p["hada_w1_b"])
+                d.mul_(_tucker(p["hada_t2"], p["hada_w2_a"], p["hada_w2_b"]))
+            else:
+                d = (p["hada_w1_a"] * s) @ p["hada_w1_b"].flatten(1)
+                d.mul_(p["hada_w2_a"] @ p["hada_w2_b"].flatten(1))
+        else:
+            w1 = p["lokr_w1"] * s if "lokr_w1" in p else (p["lokr_w1_a"] * s) @ p["lokr_w1_b"]
+            if "lokr_w2" in p:
+                w2 = p["lokr_w2"]
+            elif "lokr_t2" in p:
+                w2 = _tucker(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+            else:
+                w2 = p["lokr_w2_a"] @ p["lokr_w2_b"].flatten(1)
+            d = torch.kron(w1.contiguous(), w2.flatten(1).contiguous())
+        return d.reshape(self.shape).to(dtype)
 
 
-def _pair(a: torch.Tensor, b: torch.Tensor, what: str) -> Pair:
-    if a.ndim != 2 or b.ndim < 2 or a.shape[1] != b.shape[0]:
-        raise SdtuneError(f"{what}: {list(a.shape)} and {list(b.shape)} are not a factor pair [n, r] @ [r, m]")
-    return _f(a), _f(b).flatten(1)
-
-
-def _need(parts: Mapping[str, torch.Tensor], names: tuple[str, ...], what: str) -> list[torch.Tensor]:
+def _need(parts: Mapping[str, torch.Tensor], names: Iterable[str], what: str) -> None:
     missing = [n for n in names if n not in parts]
     if missing:
         raise SdtuneError(f"{what}: {', '.join(missing)} missing; the LyCORIS file is incomplete, re-export it")
-    return [parts[n] for n in names]
 
 
-def _cheapest(w: torch.Tensor, own: Pair | None) -> Pair:
-    """W as P @ Q with the smallest inner size: (I, W), (W, I) or its own factors."""
-    rows, cols = int(w.shape[0]), int(w.shape[1])
-    eye = lambda n: torch.eye(n, dtype=w.dtype, device=w.device)  # noqa: E731
-    options = [(rows, lambda: (eye(rows), w)), (cols, lambda: (w, eye(cols)))]
-    if own is not None:
-        options.append((int(own[0].shape[1]), lambda: own))
-    return min(options, key=lambda o: o[0])[1]()
+def _bad(what: str, parts: Mapping[str, torch.Tensor]) -> SdtuneError:
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(parts.items()))
+    return SdtuneError(f"{what}: the tensors do not fit together ({shapes}); the file is broken, re-export it")
 
 
-def _module(up: torch.Tensor, down: torch.Tensor, scale: float, kernel: tuple[int, ...] | None, algorithm: str,
-            native_rank: int | None) -> LoraModule:
-    """up [out, R] @ down [R, in_flat] * scale as a LoraModule (full delta where R reaches the layer's size)."""
-    out, flat = int(up.shape[0]), int(down.shape[1])
-    if int(up.shape[1]) >= min(out, flat):
-        delta = up @ down
-        eye = torch.eye(min(out, flat), dtype=delta.dtype, device=delta.device)
-        up, down = (eye, delta) if out <= flat else (delta, eye)
-    up = up * scale
-    rank = int(down.shape[0])
-    taps = math.prod(kernel) if kernel else 1
-    if kernel is not None and taps > 1 and flat % taps == 0:  # a known conv kernel; otherwise the layer decides
-        down = down.reshape(rank, flat // taps, *kernel)
-        up = up[:, :, None, None]
-    return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(rank), algorithm=algorithm,
-                      native_rank=native_rank)
+def _factor_shape(parts: Mapping[str, torch.Tensor], a: str, b: str, t: str | None, what: str
+                  ) -> tuple[tuple[int, ...], int]:
+    """(shape of one factor W = a @ b or Tucker(t, a, b), its rank) after checking the shapes fit."""
+    wa, wb = parts[a], parts[b]
+    if t is not None and t in parts:
+        core = parts[t]
+        if core.ndim != 4 or wa.ndim != 2 or wb.ndim != 2 or core.shape[0] != wa.shape[0] \
+                or core.shape[1] != wb.shape[0]:
+            raise _bad(what, parts)
+        return (int(wa.shape[1]), int(wb.shape[1]), *(int(s) for s in core.shape[2:])), int(wb.shape[0])
+    if wa.ndim != 2 or wb.ndim not in (2, 4) or wa.shape[1] != wb.shape[0]:
+        raise _bad(what, parts)
+    if wb.ndim == 4:
+        return (int(wa.shape[0]), int(wb.shape[1]), *(int(s) for s in wb.shape[2:])), int(wb.shape[0])
+    return (int(wa.shape[0]), int(wb.shape[1])), int(wb.shape[0])
 
 
-def _scale(alpha: float | None, dim: int | None) -> float:
-    return alpha / dim if alpha is not None and dim is not None else 1.0
-
-
-def loha_module(parts: Mapping[str, torch.Tensor], alpha: float | None, what: str) -> LoraModule:
-    """A LoHa module's tensors -> an exact LoraModule (see the module docstring)."""
-    w1a, w1b, w2a, w2b = _need(parts, LOHA_PARTS[:4], what)
-    kernel: tuple[int, ...] | None = tuple(int(s) for s in w1b.shape[2:]) if w1b.ndim == 4 else None
-    if "hada_t1" in parts or "hada_t2" in parts:
-        t1, t2 = _need(parts, ("hada_t1", "hada_t2"), what)
-        (u1, v1), kernel = _tucker(t1, w1a, w1b, what)
-        (u2, v2), _ = _tucker(t2, w2a, w2b, what)
-    else:
-        u1, v1 = _pair(w1a, w1b, what)
-        u2, v2 = _pair(w2a, w2b, what)
-    if u1.shape[0] != u2.shape[0] or v1.shape[1] != v2.shape[1]:
-        raise SdtuneError(f"{what}: the two Hadamard factors have different shapes "
-                          f"({u1.shape[0]}x{v1.shape[1]} and {u2.shape[0]}x{v2.shape[1]})")
-    r1, r2 = int(u1.shape[1]), int(u2.shape[1])
-    up = (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], r1 * r2)
-    down = (v1[:, None, :] * v2[None, :, :]).reshape(r1 * r2, v1.shape[1])
-    return _module(up, down, _scale(alpha, int(w1b.shape[0])), kernel, "LoHa", int(w1b.shape[0]))
-
-
-def lokr_module(parts: Mapping[str, torch.Tensor], alpha: float | None, what: str) -> LoraModule:
-    """A LoKr module's tensors -> an exact LoraModule (see the module docstring)."""
-    dim: int | None = None
-    own1: Pair | None = None
-    if "lokr_w1" in parts:
-        w1 = _f(parts["lokr_w1"])
-    else:
-        a, b = _need(parts, ("lokr_w1_a", "lokr_w1_b"), what)
-        own1 = _pair(a, b, what)
-        w1, dim = own1[0] @ own1[1], int(b.shape[0])
-    kernel: tuple[int, ...] | None = None
-    own2: Pair | None = None
-    if "lokr_w2" in parts:
-        full = _f(parts["lokr_w2"])
-        kernel = tuple(int(s) for s in full.shape[2:]) if full.ndim == 4 else None
-        w2 = full.flatten(1)
-    else:
-        a, b = _need(parts, ("lokr_w2_a", "lokr_w2_b"), what)
-        if "lokr_t2" in parts:
-            own2, kernel = _tucker(parts["lokr_t2"], a, b, what)
-        else:
-            own2 = _pair(a, b, what)
-            kernel = tuple(int(s) for s in b.shape[2:]) if b.ndim == 4 else None
-        w2, dim = own2[0] @ own2[1], int(b.shape[0])
-    if w1.ndim != 2:
-        raise SdtuneError(f"{what}: lokr_w1 has shape {list(w1.shape)}; it must be a matrix")
-    p1, q1 = _cheapest(w1, own1)
-    p2, q2 = _cheapest(w2, own2)
-    up, down = torch.kron(p1.contiguous(), p2.contiguous()), torch.kron(q1.contiguous(), q2.contiguous())
-    return _module(up, down, _scale(alpha, dim), kernel, "LoKr", dim)
-
-
-def lycoris_module(parts: Mapping[str, torch.Tensor], alpha: float | None, what: str) -> LoraModule:
+def lycoris_module(parts: Mapping[str, torch.Tensor], alpha: float | None, what: str) -> LycorisModule:
+    """A LoHa/LoKr module's tensors (names without the module prefix) -> a checked `LycorisModule`."""
     algo = algorithm_of(parts)
+    own = {k: v for k, v in parts.items() if k in PARTS}
     if algo == "LoHa":
-        return loha_module(parts, alpha, what)
-    if algo == "LoKr":
-        return lokr_module(parts, alpha, what)
-    raise SdtuneError(f"{what}: not a LoHa or LoKr module")
+        _need(parts, LOHA_PARTS[:4] + (("hada_t1", "hada_t2") if "hada_t1" in parts or "hada_t2" in parts else ()),
+              what)
+        s1, r = _factor_shape(parts, "hada_w1_a", "hada_w1_b", "hada_t1", what)
+        s2, _ = _factor_shape(parts, "hada_w2_a", "hada_w2_b", "hada_t2", what)
+        if math.prod(s1) != math.prod(s2) or s1[0] != s2[0]:
+            raise _bad(what, parts)
+        scale = alpha / r if alpha is not None else 1.0
+        return LycorisModule("LoHa", own, s1 if len(s1) >= len(s2) else s2, scale, r)
+    if algo != "LoKr":
+        raise SdtuneError(f"{what}: not a LoHa or LoKr module")
+    dim: int | None = None
+    if "lokr_w1" in parts:
+        w1 = parts["lokr_w1"]
+        if w1.ndim != 2:
+            raise _bad(what, parts)
+        s1 = (int(w1.shape[0]), int(w1.shape[1]))
+    else:
+        _need(parts, ("lokr_w1_a", "lokr_w1_b"), what)
+        s1, dim = _factor_shape(parts, "lokr_w1_a", "lokr_w1_b", None, what)
+        if len(s1) != 2:
+            raise _bad(what, parts)
+    if "lokr_w2" in parts:
+        s2 = tuple(int(s) for s in parts["lokr_w2"].shape)
+        if len(s2) not in (2, 4):
+            raise _bad(what, parts)
+    else:
+        _need(parts, ("lokr_w2_a", "lokr_w2_b"), what)
+        s2, dim = _factor_shape(parts, "lokr_w2_a", "lokr_w2_b", "lokr_t2", what)
+    shape = (s1[0] * s2[0], s1[1] * s2[1], *s2[2:])
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return LycorisModule("LoKr", own, shape, scale, dim)
