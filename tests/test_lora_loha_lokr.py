@@ -220,6 +220,26 @@ def test_applied_delta_weight_zero_and_merge(files, which):
     torch.testing.assert_close(unet_out(merged), applied, rtol=1e-4, atol=1e-4)
 
 
+def test_lora_loha_and_lokr_together_on_shared_layers_equal_merging_all(files, tmp_path):
+    """Three files on overlapping layers (the LoHa and LoKr files share 3x3 convs, one flat and one 4-D): applied
+    together, in either order, equal to merging all three."""
+    from sdtune.adapters.lora import save_lora
+    from sdtune.adapters.lora.testing import random_network
+
+    pipe = tiny_pipeline("sd1", seed=5)
+    lora = save_lora(random_network(pipe, unet=("to_k", "conv1"), seed=4), tmp_path / "plain.safetensors")
+    specs = [(lora, 0.6), (files["loha"][0], 0.7), (files["lokr"][0], -0.4)]
+    assert set(files["loha"][1]) & set(files["lokr"][1])
+    loras = PipelineLoras(pipe)
+    loras.set(specs)
+    together = unet_out(pipe)
+    loras.set(specs[::-1])
+    assert torch.equal(unet_out(pipe), together)  # a fixed order, whatever order they are listed in
+    merged = tiny_pipeline("sd1", seed=5)
+    merge_loras(merged, specs)
+    torch.testing.assert_close(unet_out(merged), together, rtol=1e-4, atol=1e-4)
+
+
 def test_lokr_of_two_full_matrices_has_scale_one_and_alpha_over_w2_rank(tmp_path):
     """alpha is ignored when W1 and W2 are full; with both factorised, dim is lokr_w2_b's rank (not w1_b's)."""
     name = "lora_unet_mid_block_attentions_0_proj_in"

@@ -67,11 +67,11 @@ class LycorisHooks:
                 return None
             x = args[0]
             delta: torch.Tensor | None = None
-            for m, w in entries:
-                d = m.delta(torch.float32, multiplier=w)
+            for m, w in entries:  # files may give one layer flat [out, in*kh*kw] or [out, in, kh, kw]
+                d = m.delta(torch.float32, multiplier=w).reshape(layer.weight.shape)
                 delta = d if delta is None else delta.add_(d)
             assert delta is not None
-            delta = delta.reshape(layer.weight.shape).to(dtype=x.dtype, device=x.device)
+            delta = delta.to(dtype=x.dtype, device=x.device)
             if isinstance(layer, torch.nn.Conv2d):
                 extra = F.conv2d(x, delta, None, layer.stride, layer.padding, layer.dilation, layer.groups)
             else:
