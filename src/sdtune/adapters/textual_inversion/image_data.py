@@ -76,7 +76,7 @@ def extract_payload(pixels: np.ndarray, object_hook: Callable[[dict], Any] | Non
     try:
         raw = zlib.decompressobj().decompress(data, MAX_PAYLOAD)
         return json.loads(raw, object_hook=object_hook)
-    except (zlib.error, ValueError):
+    except (zlib.error, ValueError, RecursionError):  # not zlib/JSON (an ordinary picture), or hostile nesting
         return None
 
 
