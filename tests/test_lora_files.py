@@ -230,12 +230,12 @@ def test_locon_tucker_core_is_folded_exactly(tmp_path):
     torch.testing.assert_close(m.delta(), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("algo,key", [("LoHa", "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a"),
-                                      ("LoKr", "lora_unet_mid_block_attentions_0_proj_in.lokr_w1")])
-def test_loha_lokr_are_refused_by_name(tmp_path, algo, key):
+@pytest.mark.parametrize("algo,key", [("OFT", "lora_unet_mid_block_attentions_0_proj_in.oft_blocks"),
+                                      ("DoRA", "lora_unet_mid_block_attentions_0_proj_in.dora_scale")])
+def test_other_lycoris_algorithms_are_refused_by_name(tmp_path, algo, key):
     save_safetensors_atomic({key: torch.ones(2, 2), "lora_unet_x.alpha": torch.tensor(1.0)},
                             tmp_path / "ly.safetensors")
-    with pytest.raises(SdtuneError, match=f"{algo}.*supports LoRA and LoCon"):
+    with pytest.raises(SdtuneError, match=f"{algo}.*supports LoRA, LoCon .*LoHa and LoKr"):
         read_lora(tmp_path / "ly.safetensors")
 
 

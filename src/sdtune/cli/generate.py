@@ -202,7 +202,7 @@ def register(cli: click.Group) -> None:
     @click.option("--model", "-m", metavar="MODEL", help="Diffusers folder, .safetensors/.ckpt file, or `tiny` "
                   "(default: tiny).")
     @click.option("--vae", metavar="VAE", help="Replace the model's VAE (folder or file).")
-    @click.option("--lora", "loras", multiple=True, metavar="FILE[:W]", help="Apply a LoRA (kohya, LoCon or "
+    @click.option("--lora", "loras", multiple=True, metavar="FILE[:W]", help="Apply a LoRA (kohya, LoCon, LoHa, LoKr or "
                   "diffusers file) with weight W [default: 1]; repeat for several.")
     @click.option("--negative-lora", "negative_loras", multiple=True, metavar="FILE[:W]", help="Apply a LoRA to "
                   "the unconditional (negative) pass only, so images move away from what it learned (the 'wrong' "

@@ -125,6 +125,13 @@ def _classify_lora(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, str
             ranks[s[0]] += 1
     modules = {re.split(r"\.(lora_|hada_|lokr_|oft_|alpha|dora_|on_input|a1\.|a2\.|b1\.|b2\.|diff)", k)[0]
                for k in keys}
+    full_modules = 0  # LoKr modules of two full matrices: no rank (A1111/ComfyUI apply them with scale 1)
+    for m in modules:  # LoKr's rank: lokr_w2_b's if W2 is factorised, else lokr_w1_b's (what alpha divides by)
+        rank_key = next((f"{m}.{p}" for p in ("lokr_w2_b", "lokr_w1_b") if f"{m}.{p}" in shapes), None)
+        if rank_key is not None:
+            ranks[shapes[rank_key][0]] += 1
+        elif f"{m}.lokr_w1" in shapes and f"{m}.lokr_w2" in shapes:
+            full_modules += 1
     te2 = any(k.startswith(("lora_te2_", "text_encoder_2.")) or ".text_encoder_2." in k for k in keys)
     targets: Counter[str] = Counter()
     for m in modules:
@@ -153,7 +160,10 @@ def _classify_lora(shapes: Mapping[str, tuple[int, ...]], meta: Mapping[str, str
                                "targets": dict(targets)}
     if "ss_network_alpha" in meta:
         details["alpha"] = meta["ss_network_alpha"]
-    rank_txt = ", ".join(f"{r} (x{n})" for r, n in sorted(ranks.items())) or "n/a"
+    rank_txt = ", ".join([f"{r} (x{n})" for r, n in sorted(ranks.items())]
+                         + ([f"full (x{full_modules})"] if full_modules else [])) or "n/a"
+    if full_modules:
+        details["full_modules"] = full_modules
     summary = [f"network: {network}", f"modules: {len(modules)} ({', '.join(f'{t} {n}' for t, n in targets.items())})",
                f"rank: {rank_txt}"]
     if bundled:
@@ -358,13 +368,22 @@ def identify(path: str | Path) -> FileInfo:
             kind, family, details, summary = classify_tensors({k: tuple(v.shape) for k, v in flat.items()}, meta)
         shapes = {k: tuple(v.shape) for k, v in flat.items()}
         dtypes = Counter(str(v.dtype).replace("torch.", "") for v in flat.values())
+    if kind == "embedding":
+        from sdtune.adapters.textual_inversion.diffusers_pair import pair_of
+
+        pair = pair_of(p)
+        if pair is not None:  # half of one SDXL embedding: say so, and what it reads as
+            family = "sdxl"
+            details = {**details, "diffusers_sdxl_pair": [str(pair[0]), str(pair[1])]}
+            summary = summary + [f"diffusers SDXL pair: {pair[0].name} (CLIP-L) + {pair[1].name} (OpenCLIP-G) are "
+                                 "read as one SDXL embedding (clip_l + clip_g); `sdtune convert` makes one file"]
     return FileInfo(p, kind, family, fmt, len(shapes), sum(_numel(s) for s in shapes.values()), dict(dtypes),
                     summary, dict(meta), details)
 
 
 def _identify_image_embedding(p: Path) -> FileInfo:
-    """A1111's image embeddings: the embedding dict in the PNG/WebP's text chunk (A1111 also reads it from the
-    pixels; sdtune reads the chunk). An ordinary image is a one-line error."""
+    """A1111's image embeddings: the embedding dict in the PNG/WebP's text chunk, or in its pixels when the chunk
+    was stripped (as A1111 reads it). An ordinary image is a one-line error."""
     from sdtune.adapters.textual_inversion.files import read_embedding
 
     emb = read_embedding(p)

@@ -15,11 +15,15 @@ Weight 0 is bit-identical to the base model: a LoRA whose weight is 0 is left ou
 layers are not computed at all, and a layer with no active LoRA runs only its base layer (PEFT's disabled path),
 the same operation as before any LoRA was loaded. Active LoRAs are summed in a fixed order (file hash, then name),
 so the same LoRAs and weights give the same bits in whatever order they are listed.
+
+LyCORIS LoHa/LoKr modules of a file take a second route beside the adapters, `lycoris_hooks.py` (their deltas have
+no low-rank form); the same adapter name, weights, order and weight-0 rule apply to them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,7 @@ from sdtune.adapters.lora.models import (
     target_modules,
     unet_layout_of,
 )
+from sdtune.adapters.lora.loha_lokr import LycorisModule
 from sdtune.adapters.lora.network import LoraNetwork, check_family
 from sdtune.adapters.stack import parse_weighted_specs
 from sdtune.adapters.stack import per_pipeline
@@ -52,17 +57,20 @@ def check_compatible(net: LoraNetwork, family: str | None, modules: Mapping[str,
     """Refuse a LoRA made for another family, or whose modules do not exist / do not fit in this model."""
     name = Path(net.source).name if net.source else "the LoRA"
     check_family(net.family, family, name, model_name)
-    missing = sorted(n for n in net.modules if n not in modules)
+    every = net.all_modules()
+    missing = sorted(n for n in every if n not in modules)
     if missing:
         shown = ", ".join(missing[:10]) + (f" ... ({len(missing) - 10} more)" if len(missing) > 10 else "")
-        raise SdtuneError(f"{name}: {len(missing)} of its {len(net.modules)} modules match no layer of {model_name} "
+        raise SdtuneError(f"{name}: {len(missing)} of its {len(every)} modules match no layer of {model_name} "
                           f"(a LoRA for a different model architecture?): {shown}")
     bad = []
-    for n, m in net.modules.items():
+    for n, m in every.items():
         weight = modules[n].weight
         want = tuple(weight.shape)
         have = m.weight_shape()
-        if have != want and not (len(want) == 4 and want[2:] == (1, 1) and have == want[:2]) \
+        flat_conv = isinstance(m, LycorisModule) and len(have) == 2 and len(want) == 4 and have[0] == want[0] \
+            and have[1] == math.prod(want[1:])  # a LoHa/LoKr conv whose file leaves the kernel to the layer
+        if have != want and not flat_conv and not (len(want) == 4 and want[2:] == (1, 1) and have == want[:2]) \
                 and not (len(have) == 4 and have[2:] == (1, 1) and have[:2] == want):
             bad.append(f"{n} (LoRA {list(have)}, model {list(want)})")
     if bad:
@@ -82,7 +90,8 @@ def _fit(net: LoraNetwork, modules: Mapping[str, LoraTarget]) -> LoraNetwork:
         elif w.ndim == 2 and m.down.ndim == 4:
             m = LoraModule(m.down.flatten(1), m.up.flatten(1), m.alpha)
         out[n] = m
-    return LoraNetwork(out, net.family, net.metadata, net.unet_layout, net.source, net.unknown_keys)
+    return LoraNetwork(out, net.family, net.metadata, net.unet_layout, net.source, net.unknown_keys,
+                       lycoris=dict(net.lycoris))
 
 
 @dataclass
@@ -136,6 +145,9 @@ class PipelineLoras:
         self.active: list[tuple[LoadedLora, float]] = []
         self._by_key: dict[tuple, str] = {}
         self._count = 0
+        from sdtune.adapters.lora.lycoris_hooks import LycorisHooks
+
+        self.lycoris = LycorisHooks()  # the LoHa/LoKr modules of the loaded files
 
     @classmethod
     def for_pipeline(cls, pipe_or_loaded: Any, **kwargs: Any) -> "PipelineLoras":
@@ -178,7 +190,10 @@ class PipelineLoras:
             adapter = f"sdtune{self._count}_" + re.sub(r"[^0-9A-Za-z_]", "_", display)[:40]
             if adapter not in taken:
                 break
-        self._inject(net, adapter)
+        if net.modules:
+            self._inject(net, adapter)
+        if net.lycoris:
+            self.lycoris.add(adapter, net.lycoris, modules)
         got = {n for n, _, _ in lora_layers(self.pipe, adapter)}
         lost = sorted(set(net.modules) - got)
         if lost:
@@ -186,7 +201,7 @@ class PipelineLoras:
             raise SdtuneError(f"{display}: diffusers did not attach {len(lost)} module(s): {', '.join(lost[:10])}")
         from sdtune.adapters.lora.tags import lora_short_hash
 
-        lora = LoadedLora(adapter=adapter, name=display, path=path, modules=len(net.modules),
+        lora = LoadedLora(adapter=adapter, name=display, path=path, modules=len(net.all_modules()),
                           hash=lora_short_hash(path) if path is not None and path.is_file() else None,
                           components=tuple(net.components), key=key, embeddings=dict(bundled))
         self.loaded[adapter] = lora
@@ -227,6 +242,8 @@ class PipelineLoras:
     def _delete(self, adapter: str) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        self.lycoris.remove(adapter)
+        self.lycoris.set_active([(a, w) for a, w in self._on() if a != adapter])
         for model in components_of(self.pipe).values():
             for mod in list(model.modules()):
                 if isinstance(mod, BaseTunerLayer) and adapter in getattr(mod, "lora_A", {}):
@@ -266,13 +283,18 @@ class PipelineLoras:
         self._by_key.clear()
         self.active = []
 
+    def _on(self) -> list[tuple[str, float]]:
+        """(adapter, weight) of the active LoRAs with a non-zero weight, in a fixed order (by file hash, then
+        name), so the same LoRAs and weights give the same bits however they were listed or loaded (float addition
+        is not associative)."""
+        ordered = sorted(self.active, key=lambda e: (e[0].hash or "", e[0].name, e[0].adapter))
+        return [(lora.adapter, w) for lora, w in ordered if w != 0]
+
     def _apply(self) -> None:
         from peft.tuners.lora import LoraLayer
 
-        # a fixed order (by file hash, then name), so the same LoRAs and weights give the same bits however
-        # they were listed or loaded (float addition is not associative)
-        ordered = sorted(self.active, key=lambda e: (e[0].hash or "", e[0].name, e[0].adapter))
-        on = [(lora.adapter, w) for lora, w in ordered if w != 0]
+        on = self._on()
+        self.lycoris.set_active(on)
         names = [a for a, _ in on]
         for model in components_of(self.pipe).values():
             for mod in model.modules():

@@ -64,7 +64,7 @@ def network_from_state_dict(sd: Mapping[str, torch.Tensor], meta: Mapping[str, s
                           f"{', '.join(keys[:3]) or 'no tensors'}); run `sdtune info` on it to see what it is")
     net.embeddings = bundled
     check_family(net.family, expect_family, source, model_name)
-    if not net.modules:
+    if not net.modules and not net.lycoris:
         raise SdtuneError(f"{source}: no LoRA module in the file matches a UNet or text-encoder layer; "
                           + unknown_keys_message(source, net.unknown_keys).split(": ", 1)[1])
     if net.unknown_keys:
@@ -96,7 +96,16 @@ def read_lora(path: str | Path, *, layout: Mapping[str, Any] | None = None, stri
 
 
 def save_lora(net: LoraNetwork, path: str | Path, format: str = "kohya", **kwargs: Any) -> Path:
-    """Write `net` as `format` ("kohya": A1111/ComfyUI/kohya/diffusers all read it; "diffusers": PEFT layout)."""
+    """Write `net` as `format` ("kohya": A1111/ComfyUI/kohya/diffusers all read it; "diffusers": PEFT layout).
+
+    A network read from a LoHa/LoKr file is refused: a LoRA of the file's rank cannot hold a Hadamard/Kronecker-
+    product delta (an exact one needs rank up to the layer's size)."""
+    lycoris = [a for a in net.algorithms() if a != "LoRA"]
+    if lycoris:
+        kind = " and ".join(f"{a} ({'Hadamard' if a == 'LoHa' else 'Kronecker'}-product delta)" for a in lycoris)
+        raise SdtuneError(f"{Path(net.source).name or 'this network'} is a LyCORIS {kind}: the kohya/diffusers "
+                          "LoRA formats cannot hold it exactly at its rank; use the file as it is (sdtune "
+                          "generate --lora, sdtune merge; A1111 and ComfyUI read it too)")
     if format == "kohya":
         return save_kohya(net, path, **kwargs)
     if format == "diffusers":

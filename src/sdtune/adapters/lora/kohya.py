@@ -2,7 +2,9 @@
 
 Per module `<kohya name>.lora_down.weight`, `.lora_up.weight` and a scalar `.alpha` (scale = alpha / rank; a
 missing alpha means alpha = rank). Conv modules (1x1 projections of SD1, 3x3 resnet convs of LoCon) keep their
-kernels: lora_down [r, in, kh, kw], lora_up [out, r, 1, 1]. Key names: see `keys.py`.
+kernels: lora_down [r, in, kh, kw], lora_up [out, r, 1, 1]. Key names: see `keys.py`. LyCORIS LoHa/LoKr files use
+the same module names with `hada_*` / `lokr_*` tensors (no `.weight` suffix); they are read through
+`loha_lokr.py` and kept as they are (`LoraNetwork.lycoris`).
 
 Metadata written: the `ss_*` keys kohya tools and LoRA browsers read (ss_network_module "networks.lora",
 ss_network_dim, ss_network_alpha, ss_network_args for conv layers, ss_base_model_version "sd_v1"/"sd_v2"/
@@ -21,10 +23,14 @@ from typing import Any, Mapping
 import torch
 
 from sdtune.adapters.lora import keys as K
+from sdtune.adapters.lora.loha_lokr import PARTS as LYCORIS_PARTS
+from sdtune.adapters.lora.loha_lokr import LycorisModule, algorithm_of, lycoris_module
 from sdtune.adapters.lora.lycoris import fold_tucker, is_locon, refuse_unsupported
 from sdtune.adapters.lora.network import (
     LoraModule,
     LoraNetwork,
+    check_alpha,
+    check_finite,
     check_network,
     detect_family,
     layout_from_metadata,
@@ -34,7 +40,8 @@ from sdtune.models.family import KOHYA_BASE_MODEL_VERSION
 
 log = logging.getLogger(__name__)
 
-_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_mid.weight": "mid"}
+_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "lora_mid.weight": "mid",
+             **{p: p for p in LYCORIS_PARTS}}
 _MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                    "sdxl": "stable-diffusion-xl-v1-base",
                    "sdxl-refiner": "stable-diffusion-xl-v1-refiner"}
@@ -69,30 +76,41 @@ def kohya_to_network(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], *,
     except ValueError:
         padding = set()
     modules: dict[str, LoraModule] = {}
+    lycoris: dict[str, LycorisModule] = {}
     origin: dict[str, str] = {}
     for mod, parts in groups.items():
         name = K.from_kohya(mod, layout, meta_family)
-        if name is None or "down" not in parts or "up" not in parts:
+        algo = algorithm_of(parts)
+        if name is None or (algo is None and ("down" not in parts or "up" not in parts)):
             unknown.extend(f"{mod}.{s}" for s, p in _SUFFIXES.items() if p in parts)
             continue
-        if name in padding and not bool(parts["up"].any()) and not bool(parts["down"].any()):
+        if algo is None and name in padding and not bool(parts["up"].any()) and not bool(parts["down"].any()):
             continue  # sdtune's zero compatibility module (see diffusers_padding)
-        if name in modules:
+        if name in modules or name in lycoris:
             raise SdtuneError(f"{source}: {mod} and {origin[name]} are the same module ({name}); the file is "
                               "inconsistent, re-export it")
-        down, up = parts["down"], parts["up"]
-        if "mid" in parts:
-            down = fold_tucker(down, parts["mid"], mod, source)
         alpha_t = parts.get("alpha")
         if alpha_t is not None and alpha_t.numel() != 1:
             raise SdtuneError(f"{source}: {mod}.alpha has shape {list(alpha_t.shape)}; alpha must be one number")
+        if algo is not None:
+            for part, t in parts.items():  # checked before the rewrite so the message names the file's key
+                check_finite(f"{mod}.{part}", t, source)
+            file_alpha = float(alpha_t.float().item()) if alpha_t is not None else None
+            if file_alpha is not None:
+                check_alpha(mod, file_alpha, source)
+            lycoris[name] = lycoris_module(parts, file_alpha, f"{source}: {mod}")
+            origin[name] = mod
+            continue
+        down, up = parts["down"], parts["up"]
+        if "mid" in parts:
+            down = fold_tucker(down, parts["mid"], mod, source)
         alpha = float(alpha_t.float().item()) if alpha_t is not None else float(down.shape[0])
         modules[name] = LoraModule(down=down, up=up, alpha=alpha)
         origin[name] = mod
     net = LoraNetwork(modules=modules, metadata=dict(meta), unet_layout=layout, source=source,
-                      unknown_keys=sorted(unknown))
-    net.family = detect_family(modules, meta, sgm_names=sgm)
-    if modules:
+                      unknown_keys=sorted(unknown), lycoris=lycoris)
+    net.family = detect_family({**modules, **lycoris}, meta, sgm_names=sgm)
+    if modules or lycoris:
         check_network(net)
     return net
 

@@ -1,5 +1,7 @@
-"""LyCORIS files: LoCon is read (it is kohya's LoRA layout extended to 3x3 convs, plus optional Tucker cores);
-LoHa, LoKr and the other LyCORIS algorithms are recognised by their key names and refused with a clear message.
+"""LyCORIS files: LoCon is read (it is kohya's LoRA layout extended to 3x3 convs, plus optional Tucker cores), LoHa
+and LoKr too (`loha_lokr.py`); the other LyCORIS algorithms (and DoRA's `dora_scale`, which makes the delta depend
+on the base weight's norm, so it is no fixed delta) are recognised by their key names and refused with a clear
+message.
 
 LoCon needs no special names: its conv modules are `lora_unet_down_blocks_0_resnets_0_conv1` (SD1/SD2) or
 `lora_unet_input_blocks_1_0_in_layers_2` (SDXL), with `lora_down.weight` [r, in, 3, 3] and `lora_up.weight`
@@ -18,8 +20,6 @@ from sdtune.errors import SdtuneError
 
 # key fragment -> algorithm name
 UNSUPPORTED = (
-    (".hada_", "LoHa"),
-    (".lokr_", "LoKr"),
     (".oft_", "OFT"),
     (".oft_blocks", "OFT"),
     (".dora_scale", "DoRA"),
@@ -50,8 +50,8 @@ def refuse_unsupported(keys: Iterable[str], source: str) -> None:
     if not found:
         return
     parts = "; ".join(f"{algo} ({len(ks)} keys, e.g. {ks[0]})" for algo, ks in found.items())
-    raise SdtuneError(f"{source} is a LyCORIS/other network sdtune cannot apply: {parts}. sdtune supports LoRA and "
-                      "LoCon (LyCORIS 'locon', Tucker cores included); bake this file into a checkpoint with the "
+    raise SdtuneError(f"{source} is a LyCORIS/other network sdtune cannot apply: {parts}. sdtune supports LoRA, "
+                      "LoCon (Tucker cores included), LoHa and LoKr; bake this file into a checkpoint with the "
                       "tool that made it, or retrain it as LoRA/LoCon")
 
 

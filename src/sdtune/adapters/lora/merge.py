@@ -43,12 +43,12 @@ def merge_loras(pipe_or_components: Any, loras: Iterable[LoraSpec], *, family: s
             net = read_lora(src, layout=layout, expect_family=family, model_name=name)
             label, h = Path(src).stem, lora_short_hash(src)
         check_compatible(net, family, modules, name)
-        todo.append((net, weight, MergedLora(label, weight, len(net.modules), h)))
+        todo.append((net, weight, MergedLora(label, weight, len(net.all_modules()), h)))
     with torch.no_grad():
         for net, weight, _ in todo:
             if weight == 0:
                 continue
-            for mod_name, m in net.modules.items():
+            for mod_name, m in net.all_modules().items():
                 w = modules[mod_name].weight
                 delta = m.delta(torch.float32).reshape(w.shape).to(w.device)
                 w.copy_((w.float() + weight * delta).to(w.dtype))

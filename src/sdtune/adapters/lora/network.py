@@ -2,7 +2,8 @@
 
 Each module holds `down` (kohya lora_down = PEFT lora_A), `up` (lora_up = lora_B) and `alpha`; the weight delta at
 multiplier 1 is `up @ down * alpha / rank` (for convs: the same product over the kernel). LyCORIS LoCon's Tucker
-cores are folded into `down` when read (see `lycoris.py`); LoHa/LoKr are refused at reading.
+cores are folded into `down` when read (see `lycoris.py`); LoHa/LoKr modules keep their own tensors, in
+`LoraNetwork.lycoris` (see `loha_lokr.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from sdtune.adapters.lora.loha_lokr import LycorisModule
 from sdtune.errors import SdtuneError
 
 FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
@@ -77,13 +79,18 @@ class LoraNetwork:
     unknown_keys: list[str] = field(default_factory=list)  # keys of the file that are not LoRA modules
     # Textual Inversion embeddings bundled in the file: {name: {"*" | "clip_l" | "clip_g": [n, width]}}
     embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # LyCORIS LoHa/LoKr modules (same canonical names), applied from their own tensors (`loha_lokr.py`)
+    lycoris: dict[str, LycorisModule] = field(default_factory=dict)
 
     @property
     def components(self) -> list[str]:
-        return sorted({name.split(".", 1)[0] for name in self.modules})
+        return sorted({name.split(".", 1)[0] for name in (*self.modules, *self.lycoris)})
+
+    def all_modules(self) -> dict[str, LoraModule | LycorisModule]:
+        return {**self.modules, **self.lycoris}
 
     def deltas(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        return {name: m.delta(dtype) for name, m in self.modules.items()}
+        return {name: m.delta(dtype) for name, m in self.all_modules().items()}
 
     def ranks(self) -> Counter:
         return Counter(m.rank for m in self.modules.values())
@@ -92,9 +99,22 @@ class LoraNetwork:
         return Counter(float(m.alpha) for m in self.modules.values())
 
     def parameters(self) -> int:
-        return sum(t.numel() for m in self.modules.values() for _, t in m.tensors())
+        return sum(t.numel() for m in self.all_modules().values() for _, t in m.tensors())
+
+    def algorithms(self) -> list[str]:
+        """The algorithms of the modules ("LoRA", "LoHa", "LoKr"), most common first."""
+        algos = Counter(m.algorithm for m in self.lycoris.values())
+        if self.modules:
+            algos["LoRA"] = len(self.modules)
+        return [a for a, _ in algos.most_common()]
 
     def describe(self) -> str:
+        algos = self.algorithms()
+        if self.lycoris:
+            native = Counter([m.native_rank for m in self.lycoris.values()] + [m.rank for m in self.modules.values()])
+            shown = ", ".join(str(r) if r is not None else "full" for r in sorted(native, key=lambda r: r or 0))
+            return (f"{'/'.join(algos)}, {len(self.modules)} modules ({', '.join(self.components)}), rank {shown}, "
+                    f"family {family_name(self.family)}")
         ranks = ", ".join(f"{r}" for r in sorted(self.ranks()))
         return (f"{len(self.modules)} modules ({', '.join(self.components)}), rank {ranks}, "
                 f"family {family_name(self.family)}")
@@ -144,7 +164,7 @@ def check_module(name: str, m: LoraModule, source: str = "", *, max_rank: bool =
 
 
 def check_network(net: LoraNetwork, *, max_rank: bool = False) -> None:
-    if not net.modules:
+    if not net.modules and not net.lycoris:
         raise SdtuneError(f"{net.source or 'LoRA'}: no LoRA modules")
     for name, m in net.modules.items():
         check_module(name, m, net.source, max_rank=max_rank)
@@ -184,25 +204,25 @@ def family_from_metadata(meta: Mapping[str, str]) -> str | None:
     return None
 
 
-def family_from_shapes(modules: Mapping[str, LoraModule]) -> str | None:
+def family_from_shapes(modules: Mapping[str, LoraModule | LycorisModule]) -> str | None:
     """From real-model widths: cross-attention key/value input 768 SD1, 1024 SD2, 2048 SDXL; a second text
     encoder means SDXL; the first text encoder's width 768 (SD1) or 1024 (SD2)."""
     if any(n.startswith("text_encoder_2.") for n in modules):
         return "sdxl"
     for name, m in modules.items():
         if name.startswith("unet.") and (".attn2.to_k" in name or ".attn2.to_v" in name):
-            fam = _WIDTH_FAMILY.get(int(m.down.shape[1]))
+            fam = _WIDTH_FAMILY.get(int(m.weight_shape()[1]))
             if fam:
                 return fam
     for name, m in modules.items():
         if name.startswith("text_encoder.") and name.endswith("self_attn.q_proj"):
-            width = int(m.down.shape[1])
+            width = int(m.weight_shape()[1])
             if width in (768, 1024):
                 return _WIDTH_FAMILY[width]
     return None
 
 
-def detect_family(modules: Mapping[str, LoraModule], meta: Mapping[str, str], sgm_names: bool = False) -> str | None:
+def detect_family(modules: Mapping[str, LoraModule | LycorisModule], meta: Mapping[str, str], sgm_names: bool = False) -> str | None:
     """Family of a LoRA: shapes of real models first, then te1/te2 keys, then metadata, then SGM UNet names."""
     return family_from_shapes(modules) or family_from_metadata(meta) or ("sdxl" if sgm_names else None)
 

@@ -12,8 +12,9 @@ Layouts read (`read_embedding`, one call for all):
 | A1111 .pt | `string_to_param: {"*": [n, d]}`, `string_to_token`, `name`, `step`, `sd_checkpoint(_name)` | A1111 |
 | kohya / A1111 safetensors | `emb_params: [n, d]` | kohya, Civitai, sdtune (default, SD1/SD2) |
 | diffusers | `{token: [n, d] or [d]}` (.safetensors or .bin) | diffusers' textual_inversion example |
+| diffusers SDXL pair | `learned_embeds(-steps-N).safetensors` {token: [n, 768]} + `learned_embeds_2...` {token: [n, 1280]} in one folder, read as one clip_l/clip_g embedding named after the token (`diffusers_pair.py`) | diffusers' textual_inversion_sdxl example |
 | SDXL | `clip_l: [n, 768]`, `clip_g: [n, 1280]` | A1111, kohya, ComfyUI, sdtune (SDXL) |
-| A1111 PNG | base64 of JSON of the A1111 dict in the `sd-ti-embedding` text chunk, tensors as {"TORCHTENSOR": list} | A1111 |
+| A1111 PNG | base64 of JSON of the A1111 dict in the `sd-ti-embedding` text chunk, tensors as {"TORCHTENSOR": list}; without the chunk, the same JSON hidden in the pixels (`image_data.py`) | A1111 |
 
 Pickles are opened only with `torch.load(weights_only=True)` (`formats.safe_io.load_pickle`); the .pt files written
 here hold only dicts, strings, ints and tensors, so that works for them and for A1111.
@@ -165,13 +166,20 @@ def png_payload(data: Mapping[str, Any]) -> str:
 
 
 def read_png_data(path: Path) -> tuple[dict | None, dict[str, str]]:
-    """(the embedding dict stored in an image's `sd-ti-embedding` chunk or None, sdtune's metadata)."""
+    """(the embedding dict stored in an image's `sd-ti-embedding` chunk or, when the chunk is absent, in its pixels
+    as A1111 stores it there; None for an ordinary image, sdtune's metadata)."""
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    from sdtune.adapters.textual_inversion.image_data import extract_payload
+
+    pixel_data: Any = None
     try:
         with Image.open(path) as im:
             text = dict(getattr(im, "text", {}) or {})
             text.update({k: v for k, v in im.info.items() if isinstance(v, str)})
+            if PNG_CHUNK not in text:  # stripped chunk: A1111 reads the copy in the pixels
+                pixel_data = extract_payload(np.asarray(im.convert("RGB")), _tensor_hook)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise SdtuneError(f"{path.name} could not be read as an image ({exc})") from None
     meta: dict[str, str] = {}
@@ -181,7 +189,7 @@ def read_png_data(path: Path) -> tuple[dict | None, dict[str, str]]:
         meta = {}
     payload = text.get(PNG_CHUNK)
     if payload is None:
-        return None, meta
+        return (pixel_data if isinstance(pixel_data, dict) and "string_to_param" in pixel_data else None), meta
     try:
         data = json.loads(base64.b64decode(payload), object_hook=_tensor_hook)
     except (ValueError, TypeError) as exc:
@@ -195,19 +203,53 @@ def read_png_data(path: Path) -> tuple[dict | None, dict[str, str]]:
 
 
 def read_embedding(path: str | Path) -> Embedding:
-    """Read an embedding in any layout (see module docstring). The name is the file's stem (a PNG's stored name)."""
-    from sdtune.formats.safe_io import SAFETENSORS_EXTS, load_pickle, read_safetensors_metadata, read_state_dict
-
+    """Read an embedding in any layout (see module docstring). The name is the file's stem (a PNG's stored name;
+    a diffusers SDXL pair's token, whichever of its two files `path` names)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise SdtuneError(f"{p}: no such embedding file")
     ext = p.suffix.lower()
     if ext not in EMBEDDING_EXTS:
         raise SdtuneError(f"{p.name}: not an embedding file type; expected one of {', '.join(EMBEDDING_EXTS)}")
+    from sdtune.adapters.textual_inversion.diffusers_pair import pair_of
+
+    pair = pair_of(p)
+    if pair is not None:
+        return _read_pair(*pair)
+    return _read_one(p)
+
+
+def _read_pair(first: Path, second: Path) -> Embedding:
+    """diffusers' SDXL pair as one embedding: clip_l from the text_encoder_1 file, clip_g from the other (by role,
+    so any widths the model has), named after the token both files store."""
+    one, two = _read_one(first), _read_one(second)
+    where = f"{first.name} + {second.name}"
+    if len(one.vectors) != 1 or len(two.vectors) != 1:
+        raise SdtuneError(f"{where}: each file of a diffusers SDXL pair holds one tensor {{token: [n, width]}}")
+    l, g = one.single(), two.single()
+    if l.shape[0] != g.shape[0]:
+        raise SdtuneError(f"{where}: {l.shape[0]} vectors for CLIP-L but {g.shape[0]} for OpenCLIP-G; the two files "
+                          "come from different runs")
+    token = one.token or two.token
+    name = file_stem_for(token) if token else first.parent.name
+    steps = first.stem[len("learned_embeds"):]  # "-steps-N" for an intermediate save, else ""
+    if steps:  # its own name; the trained token stays with the final pair in the same folder
+        name, token = name + steps, None
+    emb = Embedding(name=name, vectors={"clip_l": l, "clip_g": g}, token=token, step=one.step,
+                    metadata=dict(one.metadata), layout="diffusers-sdxl-pair")
+    emb.path = first
+    return emb
+
+
+def _read_one(p: Path) -> Embedding:
+    from sdtune.formats.safe_io import SAFETENSORS_EXTS, load_pickle, read_safetensors_metadata, read_state_dict
+
+    ext = p.suffix.lower()
     if ext in (".png", ".webp"):
         data, meta = read_png_data(p)
         if data is None:
-            raise SdtuneError(f"{p.name} is an image without an embedding ({PNG_CHUNK} chunk)")
+            raise SdtuneError(f"{p.name} is an image without an embedding (no {PNG_CHUNK} chunk, no embedding data "
+                              "in its pixels)")
         png_name = data.get("name")
         name = png_name if isinstance(png_name, str) and png_name else p.stem
         emb = from_dict(data, name, meta=meta, source=p.name)
@@ -271,7 +313,8 @@ def write_embedding(emb: Embedding, path: str | Path, format: str = "safetensors
     safetensors: `emb_params` (one encoder) or `clip_l`/`clip_g` (SDXL), with `metadata`. diffusers: `{token:
     [n, d]}` (.safetensors, or a .bin pickle); SDXL as clip_l/clip_g. a1111: a .pt with string_to_param (SDXL:
     clip_l/clip_g, name, step). kohya: `emb_params` (SDXL: clip_l/clip_g). sdxl: clip_l/clip_g. png: the A1111
-    dict in the image's `sd-ti-embedding` chunk."""
+    dict in the image's `sd-ti-embedding` chunk and, as A1111 writes it, in the pixels (so the file still loads in
+    A1111 and sdtune when the chunk is stripped)."""
     from sdtune.formats.safe_io import save_safetensors_atomic, save_torch_pickle_atomic
 
     if format not in FORMATS:
@@ -312,10 +355,17 @@ def write_embedding(emb: Embedding, path: str | Path, format: str = "safetensors
     d["name"] = out.stem if out.suffix.lower() == ".png" else d["name"]
     from PIL.PngImagePlugin import PngInfo
 
+    import numpy as np
+    from PIL import Image
+
+    from sdtune.adapters.textual_inversion.image_data import insert_payload
+
     info = PngInfo()
     info.add_text(PNG_CHUNK, png_payload(d))
     info.add_text("sdtune_metadata", json.dumps(meta))
-    return _atomic(out, lambda tmp: _card(emb, image).save(tmp, format="PNG", pnginfo=info))
+    picture = Image.fromarray(insert_payload(np.asarray(_card(emb, image)),
+                                             json.dumps(d, default=_tensor_json).encode("utf-8")), mode="RGB")
+    return _atomic(out, lambda tmp: picture.save(tmp, format="PNG", pnginfo=info))
 
 
 def _atomic(out: Path, write: Any) -> Path:

@@ -9,7 +9,8 @@ overwritten in place and files replaced by an atomic rename are both noticed; re
 Each embedding is usable by its file's stem (A1111) and, when the file records it and it differs, by the token it
 was trained as (`<star>`). Embeddings whose vectors do not fit the model's text encoders (wrong width or family)
 are skipped with a message naming the expected and the found shapes; so are unreadable files and names already
-taken (the first file in path order keeps the name). Images without an `sd-ti-embedding` chunk are ignored.
+taken (the first file in path order keeps the name). Images without an embedding (no `sd-ti-embedding` chunk
+and no data in the pixels) are ignored.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ class Changes:
 
 def _signature(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _pair_stat(path: Path, pair: tuple[Path, Path] | None) -> os.stat_result:
+    """The stat that stands for `path`: its own, or for a diffusers SDXL pair the newer file's."""
+    if pair is None:
+        return path.stat()
+    return max((p.stat() for p in pair), key=lambda st: st.st_mtime_ns)
 
 
 def _slots_of(pipe: Any) -> list[tuple[str, int]]:
@@ -147,11 +155,16 @@ class EmbeddingLibrary:
     # -- refresh --------------------------------------------------------------------------------------------
 
     def _scan(self) -> dict[Path, os.stat_result]:
+        """Every embedding file under the sources with its stat. The text_encoder_2 file of a diffusers SDXL pair
+        is read with its partner, so a folder scan lists only the partner, with the newer file's stat (a change to
+        either file reloads the pair)."""
+        from sdtune.adapters.textual_inversion.diffusers_pair import is_second_of_pair, pair_of
+
         found: dict[Path, os.stat_result] = {}
         for src in self.sources:
             try:
                 if src.is_file():
-                    found[src] = src.stat()
+                    found[src] = _pair_stat(src, pair_of(src))
                     continue
             except OSError:
                 continue
@@ -162,7 +175,9 @@ class EmbeddingLibrary:
                         continue
                     p = Path(root) / f
                     try:
-                        found[p] = p.stat()
+                        if is_second_of_pair(p):
+                            continue
+                        found[p] = _pair_stat(p, pair_of(p))
                     except OSError:
                         continue
         return found
