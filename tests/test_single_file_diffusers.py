@@ -170,3 +170,37 @@ def test_diffusers_from_single_file_with_shipped_configs(family, tmp_path):
     assert type(theirs.scheduler) is type(src.scheduler)
     assert theirs.scheduler.config.prediction_type == src.scheduler.config.prediction_type
     assert ours.scheduler.config.prediction_type == src.scheduler.config.prediction_type
+
+
+@pytest.mark.parametrize("family,bare", [("sd1", False), ("sd2", True)])
+def test_config_folder_for_any_checkpoint(family, bare, tmp_path):
+    """`write_checkpoint_config_folder` gives diffusers' loader the configs sdtune resolves for a checkpoint of any
+    size: from the file's sdtune metadata, or (bare file) read off the weights; both loaders then agree."""
+    import diffusers
+    from safetensors.torch import load_file, save_file
+
+    from sdtune.formats.checkpoint import save_single_file
+    from sdtune.models import load_model
+    from sdtune.models.single_file import write_checkpoint_config_folder
+    from sdtune.models.testing import tiny_pipeline
+
+    src = tiny_pipeline(family, seed=3)
+    ckpt = save_single_file(src, tmp_path / "model.safetensors", family=family)
+    if bare:  # same tensors, no metadata
+        save_file(load_file(str(ckpt)), str(ckpt))
+    folder = write_checkpoint_config_folder(ckpt, tmp_path / "config")
+    assert json.loads((folder / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DConditionModel"]
+    theirs = diffusers.StableDiffusionPipeline.from_single_file(str(ckpt), config=str(folder), local_files_only=True)
+    ours = load_model(ckpt, device="cpu", dtype="fp32").pipe
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_tensors(getattr(theirs, name), getattr(ours, name), name)
+        assert_same_tensors(getattr(ours, name), getattr(src, name), name)
+    assert dict(theirs.unet.config) == dict(ours.unet.config)
+    skip = {"architectures", "_name_or_path", "transformers_version"}  # bookkeeping, not architecture
+    te_a, te_b = theirs.text_encoder.config.to_dict(), ours.text_encoder.config.to_dict()
+    assert {k: v for k, v in te_a.items() if k not in skip} == {k: v for k, v in te_b.items() if k not in skip}
+    assert type(theirs.scheduler) is type(ours.scheduler)
+    assert {k: v for k, v in theirs.scheduler.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in ours.scheduler.config.items() if not k.startswith("_")}
+    assert theirs.tokenizer("a red cube").input_ids == ours.tokenizer("a red cube").input_ids
+    assert theirs.tokenizer.pad_token == ours.tokenizer.pad_token == src.tokenizer.pad_token
