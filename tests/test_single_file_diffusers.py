@@ -172,12 +172,14 @@ def test_diffusers_from_single_file_with_shipped_configs(family, tmp_path):
     assert ours.scheduler.config.prediction_type == src.scheduler.config.prediction_type
 
 
-@pytest.mark.parametrize("family,bare", [("sd1", False), ("sd2", True)])
-def test_config_folder_for_any_checkpoint(family, bare, tmp_path):
+@pytest.mark.parametrize("family,suffix", [("sd1", ".safetensors"), ("sd2", ".ckpt")])
+def test_config_folder_for_any_checkpoint(family, suffix, tmp_path, monkeypatch):
     """`write_checkpoint_config_folder` gives diffusers' loader the configs sdtune resolves for a checkpoint of any
-    size: from the file's sdtune metadata, or (bare file) read off the weights; both loaders then agree."""
+    size: from the file's sdtune metadata, or (a .ckpt has none) read off the weights; both loaders then agree.
+    sdtune hands diffusers the state dict it read itself (a .ckpt unpickled once, weights-only), never the file."""
     import diffusers
-    from safetensors.torch import load_file, save_file
+    import diffusers.loaders.single_file_model as sfm
+    from safetensors.torch import load_file
 
     from sdtune.formats.checkpoint import save_single_file
     from sdtune.models import load_model
@@ -186,12 +188,19 @@ def test_config_folder_for_any_checkpoint(family, bare, tmp_path):
 
     src = tiny_pipeline(family, seed=3)
     ckpt = save_single_file(src, tmp_path / "model.safetensors", family=family)
-    if bare:  # same tensors, no metadata
-        save_file(load_file(str(ckpt)), str(ckpt))
+    if suffix == ".ckpt":  # same tensors, no metadata
+        torch.save({"state_dict": load_file(str(ckpt))}, tmp_path / "model.ckpt")
+        ckpt = tmp_path / "model.ckpt"
     folder = write_checkpoint_config_folder(ckpt, tmp_path / "config")
     assert json.loads((folder / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DConditionModel"]
     theirs = diffusers.StableDiffusionPipeline.from_single_file(str(ckpt), config=str(folder), local_files_only=True)
-    ours = load_model(ckpt, device="cpu", dtype="fp32").pipe
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("diffusers opened the checkpoint file")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sfm, "load_single_file_checkpoint", refuse)
+        ours = load_model(ckpt, device="cpu", dtype="fp32").pipe
     for name in ("unet", "vae", "text_encoder"):
         assert_same_tensors(getattr(theirs, name), getattr(ours, name), name)
         assert_same_tensors(getattr(ours, name), getattr(src, name), name)
