@@ -18,8 +18,8 @@ What sdtune keeps, because diffusers lacks it:
   maps a checkpoint to a hub repository's configs, or needs the original LDM yaml;
 - prediction type and SD2's 512/768 rules, `v_pred` / `ztsnr` markers, the offline CLIP tokenizers;
 - text encoder dispatch by key prefix: diffusers' `create_diffusers_clip_model_from_ldm` picks CLIP-L or
-  OpenCLIP-bigG by comparing widths (equal widths, as in small test models, load the wrong encoder) and drops
-  SD2's last OpenCLIP block by hard-coded names of a 24-block file only;
+  OpenCLIP-bigG for SDXL's second encoder by comparing widths (equal widths, as in `models.testing`'s tiny SDXL,
+  load CLIP-L's weights into it), and cannot take meta tensors (the full-size shape checks in the tests);
 - completeness: diffusers leaves weights the file lacks on the meta device; here that is one SdtuneError.
 """
 
@@ -331,12 +331,6 @@ def components_from_state_dict(sd: Mapping[str, torch.Tensor], family: str, *, m
         components["unet"] = load_with_diffusers(UNet2DConditionModel, sd, Path(tmp), "unet", "UNet", dtype)
         components["vae"] = load_with_diffusers(AutoencoderKL, sd, Path(tmp), "vae", "VAE", dtype)
     return components
-
-
-def _known(cls: Any, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Keep only constructor arguments (configs may carry diffusers bookkeeping such as _diffusers_version)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in cfg.items() if k in params}
 
 
 def build_pipeline(family: str, c: Mapping[str, Any]) -> Any:
