@@ -363,15 +363,15 @@ def test_real_architectures_resolve_to_shipped_configs(family):
 
     from sdtune.formats.checkpoint import hf_clip_keys, openclip_from_hf, unet_to_ldm, vae_to_ldm
     from sdtune.models import infer
-    from sdtune.models.single_file import _known, components_from_state_dict
+    from sdtune.models.single_file import components_from_state_dict
 
     def clean(d):
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if not k.startswith("_")}
 
     unet_base, vae_base = infer.family_config(family, "unet"), infer.family_config(family, "vae")
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**_known(UNet2DConditionModel, unet_base))
-        vae = AutoencoderKL(**_known(AutoencoderKL, vae_base))
+        unet = UNet2DConditionModel.from_config(unet_base)
+        vae = AutoencoderKL.from_config(vae_base)
         te_cfgs = {c: infer.family_config(family, c) for c in ("text_encoder", "text_encoder_2")
                    if (infer.configs_dir(family) / c).is_dir()}
         tes = {c: (CLIPTextModelWithProjection if c.endswith("2") else CLIPTextModel)(

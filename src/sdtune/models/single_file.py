@@ -1,7 +1,26 @@
 """Load a single original-layout (LDM / A1111) checkpoint into a diffusers pipeline without any hub access.
 
-Configs come from the package (models/configs) adjusted to the weights (models/infer.py); key conversion uses
-diffusers' own `single_file_utils` converters; tokenizers are built from the shipped CLIP BPE file.
+What diffusers does here: the UNet and VAE come from its own `from_single_file` (key conversion, building on the
+meta device, loading, dtype), given the checkpoint's state dict and a config folder (`config_folder.py`) holding
+their configs; text encoders are converted with its `single_file_utils` CLIP converters. A checkpoint of the
+shipped configs' sizes loads identically through `Pipeline.from_single_file(ckpt, config=<models/configs/FAMILY>,
+local_files_only=True)` (tests/test_single_file_diffusers.py).
+
+What sdtune keeps, because diffusers lacks it:
+- reading: one pass through `formats.safe_io` (safetensors headers validated; pickles only with weights_only=True,
+  refused with one line), then the dict goes to diffusers, which never opens the file (its own reader also uses
+  weights_only=True in 0.42, but reports damage as multi-line hub errors);
+- the old HF-CLIP key layout some SD1 files use (`normalize_ldm_keys`): diffusers looks for
+  `...transformer.text_model.*` only and would report the text encoder missing;
+- the family from the keys' structure (`family.detect_family`); diffusers' `infer_diffusers_model_type` tells
+  families apart by widths (768/1024/2048 cross-attention) and so misreads small models;
+- configs: from the file's `sdtune.config` metadata or read off the tensor shapes (`infer.py`); diffusers only
+  maps a checkpoint to a hub repository's configs, or needs the original LDM yaml;
+- prediction type and SD2's 512/768 rules, `v_pred` / `ztsnr` markers, the offline CLIP tokenizers;
+- text encoder dispatch by key prefix: diffusers' `create_diffusers_clip_model_from_ldm` picks CLIP-L or
+  OpenCLIP-bigG for SDXL's second encoder by comparing widths (equal widths, as in `models.testing`'s tiny SDXL,
+  load CLIP-L's weights into it), and cannot take meta tensors (the full-size shape checks in the tests);
+- completeness: diffusers leaves weights the file lacks on the meta device; here that is one SdtuneError.
 """
 
 from __future__ import annotations
@@ -10,7 +29,7 @@ import inspect
 import json
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 import torch
 
@@ -24,12 +43,13 @@ META_CONFIG = "sdtune.config"
 META_TOKENIZER = "sdtune.tokenizer"
 META_TOKENIZER_2 = "sdtune.tokenizer_2"
 
+_V = TypeVar("_V")
 _OPENCLIP_PREFIX = {"sd2": SD2_TEXT_PREFIX, "sdxl": "conditioner.embedders.1.model.",
                     "sdxl-refiner": "conditioner.embedders.0.model."}
 _CLIP_PREFIX = {"sd1": SD1_TEXT_PREFIX, "sdxl": "conditioner.embedders.0.transformer."}
 
 
-def normalize_ldm_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def normalize_ldm_keys(sd: Mapping[str, _V]) -> dict[str, _V]:
     """Fix the old HF-CLIP layout some SD1 files use (`...transformer.embeddings.*` without `text_model.`)."""
     out = {}
     for k, v in sd.items():
@@ -125,6 +145,32 @@ def _instantiate(factory: Any, state: Mapping[str, torch.Tensor], what: str,
     return model.eval()
 
 
+def load_with_diffusers(cls: Any, sd: Mapping[str, torch.Tensor], folder: Path, subfolder: str, what: str,
+                        dtype: torch.dtype | None = None) -> Any:
+    """`cls.from_single_file` (UNet2DConditionModel / AutoencoderKL) on an LDM state dict with `folder/subfolder`'s
+    config, offline. A state dict of meta tensors (shape checks of full-size layouts) builds a meta model."""
+    from diffusers.utils import logging as dlog
+
+    on_meta = next(iter(sd.values())).is_meta if sd else False
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # its dtype cast warns about fp32-kept modules even when the list is empty
+    try:
+        model = cls.from_single_file(dict(sd), config=str(folder), subfolder=subfolder, local_files_only=True,
+                                     torch_dtype=dtype, device="meta" if on_meta else None)
+    except (KeyError, IndexError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise SdtuneError(f"the {what} weights do not fit the inferred architecture ({first}); the file is damaged "
+                          "or mixes models") from None
+    finally:
+        dlog.set_verbosity(level)
+    missing = [] if on_meta else [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise SdtuneError(f"the {what} weights do not fit the inferred architecture ({len(missing)} missing, e.g. "
+                          f"{', '.join(missing[:3])}); the file is damaged or mixes models")
+    model.__dict__.pop("hf_device_map", None)  # diffusers' one-device map: nothing to dispatch
+    return model
+
+
 def _text_model_keys(model: Any, converted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers' converters emit `text_model.*`; transformers>=5.6 CLIPTextModel has no such wrapper."""
     if hasattr(model, "text_model"):
@@ -191,28 +237,37 @@ def load_single_file(path: str | Path, *, dtype: torch.dtype = torch.float32,
     family = detect_family(sd)
     pred, sample_size = resolve_prediction_type(p, family, meta, prediction_type, keys=sd.keys())
     components = components_from_state_dict(sd, family, meta=meta, prediction_type=pred, sample_size=sample_size,
-                                            name=p.name)
-    if "ztsnr" in sd:  # marker of models trained with zero terminal SNR: sample with the matching schedule
-        sched = components["scheduler"]
-        if "rescale_betas_zero_snr" in inspect.signature(type(sched).__init__).parameters:
-            components["scheduler"] = type(sched).from_config(sched.config, rescale_betas_zero_snr=True)
+                                            name=p.name, dtype=dtype)
     del sd
-    for comp in components.values():
-        if isinstance(comp, torch.nn.Module) and comp.dtype != dtype:
-            comp.to(dtype=dtype)
     return build_pipeline(family, components), family, pred
 
 
-def components_from_state_dict(sd: Mapping[str, torch.Tensor], family: str, *, meta: Mapping[str, str] | None = None,
-                               prediction_type: str = "epsilon", sample_size: int | None = None,
-                               name: str = "the checkpoint") -> dict[str, Any]:
-    """Pipeline components (unet, vae, text encoder(s), tokenizer(s), scheduler) from an original-layout state
-    dict. Configs come from `meta` (sdtune.config, written by save_single_file) or are inferred from shapes."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+def write_checkpoint_config_folder(path: str | Path, dest: str | Path, *,
+                                   prediction_type: str | None = None) -> Path:
+    """Write the diffusers config folder that fits the checkpoint at `path` (configs as `load_model` resolves them,
+    tokenizers, scheduler, model_index.json) into `dest`, so diffusers' own loader builds the same model offline:
+    `Pipeline.from_single_file(path, config=dest, local_files_only=True)`. Reads only the header of a .safetensors.
+    (diffusers itself still needs the current `...text_model.*` CLIP key layout, and SDXL text encoders of
+    different widths; see the module docstring.)"""
+    from sdtune.formats.safe_io import read_shapes
+    from sdtune.models.config_folder import write_config_folder
 
+    p = Path(path)
+    shapes, meta = read_shapes(p)
+    shapes = normalize_ldm_keys(shapes)
+    family = detect_family(shapes)
+    pred, sample_size = resolve_prediction_type(p, family, meta, prediction_type, keys=shapes.keys())
+    configs, tokenizers, scheduler = checkpoint_configs(shapes, family, meta=meta, prediction_type=pred,
+                                                        sample_size=sample_size, name=p.name)
+    return write_config_folder(dest, family, configs, tokenizers, scheduler)
+
+
+def checkpoint_configs(shapes: infer.Shapes, family: str, *, meta: Mapping[str, str] | None = None,
+                       prediction_type: str = "epsilon", sample_size: int | None = None,
+                       name: str = "the checkpoint") -> tuple[dict[str, dict[str, Any]], dict[str, Any], Any]:
+    """(configs of unet, vae, text_encoder[_2]; tokenizer[_2] objects; scheduler) of an original-layout checkpoint,
+    from `meta` (sdtune.config, written by save_single_file) or inferred from the tensor shapes."""
     meta = meta or {}
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
     cfgs = _meta_json(meta, META_CONFIG) or {}
     unet_cfg = dict(cfgs["unet"]) if "unet" in cfgs else infer.unet_config(shapes, family)
     if unet_cfg["in_channels"] != 4:
@@ -222,40 +277,60 @@ def components_from_state_dict(sd: Mapping[str, torch.Tensor], family: str, *, m
     if sample_size and "unet" not in cfgs:
         unet_cfg["sample_size"] = sample_size
         vae_cfg["sample_size"] = sample_size * 8
-
-    components: dict[str, Any] = {}
+    configs: dict[str, dict[str, Any]] = {"unet": unet_cfg, "vae": vae_cfg}
+    tokenizers: dict[str, Any] = {}
     if family in ("sd1", "sd2", "sdxl"):
         oc_prefix = _OPENCLIP_PREFIX["sd2"] if family == "sd2" else None
         emb_key = (oc_prefix + "token_embedding.weight" if oc_prefix
                    else _CLIP_PREFIX[family] + "text_model.embeddings.token_embedding.weight")
         tok = _tokenizer(meta, META_TOKENIZER, family, "tokenizer", shapes.get(emb_key, (0,))[0])
-        te_cfg = cfgs.get("text_encoder") or clip_config_for(shapes, family, "text_encoder", tok, oc_prefix)
-        components.update(text_encoder=build_clip(sd, te_cfg, family, oc_prefix, False), tokenizer=tok)
+        configs["text_encoder"] = dict(cfgs.get("text_encoder") or clip_config_for(shapes, family, "text_encoder",
+                                                                                  tok, oc_prefix))
+        tokenizers["tokenizer"] = tok
     if family in ("sdxl", "sdxl-refiner"):
         prefix2 = _OPENCLIP_PREFIX[family]
         tok2 = _tokenizer(meta, META_TOKENIZER_2, family, "tokenizer_2",
                           shapes.get(prefix2 + "token_embedding.weight", (0,))[0])
-        te2_cfg = cfgs.get("text_encoder_2") or clip_config_for(shapes, family, "text_encoder_2", tok2, prefix2)
-        te2 = build_clip(sd, te2_cfg, family, prefix2, True)
-        components.update(text_encoder_2=te2, tokenizer_2=tok2)
+        te2_cfg = dict(cfgs.get("text_encoder_2") or clip_config_for(shapes, family, "text_encoder_2", tok2,
+                                                                      prefix2))
+        configs["text_encoder_2"] = te2_cfg
+        tokenizers["tokenizer_2"] = tok2
         if "unet" not in cfgs:
-            infer.set_addition_time_embed_dim(unet_cfg, te2.config.projection_dim, family)
+            infer.set_addition_time_embed_dim(unet_cfg, int(te2_cfg.get("projection_dim", 512)), family)
+    for cfg in (unet_cfg, vae_cfg):
+        cfg.pop("_class_name", None)
+    scheduler = _scheduler(family, prediction_type, cfgs)
+    if "ztsnr" in shapes:  # marker of models trained with zero terminal SNR: sample with the matching schedule
+        if "rescale_betas_zero_snr" in inspect.signature(type(scheduler).__init__).parameters:
+            scheduler = type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
+    return configs, tokenizers, scheduler
 
-    unet_cfg.pop("_class_name", None)
-    vae_cfg.pop("_class_name", None)
-    unet_sd = convert_ldm_unet_checkpoint(dict(sd), unet_cfg)
-    components["unet"] = _instantiate(lambda: UNet2DConditionModel(**_known(UNet2DConditionModel, unet_cfg)),
-                                      unet_sd, "UNet")
-    vae_sd = convert_ldm_vae_checkpoint(dict(sd), vae_cfg)
-    components["vae"] = _instantiate(lambda: AutoencoderKL(**_known(AutoencoderKL, vae_cfg)), vae_sd, "VAE")
-    components["scheduler"] = _scheduler(family, prediction_type, cfgs)
+
+def components_from_state_dict(sd: Mapping[str, torch.Tensor], family: str, *, meta: Mapping[str, str] | None = None,
+                               prediction_type: str = "epsilon", sample_size: int | None = None,
+                               name: str = "the checkpoint", dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Pipeline components (unet, vae, text encoder(s), tokenizer(s), scheduler) from an original-layout state
+    dict (see `checkpoint_configs`); `dtype` None loads float32."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from sdtune.models.config_folder import write_model_configs
+
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    configs, tokenizers, scheduler = checkpoint_configs(shapes, family, meta=meta, prediction_type=prediction_type,
+                                                        sample_size=sample_size, name=name)
+    components: dict[str, Any] = {**tokenizers, "scheduler": scheduler}
+    for te_name, prefix in (("text_encoder", _OPENCLIP_PREFIX["sd2"] if family == "sd2" else None),
+                            ("text_encoder_2", _OPENCLIP_PREFIX.get(family))):
+        if te_name in configs:
+            te = build_clip(sd, configs[te_name], family, prefix, te_name == "text_encoder_2")
+            components[te_name] = te if dtype is None else te.to(dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix="sdtune-config-") as tmp:
+        write_model_configs(Path(tmp), configs)
+        components["unet"] = load_with_diffusers(UNet2DConditionModel, sd, Path(tmp), "unet", "UNet", dtype)
+        components["vae"] = load_with_diffusers(AutoencoderKL, sd, Path(tmp), "vae", "VAE", dtype)
     return components
-
-
-def _known(cls: Any, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Keep only constructor arguments (configs may carry diffusers bookkeeping such as _diffusers_version)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in cfg.items() if k in params}
 
 
 def build_pipeline(family: str, c: Mapping[str, Any]) -> Any:

@@ -18,13 +18,15 @@ def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _from_file(path: Path, family: str) -> Any:
+    import tempfile
+
     from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     from sdtune.formats.checkpoint import vae_to_ldm
     from sdtune.formats.safe_io import read_state_dict
     from sdtune.models import infer
-    from sdtune.models.single_file import _instantiate, _known
+    from sdtune.models.config_folder import write_model_configs
+    from sdtune.models.single_file import load_with_diffusers
 
     sd = _strip_prefix(read_state_dict(path))
     if any(k.startswith("encoder.down_blocks.") for k in sd):
@@ -33,9 +35,9 @@ def _from_file(path: Path, family: str) -> Any:
         raise SdtuneError(f"{path.name} is not a VAE (no encoder/decoder weights); run `sdtune info {path}` to see "
                           "what it is")
     cfg = infer.vae_config({k: tuple(v.shape) for k, v in sd.items()}, family, prefix="")
-    cfg.pop("_class_name", None)
-    converted = convert_ldm_vae_checkpoint(sd, cfg)
-    return _instantiate(lambda: AutoencoderKL(**_known(AutoencoderKL, cfg)), converted, "VAE")
+    with tempfile.TemporaryDirectory(prefix="sdtune-config-") as tmp:
+        write_model_configs(Path(tmp), {"vae": cfg})
+        return load_with_diffusers(AutoencoderKL, sd, Path(tmp), "vae", "VAE")
 
 
 def load_vae(spec: str | Path, *, family: str, dtype: torch.dtype = torch.float32, like: Any = None) -> Any:
