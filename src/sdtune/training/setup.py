@@ -7,6 +7,7 @@ the model, data, the method's setup and the optimizer, each checked before the n
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -19,6 +20,7 @@ from sdtune.models.bundled import is_bundled_model
 from sdtune.training.batches import BatchSource, LatentEncoder, sdxl_time_ids
 from sdtune.training.checkpoint import TrainState
 from sdtune.training.config import parse_select_by
+from sdtune.training.distributed import Ranks
 from sdtune.training.ledger import CheckpointLedger
 from sdtune.training.methods import get_method
 from sdtune.training.context import TrainingContext
@@ -106,9 +108,11 @@ class TrainerSetup(TrainerParts):
         cfg = self.config
         self.noise = NoiseModel(self.model.pipe.scheduler.config, self.model.prediction_type,
                                 noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma)
-        self.batches = BatchSource(self.dataset, self.aug, self.encoder, seed=cfg.seed, batch_size=cfg.batch_size,
-                                   buckets=cfg.buckets, crop=cfg.crop, sample_latents=self.latents_mode == "sample",
-                                   is_sdxl=self.is_sdxl, device=self.device)
+        # batch_size is per process: the global batch is batch_size x processes (x grad_accum per optimizer step)
+        self.batches = BatchSource(self.dataset, self.aug, self.encoder, seed=cfg.seed,
+                                   batch_size=cfg.batch_size * self.ranks.world, buckets=cfg.buckets, crop=cfg.crop,
+                                   sample_latents=self.latents_mode == "sample", is_sdxl=self.is_sdxl,
+                                   device=self.device, ranks=self.ranks)
         self.batches.encode_cache(self.echo)
         self.val = self._build_validation()
         if (cfg.val_split > 0 or cfg.val_dir is not None) and self.val is None:
@@ -121,10 +125,12 @@ class TrainerSetup(TrainerParts):
         dev, _ = resolve_device_dtype(cfg.device, None)
         if cfg.mixed_precision == "fp16" and dev.type != "cuda":
             raise SdtuneError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision bf16 or no")
-        if dev.type == "cuda" and dev.index is not None:
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # several processes: each takes its LOCAL_RANK GPU
+        if dev.type == "cuda" and dev.index is not None and not launched:
             torch.cuda.set_device(dev.index)
         self.accelerator = _make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu=dev.type == "cpu")
         self.device = self.accelerator.device
+        self.ranks = Ranks.from_accelerator(self.accelerator)
 
     def _prepare_selection(self) -> None:
         """The method object and how checkpoints are selected (checked before the model loads)."""
@@ -144,7 +150,8 @@ class TrainerSetup(TrainerParts):
             raise SdtuneError(f"select_by {select_metric!r} needs an evaluator that reports it; use val_loss")
         self.ledger = CheckpointLedger(cfg.out_dir, Selection(select_metric, select_mode, *(early or (None, 0.0))),
                                        selecting=(select_metric != "val_loss") or has_val,
-                                       keep=cfg.keep_checkpoints, average=cfg.average_checkpoints)
+                                       keep=cfg.keep_checkpoints, average=cfg.average_checkpoints,
+                                       writes=self.ranks.is_main)
 
     def _prepare_model(self) -> int:
         """Load and check the model; returns the multiple every training resolution must be."""
@@ -198,7 +205,8 @@ class TrainerSetup(TrainerParts):
                 module.eval()
         self._seed_all(cfg.seed)
         groups = self.method.setup(model, cfg)
-        self.method.prepare_data(self.context())  # e.g. LoRA/DreamBooth: --prompt captions, class images
+        with self.ranks.main_first():  # class images: generated once (main process), reused by the others
+            self.method.prepare_data(self.context())  # e.g. LoRA/DreamBooth: --prompt captions, class images
         self.params = [p for g in groups for p in g["params"]]
         if not self.params or not all(p.requires_grad for p in self.params):
             raise SdtuneError(f"method {self.method.name!r} returned no trainable parameters")
