@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 RESUME_FREE = {"steps", "save_every", "keep_checkpoints", "keep_states", "resume", "sample_every", "sample_prompts",
                "sample_seeds", "sample_negative", "sample_steps", "sample_cfg", "sample_sampler", "early_stop",
                "select_by", "progress", "tensorboard", "out", "device", "judge", "judge_term", "judge_seeds",
-               "judge_any_model"}
+               "judge_any_model", "compile", "channels_last"}
 
 
 def _make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Any:
@@ -217,6 +217,10 @@ class TrainerSetup(TrainerParts):
                     te = getattr(pipe, name, None)
                     if te is not None and hasattr(te, "gradient_checkpointing_enable"):
                         te.gradient_checkpointing_enable()
+        if cfg.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if cfg.compile:  # only the training step's calls: samples and the saved files use the plain module
+            self.unet = torch.compile(self.unet)
         for module in self.method.modules():
             module.train()
         self._initial = {k: v.detach().to("cpu", copy=True) for k, v in self.method.state_dict().items()}
@@ -235,8 +239,9 @@ class TrainerSetup(TrainerParts):
             from sdtune.training.optimizers import make_optimizer
 
             opt = make_optimizer(cfg.optimizer, opt_groups, lr=self.schedule(1), weight_decay=cfg.weight_decay)
-        elif cfg.optimizer == "adamw":
-            opt = torch.optim.AdamW(opt_groups, lr=self.schedule(1), weight_decay=cfg.weight_decay)
+        elif cfg.optimizer in ("adamw", "adamw_fused"):
+            opt = torch.optim.AdamW(opt_groups, lr=self.schedule(1), weight_decay=cfg.weight_decay,
+                                    fused=cfg.optimizer == "adamw_fused" or None)
         else:
             opt = torch.optim.SGD(opt_groups, lr=self.schedule(1), momentum=0.9, weight_decay=cfg.weight_decay)
         self.optimizer = self.accelerator.prepare(opt)

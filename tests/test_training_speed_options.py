@@ -1,0 +1,51 @@
+"""Memory/speed options that do not change what is trained: fused AdamW, channels-last UNet weights, torch.compile
+of the UNet (the flag reaches torch.compile; compiling itself takes minutes on a CPU, too slow for a test)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sdtune.training import TrainConfig, Trainer
+from sdtune.training.methods.lora import LoraOptions
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                        "ignore::UserWarning")
+
+
+def run(tmp_path, data, sd1, name, **kw):
+    cfg = TrainConfig(method="lora", data=str(data), out=str(tmp_path / name), steps=3, lr=1e-3, resolution=32,
+                      save_every=0, progress=False, tensorboard=False, options=LoraOptions(), **kw)
+    trainer = Trainer(cfg, model=copy.deepcopy(sd1), echo=lambda s: None)
+    return trainer, trainer.run()
+
+
+def test_fused_adamw_trains_what_adamw_trains(tmp_path, data, sd1):
+    _, plain = run(tmp_path, data, sd1, "plain")
+    trainer, fused = run(tmp_path, data, sd1, "fused", optimizer="adamw_fused")
+    assert trainer.optimizer.optimizer.defaults["fused"] is True
+    assert fused.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_channels_last_unet_trains_the_same(tmp_path, data, sd1):
+    _, plain = run(tmp_path, data, sd1, "plain")
+    trainer, cl = run(tmp_path, data, sd1, "cl", channels_last=True)
+    conv = trainer.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert cl.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_compile_flag_compiles_the_unet_the_step_calls(tmp_path, data, sd1, monkeypatch):
+    compiled = []
+
+    def fake_compile(module, *args, **kwargs):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    trainer, _ = run(tmp_path, data, sd1, "plain")
+    assert compiled == []
+    trainer, result = run(tmp_path, data, sd1, "compiled", compile=True)
+    assert compiled == [trainer.model.pipe.unet] and result.stopped == "finished"
