@@ -1,7 +1,7 @@
 """Training as two processes (torchrun, gloo on the CPU) trains what one process trains with the same global
 batch: LoRA and textual inversion, per-step losses and final weights equal up to float reduction order (a batch of 2
 through the UNet at once vs two batches of 1), a resumed 2-process run continues exactly, and the output folder holds
-one set of files (only the main process writes). See docs/multi_gpu.md and `training.distributed`."""
+one set of files (only the main process writes; the TI runs keep their latents on disk, written by rank 0). See docs/multi_gpu.md and `training.distributed`."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def _lora(data: Path, out: Path, batch: int, steps: int, *extra: str) -> list[st
 def _ti(data: Path, out: Path, batch: int, steps: int) -> list[str]:
     return ["train", "ti", "--data", str(data), "--out", str(out), "--steps", str(steps), "--batch-size",
             str(batch), "--save-every", "2", "--lr", "5e-3", "--token", "<star>", "--init", "shape", "--vectors", "2", "--val-split", "0.25",
+            "--latent-cache", "disk",
             "--no-progress", "--no-tensorboard"]
 
 

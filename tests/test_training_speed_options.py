@@ -49,3 +49,19 @@ def test_compile_flag_compiles_the_unet_the_step_calls(tmp_path, data, sd1, monk
     assert compiled == []
     trainer, result = run(tmp_path, data, sd1, "compiled", compile=True)
     assert compiled == [trainer.model.pipe.unet] and result.stopped == "finished"
+
+
+def test_latents_cached_on_disk_train_the_same_and_are_reused(tmp_path, data, sd1):
+    _, plain = run(tmp_path, data, sd1, "plain")
+    said: list[str] = []
+    cfg = TrainConfig(method="lora", data=str(data), out=str(tmp_path / "disk"), steps=3, lr=1e-3, resolution=32,
+                      save_every=0, progress=False, tensorboard=False, options=LoraOptions(), latent_cache="disk")
+    disk = Trainer(cfg, model=copy.deepcopy(sd1), echo=said.append).run()
+    assert disk.losses == plain.losses  # the same float32 latents, read back from files
+    (folder,) = list((tmp_path / "disk" / "latent_cache").iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == ["000000.safetensors", "000001.safetensors", "done"]
+    assert any("to latents in" in s for s in said)
+    said.clear()
+    more = Trainer(cfg.replace(steps=5, resume="auto"), model=copy.deepcopy(sd1), echo=said.append).run()
+    assert any("reusing the cache" in s for s in said) and not any("to latents in" in s for s in said)
+    assert more.step == 5

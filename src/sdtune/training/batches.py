@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -18,7 +19,7 @@ from sdtune.training.distributed import SINGLE, Ranks
 from sdtune.training.methods.base import Batch
 
 if TYPE_CHECKING:
-    from sdtune.training.latents import CachedLatent
+    from sdtune.training.latents import CachedLatent, DiskLatents
 
 
 def sdxl_time_ids(item: Any, crop: str) -> torch.Tensor:
@@ -73,7 +74,7 @@ class BatchSource:
 
     def __init__(self, dataset: Any, aug: Any, encoder: LatentEncoder, *, seed: int, batch_size: int, buckets: bool,
                  crop: str, sample_latents: bool, is_sdxl: bool, device: torch.device,
-                 ranks: Ranks = SINGLE) -> None:
+                 ranks: Ranks = SINGLE, disk: Path | None = None) -> None:
         self.dataset, self.aug, self.encoder = dataset, aug, encoder
         self.ranks = ranks  # several processes: batch_size is the global batch, each rank trains its shard
         self.seed, self.batch_size, self.buckets, self.crop = seed, batch_size, buckets, crop
@@ -81,13 +82,28 @@ class BatchSource:
         self.epoch = 0
         self.cursor = 0
         self.cached = aug.cacheable
-        self.latent_cache: list[Any] | None = None
+        self.latent_cache: Sequence[CachedLatent] | DiskLatents | None = None
+        self.disk = disk  # --latent-cache disk: the cache's folder (`training.latents.DiskLatents`)
         self._order: tuple[int, list[int], list[list[int]]] | None = None
 
     def encode_cache(self, echo: Callable[[str], None]) -> None:
         """Encode every training image once (with its flipped variant when flips are on), if the augmentations
         allow caching."""
-        if self.cached:
+        if self.cached and self.disk is not None:
+            from sdtune.training.latents import DiskLatents
+
+            flip = self.aug.flip_p > 0
+            disk = DiskLatents(self.disk, len(self.dataset.items))
+            with self.ranks.main_first():
+                if disk.complete():
+                    echo(f"latents: reusing the cache in {self.disk}")
+                elif self.ranks.is_main:
+                    t0 = time.time()
+                    disk.build(lambda items: self.encoder.encode(items, flip_variants=flip), self.dataset.items)
+                    echo(f"encoded {len(disk)} training image(s) to latents in {self.disk} in "
+                         f"{time.time() - t0:.1f}s")
+            self.latent_cache = disk
+        elif self.cached:
             t0 = time.time()
             cache = None
             if self.ranks.is_main:  # encoded once, by the main process, and handed to the others

@@ -86,6 +86,9 @@ class TrainConfig:
                        "mean; auto = what the model was trained on (mean for the bundled tiny model, as its "
                        "sdtune.json says; sample otherwise).", section="data", kind="str",
                        choices=("auto", "sample", "mean"))
+    latent_cache: str = opt("memory", "Where the cached latents live: memory (fastest), or disk (OUT/latent_cache, "
+                            "reused by reruns: datasets too large for RAM, at a file read per image per step).",
+                            section="data", kind="str", choices=("memory", "disk"))
     # -- augmentation
     flip: float = opt(0.0, "Chance of a horizontal flip (mirrors text and asymmetric features).",
                       section="augment", kind="float")

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 RESUME_FREE = {"steps", "save_every", "keep_checkpoints", "keep_states", "resume", "sample_every", "sample_prompts",
                "sample_seeds", "sample_negative", "sample_steps", "sample_cfg", "sample_sampler", "early_stop",
                "select_by", "progress", "tensorboard", "out", "device", "judge", "judge_term", "judge_seeds",
-               "judge_any_model", "compile", "channels_last"}
+               "judge_any_model", "compile", "channels_last", "latent_cache"}
 
 
 def _make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Any:
@@ -112,11 +112,20 @@ class TrainerSetup(TrainerParts):
         self.batches = BatchSource(self.dataset, self.aug, self.encoder, seed=cfg.seed,
                                    batch_size=cfg.batch_size * self.ranks.world, buckets=cfg.buckets, crop=cfg.crop,
                                    sample_latents=self.latents_mode == "sample", is_sdxl=self.is_sdxl,
-                                   device=self.device, ranks=self.ranks)
+                                   device=self.device, ranks=self.ranks, disk=self._latent_folder())
         self.batches.encode_cache(self.echo)
         self.val = self._build_validation()
         if (cfg.val_split > 0 or cfg.val_dir is not None) and self.val is None:
             raise SdtuneError("the validation set is empty")
+
+    def _latent_folder(self) -> Path | None:
+        """--latent-cache disk: OUT/latent_cache/<key of the items, flips and model> (`latents.DiskLatents`)."""
+        from sdtune.training.latents import disk_cache_key
+
+        if self.config.latent_cache != "disk":
+            return None
+        key = disk_cache_key(self.dataset.items, self.aug.flip_p > 0, str(self.model.hash), self.resolution)
+        return self.out / "latent_cache" / key
 
     def _prepare_device(self) -> None:
         from sdtune.models.device import resolve_device_dtype
