@@ -1,11 +1,15 @@
 """Runs several `sdtune ...` commands one after another in one process, for tests/test_distributed.py to launch
 under `torchrun --nproc_per_node N` (one launch, one process-group start, several runs). Usage:
     torchrun --nproc_per_node 2 tests/dist_worker.py '[["train", "lora", ...], ["train", "ti", ...]]'
-Exits with the first non-zero exit code."""
+Exits with the first non-zero exit code.
+
+SDTUNE_TEST_NAN=RANK:STEP makes that rank's training loss NaN at that step (only there), to test that one rank's
+NaN rolls every rank back."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -13,6 +17,20 @@ import torch
 if __name__ == "__main__":
     torch.set_num_threads(1)
     from sdtune.cli.testing import exit_code
+
+    if os.environ.get("SDTUNE_TEST_NAN"):
+        from sdtune.training.loop import Trainer
+
+        nan_rank, nan_step = (int(v) for v in os.environ["SDTUNE_TEST_NAN"].split(":"))
+        real_loss = Trainer._loss
+
+        def poisoned(self, batch, gen):  # type: ignore[no-untyped-def]
+            loss = real_loss(self, batch, gen)
+            if self.ranks.rank == nan_rank and batch.step == nan_step:
+                loss = loss * float("nan")
+            return loss
+
+        Trainer._loss = poisoned  # type: ignore[method-assign]
 
     for argv in json.loads(sys.argv[1]):
         code = exit_code(argv)

@@ -35,13 +35,14 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(runs: list[list[str]], processes: int = 2) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+def _launch(runs: list[list[str]], processes: int = 2, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **env_extra, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
            "127.0.0.1", "--master_port", str(_port()), str(ROOT / "tests" / "dist_worker.py"), json.dumps(runs)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert env_extra or done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def _lora(data: Path, out: Path, batch: int, steps: int, *extra: str) -> list[str]:
@@ -133,3 +134,14 @@ def test_noise_of_a_shard_is_its_rows_of_the_global_batch() -> None:
     full, t = model.sample(torch.zeros(3, 4, 8, 8), step_generator(0, 5))
     part, tp = model.sample(torch.zeros(1, 4, 8, 8), step_generator(0, 5), total=3, offset=2)
     assert torch.equal(part, full[2:3]) and torch.equal(tp, t[2:3])
+
+
+def test_a_nan_on_one_rank_rolls_every_rank_back(runs: Path) -> None:
+    out = runs / "nan"
+    done = _launch([_lora(runs / "data", out, 1, 4)], SDTUNE_TEST_NAN="1:3")  # rank 1 only, step 3
+    assert done.returncode != 0  # every rank stopped (a rank left waiting would hit the timeout instead)
+    assert "training diverged at step 3: non-finite loss; rolled back to the state of step 2" in done.stderr
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    (diverged,) = [r for r in records if r["event"] == "diverged"]
+    assert diverged["rolled_back_to"] == 2
+    assert [p.name[:11] for p in (out / "state").iterdir() if p.name.startswith("step-")] == ["step-000002"]
