@@ -26,6 +26,10 @@ def test_fused_adamw_trains_what_adamw_trains(tmp_path, data, sd1):
     _, plain = run(tmp_path, data, sd1, "plain")
     trainer, fused = run(tmp_path, data, sd1, "fused", optimizer="adamw_fused")
     assert trainer.optimizer.optimizer.defaults["fused"] is True
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    # SDPA attention (flash / memory-efficient kernels on GPUs) is what the trained UNet runs
+    assert all(isinstance(p, AttnProcessor2_0) for p in trainer.unet.attn_processors.values())
     assert fused.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
