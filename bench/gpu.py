@@ -223,7 +223,9 @@ def baseline_train(case: Case, model: Any, data: Path, args: argparse.Namespace,
     x_all, captions = _pixels(data, case.resolution, device)
     if case.kind == "ti":
         captions = ["a photo of <b0><b1>"] * len(captions)
-    sched = pipe.scheduler
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the examples' noise scheduler
     n_t = int(sched.config.num_train_timesteps)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     gen = torch.Generator(device="cpu").manual_seed(0)
