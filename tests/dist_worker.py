@@ -3,8 +3,8 @@ under `torchrun --nproc_per_node N` (one launch, one process-group start, severa
     torchrun --nproc_per_node 2 tests/dist_worker.py '[["train", "lora", ...], ["train", "ti", ...]]'
 Exits with the first non-zero exit code.
 
-SDTUNE_TEST_NAN=RANK:STEP makes that rank's training loss NaN at that step (only there), to test that one rank's
-NaN rolls every rank back."""
+SDTUNE_TEST_NAN=RANK:STEP:NAME makes that rank's training loss NaN at that step of the run whose --out folder is
+named NAME (only there), to test that one rank's NaN rolls every rank back."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ if __name__ == "__main__":
     if os.environ.get("SDTUNE_TEST_NAN"):
         from sdtune.training.loop import Trainer
 
-        nan_rank, nan_step = (int(v) for v in os.environ["SDTUNE_TEST_NAN"].split(":"))
+        rank_s, step_s, nan_out = os.environ["SDTUNE_TEST_NAN"].split(":")
+        nan_rank, nan_step = int(rank_s), int(step_s)
         real_loss = Trainer._loss
 
         def poisoned(self, batch, gen):  # type: ignore[no-untyped-def]
             loss = real_loss(self, batch, gen)
-            if self.ranks.rank == nan_rank and batch.step == nan_step:
+            if self.ranks.rank == nan_rank and batch.step == nan_step and self.out.name == nan_out:
                 loss = loss * float("nan")
             return loss
 

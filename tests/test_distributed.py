@@ -40,9 +40,7 @@ def _launch(runs: list[list[str]], processes: int = 2, **env_extra: str) -> subp
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
            "127.0.0.1", "--master_port", str(_port()), str(ROOT / "tests" / "dist_worker.py"), json.dumps(runs)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert env_extra or done.returncode == 0, done.stderr[-3000:]
-    return done
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
 def _lora(data: Path, out: Path, batch: int, steps: int, *extra: str) -> list[str]:
@@ -76,13 +74,17 @@ def _state_weights(out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One process with batch 2, and two processes with batch 1 each (LoRA: 2 steps, then resumed to 4)."""
+    """One process with batch 2, and two processes with batch 1 each (LoRA: 2 steps, then resumed to 4); last, a
+    2-process LoRA run (OUT/nan) whose rank 1 gets a NaN loss at step 3 (its output in OUT/nan.stderr)."""
     root = tmp_path_factory.mktemp("dist")
     data = write_toy_dataset(root / "data", 4, size=32)  # 3 training images: the last batch of an epoch has 1
     for argv in (_lora(data, root / "lora1", 2, 4), _ti(data, root / "ti1", 2, 4)):
         assert exit_code(argv) == 0
-    _launch([_lora(data, root / "lora2", 1, 2), _ti(data, root / "ti2", 1, 4)])
-    _launch([_lora(data, root / "lora2", 1, 4, "--resume")])
+    done = _launch([_lora(data, root / "lora2", 1, 2), _ti(data, root / "ti2", 1, 4)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _launch([_lora(data, root / "lora2", 1, 4, "--resume"), _lora(data, root / "nan", 1, 4)],
+                   SDTUNE_TEST_NAN="1:3:nan")  # rank 1 only, step 3, the run into OUT/nan only
+    (root / "nan.stderr").write_text(done.stderr)
     return root
 
 
@@ -138,9 +140,9 @@ def test_noise_of_a_shard_is_its_rows_of_the_global_batch() -> None:
 
 def test_a_nan_on_one_rank_rolls_every_rank_back(runs: Path) -> None:
     out = runs / "nan"
-    done = _launch([_lora(runs / "data", out, 1, 4)], SDTUNE_TEST_NAN="1:3")  # rank 1 only, step 3
-    assert done.returncode != 0  # every rank stopped (a rank left waiting would hit the timeout instead)
-    assert "training diverged at step 3: non-finite loss; rolled back to the state of step 2" in done.stderr
+    # every rank stopped (a rank left waiting would have hit the launch's timeout instead)
+    stderr = (runs / "nan.stderr").read_text()
+    assert "training diverged at step 3: non-finite loss; rolled back to the state of step 2" in stderr
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     (diverged,) = [r for r in records if r["event"] == "diverged"]
     assert diverged["rolled_back_to"] == 2
