@@ -32,9 +32,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -247,7 +248,8 @@ def baseline_train(case: Case, model: Any, data: Path, args: argparse.Namespace,
                 kw["added_cond_kwargs"] = {"text_embeds": pooled,
                                            "time_ids": torch.tensor([[r, r, 0, 0, r, r]] * case.batch, device=device)}
 
-            def fwd_bwd() -> None:
+            def fwd_bwd(noisy: torch.Tensor = noisy, t: torch.Tensor = t, hidden: torch.Tensor = hidden,
+                        kw: dict[str, Any] = kw, noise: torch.Tensor = noise) -> None:
                 pred = unet(noisy, t, encoder_hidden_states=hidden, **kw).sample
                 F.mse_loss(pred.float(), noise.float()).backward()
 

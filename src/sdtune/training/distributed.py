@@ -20,8 +20,9 @@ With one process (`world == 1`) every call here is a no-op that returns its inpu
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - immutable, shared by design
 
     @classmethod
     def from_accelerator(cls, accelerator: Any) -> Ranks:
