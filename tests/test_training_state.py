@@ -180,3 +180,18 @@ def test_sigterm_saves_the_state_and_exits_cleanly(tmp_path, model_dir, data):
     assert f"resuming at step {last_step}" in proc.stderr
     assert (out / "lora.safetensors").is_file()
     assert [r["step"] for r in read_log(out / "log.jsonl") if r["event"] == "step"] == list(range(1, last_step + 2))
+
+
+def test_linking_the_final_file_again_leaves_no_temporary_file(tmp_path):
+    # A resumed run whose best checkpoint did not change links the same file over itself: rename() of two links to
+    # one file is a no-op, which used to leave OUT/.<name>.<pid>.tmp behind.
+    from sdtune.training.checkpoint import link_or_copy
+
+    src = tmp_path / "checkpoints" / "a-000002.safetensors"
+    src.parent.mkdir()
+    src.write_bytes(b"weights")
+    dst = tmp_path / "a.safetensors"
+    link_or_copy(src, dst)
+    link_or_copy(src, dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "checkpoints"]
+    assert dst.read_bytes() == b"weights"

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
+from sdtune.training.distributed import SINGLE, Ranks
 from sdtune.training.methods.base import Batch
 
 if TYPE_CHECKING:
-    from sdtune.training.latents import CachedLatent
+    from sdtune.training.latents import CachedLatent, DiskLatents
 
 
 def sdxl_time_ids(item: Any, crop: str) -> torch.Tensor:
@@ -71,22 +73,43 @@ class BatchSource:
     """The training set as a stream of micro-batches (see the module docstring)."""
 
     def __init__(self, dataset: Any, aug: Any, encoder: LatentEncoder, *, seed: int, batch_size: int, buckets: bool,
-                 crop: str, sample_latents: bool, is_sdxl: bool, device: torch.device) -> None:
+                 crop: str, sample_latents: bool, is_sdxl: bool, device: torch.device,
+                 ranks: Ranks = SINGLE, disk: Path | None = None) -> None:
         self.dataset, self.aug, self.encoder = dataset, aug, encoder
+        self.ranks = ranks  # several processes: batch_size is the global batch, each rank trains its shard
         self.seed, self.batch_size, self.buckets, self.crop = seed, batch_size, buckets, crop
         self.sample_latents, self.is_sdxl, self.device = sample_latents, is_sdxl, device
         self.epoch = 0
         self.cursor = 0
         self.cached = aug.cacheable
-        self.latent_cache: list[Any] | None = None
+        self.latent_cache: Sequence[CachedLatent] | DiskLatents | None = None
+        self.disk = disk  # --latent-cache disk: the cache's folder (`training.latents.DiskLatents`)
         self._order: tuple[int, list[int], list[list[int]]] | None = None
 
     def encode_cache(self, echo: Callable[[str], None]) -> None:
         """Encode every training image once (with its flipped variant when flips are on), if the augmentations
         allow caching."""
-        if self.cached:
+        if self.cached and self.disk is not None:
+            from sdtune.training.latents import DiskLatents
+
+            flip = self.aug.flip_p > 0
+            disk = DiskLatents(self.disk, len(self.dataset.items))
+            with self.ranks.main_first():
+                if disk.complete():
+                    echo(f"latents: reusing the cache in {self.disk}")
+                elif self.ranks.is_main:
+                    t0 = time.time()
+                    disk.build(lambda items: self.encoder.encode(items, flip_variants=flip), self.dataset.items)
+                    echo(f"encoded {len(disk)} training image(s) to latents in {self.disk} in "
+                         f"{time.time() - t0:.1f}s")
+            self.latent_cache = disk
+        elif self.cached:
             t0 = time.time()
-            self.latent_cache = self.encoder.encode(list(self.dataset.items), flip_variants=self.aug.flip_p > 0)
+            cache = None
+            if self.ranks.is_main:  # encoded once, by the main process, and handed to the others
+                cache = self.encoder.encode(list(self.dataset.items), flip_variants=self.aug.flip_p > 0)
+            self.latent_cache = self.ranks.broadcast(cache)
+            assert self.latent_cache is not None
             echo(f"encoded {len(self.latent_cache)} training image(s) to latents in {time.time() - t0:.1f}s")
 
     def seek(self, epoch: int, cursor: int) -> None:
@@ -108,6 +131,12 @@ class BatchSource:
             self._order = (epoch, order, batches)
         return self._order[1], self._order[2]
 
+    @staticmethod
+    def _skip_draws(gen: torch.Generator | None, like: Any, count: int) -> None:
+        if gen is not None:
+            for _ in range(count):
+                torch.randn(like.mean.shape, generator=gen, dtype=like.mean.dtype)
+
     def next(self, step: int, gen: torch.Generator) -> Batch:
         from sdtune.training.data import example_rng, make_example
 
@@ -117,17 +146,30 @@ class BatchSource:
             order, batches = self._epoch(self.epoch)
         positions = batches[self.cursor]
         self.cursor += 1
+        n = len(positions)
+        start, stop = self.ranks.shard(n)
+        share = (stop - start) / n
+        if start == stop:  # more processes than samples: train on one with weight 0 (every rank must step)
+            start, stop = 0, 1
         items = self.dataset.items
         examples = [make_example(items[order[p]], self.aug, example_rng(self.seed, self.epoch, p),
-                                 index=order[p], with_pixels=not self.cached) for p in positions]
+                                 index=order[p], with_pixels=not self.cached) for p in positions[start:stop]]
         g = gen if self.sample_latents else None
         if self.latent_cache is not None:
-            lats = [self.latent_cache[ex.index].get(ex.flipped, generator=g) for ex in examples]
+            cached = [self.latent_cache[ex.index] for ex in examples]
+            flips = [ex.flipped for ex in examples]
         else:
-            lats = [c.get(False, generator=g) for c in self.encoder.encode([ex.pixels for ex in examples])]
+            cached = self.encoder.encode([ex.pixels for ex in examples])
+            flips = [False] * len(examples)
+        # The other ranks' rows draw their posterior samples from the same generator, before and after this rank's:
+        # draw (and drop) theirs, so this rank's rows and the noise after them get what one process would draw.
+        # The rows of a batch share one size.
+        self._skip_draws(g, cached[0], start)
+        lats = [c.get(f, generator=g) for c, f in zip(cached, flips)]
+        self._skip_draws(g, cached[0], n - stop)
         time_ids = None
         if self.is_sdxl:
             time_ids = torch.stack([sdxl_time_ids(items[ex.index], self.crop) for ex in examples]).to(self.device)
         return Batch(latents=torch.stack(lats).to(self.device), captions=[ex.caption for ex in examples],
                      indices=[ex.index for ex in examples], flipped=[ex.flipped for ex in examples],
-                     time_ids=time_ids, step=step)
+                     time_ids=time_ids, step=step, offset=start if share else 0, total=n, share=share)

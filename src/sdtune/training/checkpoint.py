@@ -331,6 +331,9 @@ def link_or_copy(src: Path, dst: Path) -> Path:
         except OSError:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
+        # rename() of two links to one file does nothing (POSIX) and leaves tmp: a resumed run whose best
+        # checkpoint is still the one `dst` links to.
+        tmp.unlink(missing_ok=True)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -64,6 +64,10 @@ class TrainConfig:
                                section="model", kind="str", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, slower).",
                                        section="model", kind="bool")
+    channels_last: bool = opt(False, "UNet weights in channels-last layout: faster convolutions on tensor-core GPUs, "
+                              "the same results; no gain on CPUs.", section="model", kind="bool")
+    compile: bool = opt(False, "torch.compile the UNet: faster steps on GPUs after a first step that compiles "
+                        "(minutes); not worth it for short runs.", section="model", kind="bool")
     clip_skip: int = opt(1, "CLIP layer to condition on, A1111 numbering (1 = last, 2 = the one before; SDXL "
                          "always uses its own convention).", section="model", kind="int")
     # -- data
@@ -83,6 +87,9 @@ class TrainConfig:
                        "mean; auto = what the model was trained on (mean for the bundled tiny model, as its "
                        "sdtune.json says; sample otherwise).", section="data", kind="str",
                        choices=("auto", "sample", "mean"))
+    latent_cache: str = opt("memory", "Where the cached latents live: memory (fastest), or disk (OUT/latent_cache, "
+                            "reused by reruns: datasets too large for RAM, at a file read per image per step).",
+                            section="data", kind="str", choices=("memory", "disk"))
     # -- augmentation
     flip: float = opt(0.0, "Chance of a horizontal flip (mirrors text and asymmetric features).",
                       section="augment", kind="float")
@@ -103,9 +110,12 @@ class TrainConfig:
     lr_scheduler: str = opt("constant", "Shape of the rate over the run.", section="optim", kind="str",
                             choices=("constant", "constant_with_warmup", "linear", "cosine"))
     warmup_steps: int = opt(0, "Linear warm-up steps.", section="optim", kind="int")
-    optimizer: str = opt("adamw", "Optimizer: adamw, sgd, adamw8bit (needs bitsandbytes), prodigy (needs prodigyopt; use --lr 1).", section="optim", kind="str",
-                         choices=("adamw", "sgd", "adamw8bit", "prodigy"))
-    batch_size: int = opt(1, "Images per batch.", section="optim", kind="int")
+    optimizer: str = opt("adamw", "Optimizer: adamw, adamw_fused (the same maths in one fused kernel per step: "
+                         "faster on GPUs), sgd, adamw8bit (needs bitsandbytes; a quarter of AdamW's state memory, "
+                         "noisier steps), prodigy (needs prodigyopt; use --lr 1).", section="optim", kind="str",
+                         choices=("adamw", "adamw_fused", "sgd", "adamw8bit", "prodigy"))
+    batch_size: int = opt(1, "Images per batch, per process (several processes: the global batch is this x "
+                          "processes; docs/multi_gpu.md).", section="optim", kind="int")
     grad_accum: int = opt(1, "Batches accumulated per optimizer step.", section="optim", kind="int")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 = off).", section="optim", kind="float")
     weight_decay: float = opt(0.01, "AdamW weight decay.", section="optim", kind="float")

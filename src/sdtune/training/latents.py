@@ -96,3 +96,61 @@ def resolve_latents_mode(mode: str, model: Any) -> str:
     except (OSError, ValueError, AttributeError):
         declared = None
     return declared if declared in ("sample", "mean") else "sample"
+
+
+class DiskLatents:
+    """The latent cache in files (`--latent-cache disk`), for datasets whose latents do not fit in RAM: one
+    safetensors file per image in `folder`, read when a batch needs it (the OS page cache keeps what fits).
+
+    `folder` is named by a key over the items (path, content hash, training size, in order), the flip variants
+    and the model, so a rerun or a resumed run reuses it and any change encodes anew. Encoded in chunks, so memory
+    stays bounded while building; the main process builds it and the others wait (`training.distributed`)."""
+
+    CHUNK = 64
+
+    def __init__(self, folder: Any, count: int) -> None:
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _path(self, i: int) -> Any:
+        return self.folder / f"{i:06d}.safetensors"
+
+    def __getitem__(self, i: int) -> CachedLatent:
+        from safetensors.torch import load_file
+
+        t = load_file(self._path(i))
+        return CachedLatent(t["mean"], t["std"], t.get("flip_mean"), t.get("flip_std"))
+
+    def complete(self) -> bool:
+        return (self.folder / "done").is_file() and all(self._path(i).is_file() for i in range(self.count))
+
+    def build(self, encode: Callable[[list[Any]], list[CachedLatent]], items: Sequence[Any]) -> None:
+        """Encode `items` chunk by chunk with `encode` and write each latent atomically; `done` marks the end."""
+        from safetensors.torch import save_file
+
+        from sdtune.atomic import atomic_path, write_atomic
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for start in range(0, len(items), self.CHUNK):
+            for k, c in enumerate(encode(list(items[start:start + self.CHUNK]))):
+                tensors = {"mean": c.mean, "std": c.std}
+                if c.flip_mean is not None and c.flip_std is not None:
+                    tensors.update(flip_mean=c.flip_mean, flip_std=c.flip_std)
+                with atomic_path(self._path(start + k)) as tmp:
+                    save_file({n: v.contiguous() for n, v in tensors.items()}, str(tmp))
+        write_atomic(self.folder / "done", "")
+
+
+def disk_cache_key(items: Sequence[Any], flip: bool, model_hash: str, resolution: int) -> str:
+    """The name of a `DiskLatents` folder (see there)."""
+    import hashlib
+
+    h = hashlib.sha256(f"sdtune-latents-v1\0{model_hash}\0{resolution}\0{flip}\n".encode())
+    for it in items:
+        h.update(f"{it.rel}\0{it.sha256}\0{tuple(it.target)}\n".encode())
+    return h.hexdigest()[:16]

@@ -20,8 +20,10 @@ from sdtune.training.validation import Selection
 
 
 class CheckpointLedger:
-    def __init__(self, out: Path, selection: Selection, *, selecting: bool, keep: str, average: int) -> None:
+    def __init__(self, out: Path, selection: Selection, *, selecting: bool, keep: str, average: int,
+                 writes: bool = True) -> None:
         self.out = out
+        self.writes = writes        # False in a process that is not the run's main one: it deletes no files
         self.selection = selection
         self.selecting = selecting  # False: no metric to select by, the last checkpoint wins
         self.keep = keep            # keep_checkpoints: all | best | last
@@ -61,7 +63,7 @@ class CheckpointLedger:
         return next(r for r in self.rows if r["step"] == step)
 
     def _prune(self, current: int) -> None:
-        if self.keep == "all":
+        if self.keep == "all" or not self.writes:
             return
         keep_step = current if self.keep == "last" else (self.best_step() or current)
         for r in self.rows:

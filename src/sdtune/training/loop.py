@@ -34,10 +34,11 @@ from sdtune.models.family import KOHYA_BASE_MODEL_VERSION
 from sdtune.training.batches import BatchSource
 from sdtune.training.checkpoint import StateStore, TrainState, capture_rng, link_or_copy, restore_rng
 from sdtune.training.config import TrainConfig
+from sdtune.training.distributed import SINGLE, Ranks
 from sdtune.training.methods import Batch, UNetConditioning, TrainingMethod
 from sdtune.training.methods.base import Diverged, TargetFn
 from sdtune.training.noise import step_generator
-from sdtune.training.runlog import RunLog, format_summary, write_summary
+from sdtune.training.runlog import RunLog, SilentLog, format_summary, write_summary
 from sdtune.training.sampling import Evaluator, TrainerSampling
 from sdtune.training.setup import TrainerSetup
 
@@ -69,6 +70,14 @@ class TrainingDiverged(SdtuneError):
     def __init__(self, message: str, result: TrainResult | None = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+def _other_rank() -> bool:
+    """True in a process of a multi-process launch that is not the main one (before the accelerator exists:
+    torchrun and `accelerate launch` set RANK)."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0) != 0
 
 
 def _finite(tensors: Any) -> bool:
@@ -106,6 +115,7 @@ class Trainer(TrainerSetup, TrainerSampling):
         self._generator: Generator | None = None
         self._fp16_skips = 0
         self.log: RunLog | None = None
+        self.ranks: Ranks = SINGLE  # several processes: set while preparing (`training.distributed`)
 
     # ================================================================================================ public
 
@@ -129,6 +139,8 @@ class Trainer(TrainerSetup, TrainerSampling):
         self._stop = reason
 
     def echo(self, text: str) -> None:
+        if not self.ranks.is_main:  # one copy of every message: the main process's
+            return
         if self.log is not None:
             self.log.message(text)
         elif self._echo is not None:
@@ -147,7 +159,8 @@ class Trainer(TrainerSetup, TrainerSampling):
         self._precheck()
         self.out = cfg.out_dir
         self.store = StateStore(self.out / "state", keep=cfg.keep_states)
-        self.store.lock()
+        if not _other_rank():  # the main process holds the output folder for all of them
+            self.store.lock()
         try:
             return self._run()
         finally:
@@ -173,7 +186,9 @@ class Trainer(TrainerSetup, TrainerSampling):
 
     def _loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         cond = self.method.conditioning(batch)
-        loss = self.diffusion_loss(batch.latents, cond, gen)
+        # The global batch's draws, this rank's rows of them (see `training.distributed`).
+        noise, t = self.noise.sample(batch.latents, gen, total=batch.total, offset=batch.offset)
+        loss = self._unet_loss(batch.latents, cond, noise, t)
         extra = self.method.extra_loss(batch, lambda lat, c, target=None: self.diffusion_loss(lat, c, gen, target))
         return loss if extra is None else loss + extra
 
@@ -192,11 +207,17 @@ class Trainer(TrainerSetup, TrainerSampling):
                 with self.accelerator.autocast():
                     loss = self._loss(batch, gen)
                 value = float(loss.detach())
+                if self.ranks.distributed:
+                    # The global batch's loss (NaN on every rank when it is on one: all roll back together); each
+                    # rank's loss weighted by its share, so the averaged gradients are the global batch's.
+                    value = self.ranks.sum(value * batch.share)
+                    loss = loss * (batch.share * self.ranks.world)
                 if not math.isfinite(value):
                     raise Diverged(step, "loss")
                 self.accelerator.backward(loss)
                 total += value / cfg.grad_accum
                 if self.accelerator.sync_gradients:
+                    self.ranks.average_grads(self.params)
                     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                     norm_t = self.accelerator.clip_grad_norm_(self.params, max_norm)
                     norm = float(norm_t) if norm_t is not None else None
@@ -217,7 +238,8 @@ class Trainer(TrainerSetup, TrainerSampling):
         cfg = self.config
         assert self.log is not None  # _run opened it
         while self.step < cfg.steps:
-            if self._stop:
+            if self.ranks.any(self._stop is not None):  # a signal or request on any process stops them all
+                self._stop = self._stop or "interrupted"
                 return "interrupted"
             step = self.step + 1
             loss, norm = self._optimizer_step(step)
@@ -238,9 +260,9 @@ class Trainer(TrainerSetup, TrainerSampling):
                     self.echo(f"early stop at step {step}: no improvement of {sel.metric} in "
                               f"{sel.patience} evaluation(s); best was step {sel.best_step}")
                     return "early_stop"
-            if cfg.sample_every and step % cfg.sample_every == 0:
+            if cfg.sample_every and step % cfg.sample_every == 0 and self.ranks.is_main:
                 self.save_samples(step)
-        return "interrupted" if self._stop else "finished"
+        return "interrupted" if self.ranks.any(self._stop is not None) else "finished"
 
     # ============================================================================================ checkpoints
 
@@ -263,8 +285,12 @@ class Trainer(TrainerSetup, TrainerSampling):
         if not _finite(self.method.state_dict().values()):
             raise Diverged(step, "weights")
         with self.ledger.averaged(self.method, self.device):
-            path = self.method.save(self.checkpoint_path(step), step, self._metadata(step))
-            metrics = self._evaluate(step, path)
+            path = self.checkpoint_path(step)
+            metrics: dict[str, Any] = {}
+            if self.ranks.is_main:  # one file, one evaluation; every rank records the same metrics
+                path = self.method.save(path, step, self._metadata(step))
+                metrics = self._evaluate(step, path)
+            path, metrics = self.ranks.broadcast((path, metrics))
         row = self.ledger.record(step, path, metrics)
         self._save_state()
         self._write_summary()
@@ -275,7 +301,11 @@ class Trainer(TrainerSetup, TrainerSampling):
         return self.ledger.best_step()
 
     def _save_state(self) -> None:
-        extra: dict[str, Any] = {"dataset": self.dataset.fingerprint(), "method": self.method.name}
+        if not self.ranks.is_main:  # the main process saves; the others wait until the state is there
+            self.ranks.barrier()
+            return
+        extra: dict[str, Any] = {"dataset": self.dataset.fingerprint(), "method": self.method.name,
+                                 "processes": self.ranks.world}
         scaler = self.accelerator.scaler
         if scaler is not None:
             extra["scaler"] = scaler.state_dict()
@@ -284,6 +314,7 @@ class Trainer(TrainerSetup, TrainerSampling):
                            config=self.config.replace(resume=None).to_dict(), extra=extra,
                            snapshots=self.ledger.snapshots)
         self.store.save(state)
+        self.ranks.barrier()
 
     def _restore(self, state: TrainState, *, rng: bool = True) -> None:
         if state.extra.get("method") not in (None, self.method.name):
@@ -347,6 +378,8 @@ class Trainer(TrainerSetup, TrainerSampling):
         return old
 
     def _write_summary(self) -> None:
+        if not self.ranks.is_main:
+            return
         final = self.out / f"{self.config.name}{self.method.file_ext}"
         sel = self.ledger.selection
         info = {"method": self.method.name, "step": self.step, "steps": self.config.steps,
@@ -358,7 +391,7 @@ class Trainer(TrainerSetup, TrainerSampling):
     def _finish(self, stopped: str, message: str = "") -> TrainResult:
         final = None
         best = self.best_step()
-        if stopped != "interrupted" and best is not None:
+        if stopped != "interrupted" and best is not None and self.ranks.is_main:
             src = self.out / self.ledger.row(best)["file"]
             if src.exists():
                 final = link_or_copy(src, self.out / f"{self.config.name}{self.method.file_ext}")
@@ -367,7 +400,7 @@ class Trainer(TrainerSetup, TrainerSampling):
         if self.log is not None:
             self.log.event("end", self.step, stopped=stopped, best_step=best,
                            final=final.name if final else None)
-        if self.ledger.rows:
+        if self.ledger.rows and self.ranks.is_main:
             self.echo(format_summary(self._summary_rows))
         if stopped == "interrupted":
             self.echo(f"stopped at step {self.step}; the state is saved in {self.store.folder}; continue with "
@@ -375,12 +408,13 @@ class Trainer(TrainerSetup, TrainerSampling):
         elif final is not None:
             self.echo(f"saved {final} (step {best})")
         return TrainResult(out=self.out, step=self.step, stopped=stopped, final=final, best_step=best,
-                           rows=list(self._summary_rows), losses=list(self.losses), message=message,
+                           rows=list(getattr(self, "_summary_rows", [])), losses=list(self.losses), message=message,
                            signal=self._signal)
 
     def _run(self) -> TrainResult:
         state = self._find_resume()
-        self.store.clean_temp()
+        if not _other_rank():
+            self.store.clean_temp()
         if state is not None:
             self._check_resume_config(state)
         self._prepare()
@@ -390,10 +424,17 @@ class Trainer(TrainerSetup, TrainerSampling):
                           "resuming differs from the original run")
             self._restore(state)
             self.echo(f"resuming at step {self.step} from {state.path}")
+            saved_world = int(state.extra.get("processes", 1))
+            if saved_world != self.ranks.world:
+                self.echo(f"warning: the state was saved by {saved_world} process(es), this run has "
+                          f"{self.ranks.world}: the global batch (batch_size x processes) and the data order change")
         cfg = self.config  # _prepare may have completed it (the model's path)
-        cfg.replace(resume=None).write(self.out)
-        self.log = RunLog(self.out, total_steps=cfg.steps, start_step=self.step, progress=cfg.progress,
-                          tensorboard=cfg.tensorboard, echo=self._echo)
+        if self.ranks.is_main:
+            cfg.replace(resume=None).write(self.out)
+            self.log = RunLog(self.out, total_steps=cfg.steps, start_step=self.step, progress=cfg.progress,
+                              tensorboard=cfg.tensorboard, echo=self._echo)
+        else:
+            self.log = SilentLog()
         old_handlers = self._install_signals()
         try:
             assert self.batches is not None  # _prepare made it
@@ -402,7 +443,7 @@ class Trainer(TrainerSetup, TrainerSampling):
                                val_images=len(self.val_items), resolution=self.resolution,
                                cached_latents=self.batches.cached)
                 if self.val is not None:
-                    base = self.validation_loss()
+                    base = self.ranks.broadcast(self.validation_loss() if self.ranks.is_main else None)
                     self.log.event("baseline", 0, val_loss=base)
                     self.echo(f"validation loss before training: {base:.6f}")
             try:
@@ -414,8 +455,8 @@ class Trainer(TrainerSetup, TrainerSampling):
                 result = self._finish("diverged", message)
                 raise TrainingDiverged(message, result) from None
             if stopped == "interrupted" and self.step > 0:
-                latest = self.store.latest()
-                if latest is None or not latest.name.startswith(f"step-{self.step:06d}-"):
+                latest = self.store.latest() if self.ranks.is_main else None
+                if not self.ranks.broadcast(latest is not None and latest.name.startswith(f"step-{self.step:06d}-")):
                     self._save_state()
                 self.log.event("interrupted", self.step, signal=self._signal)
             return self._finish(stopped)

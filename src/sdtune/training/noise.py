@@ -39,13 +39,21 @@ class NoiseModel:
         acp = self.scheduler.alphas_cumprod.float()
         self.snr = acp / (1.0 - acp)
 
-    def sample(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(noise like latents, timesteps (B,)) drawn on the CPU from `generator`, moved to latents' device."""
+    def sample(self, latents: torch.Tensor, generator: torch.Generator, *, total: int = 0,
+               offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise like latents, timesteps (B,)) drawn on the CPU from `generator`, moved to latents' device.
+
+        total/offset: `latents` are rows [offset, offset + B) of a global batch of `total` split over processes;
+        the draws are the global batch's, sliced, so each sample's noise is what one process would give it."""
         b, c = latents.shape[:2]
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        n = max(total, b)
+        shape = (n, *latents.shape[1:])
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         if self.noise_offset:
-            noise = noise + self.noise_offset * torch.randn((b, c, 1, 1), generator=generator, dtype=torch.float32)
-        t = torch.randint(0, self.num_timesteps, (b,), generator=generator)
+            noise = noise + self.noise_offset * torch.randn((n, c, 1, 1), generator=generator, dtype=torch.float32)
+        t = torch.randint(0, self.num_timesteps, (n,), generator=generator)
+        if n != b:
+            noise, t = noise[offset:offset + b], t[offset:offset + b]
         return noise.to(latents.device), t.to(latents.device)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

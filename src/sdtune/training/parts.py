@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sdtune.training.checkpoint import StateStore
     from sdtune.training.config import TrainConfig
     from sdtune.training.data import DatasetItem
+    from sdtune.training.distributed import Ranks
     from sdtune.training.ledger import CheckpointLedger
     from sdtune.training.methods import TrainingMethod
     from sdtune.training.noise import NoiseModel
@@ -40,6 +41,7 @@ class TrainerParts:
     unet: Any
     noise: NoiseModel
     accelerator: Any
+    ranks: Ranks
     val: ValidationSet | None
     val_items: list[DatasetItem]
     _generator: Generator | None

@@ -160,3 +160,27 @@ def write_summary(out: Path, rows: Sequence[Mapping[str, Any]], info: Mapping[st
     write_atomic(out / "summary.csv", buf.getvalue())
     doc = {**info, "checkpoints": [{k: _json_safe(v) for k, v in r.items()} for r in rows]}
     write_atomic(out / "summary.json", json.dumps(doc, indent=2) + "\n")
+
+
+class SilentLog(RunLog):
+    """The log of a process that is not the run's main one (`training.distributed`): it writes and prints nothing,
+    so a run of N processes leaves one log, one progress bar and one copy of every message."""
+
+    def __init__(self) -> None:  # noqa: D107 - nothing to open
+        self.tb = None
+        self.bar = None
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def step(self, step: int, loss: float, lr: float, **extra: Any) -> None:
+        pass
+
+    def event(self, kind: str, step: int, **data: Any) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -7,6 +7,7 @@ the model, data, the method's setup and the optimizer, each checked before the n
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -19,6 +20,7 @@ from sdtune.models.bundled import is_bundled_model
 from sdtune.training.batches import BatchSource, LatentEncoder, sdxl_time_ids
 from sdtune.training.checkpoint import TrainState
 from sdtune.training.config import parse_select_by
+from sdtune.training.distributed import Ranks
 from sdtune.training.ledger import CheckpointLedger
 from sdtune.training.methods import get_method
 from sdtune.training.context import TrainingContext
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 RESUME_FREE = {"steps", "save_every", "keep_checkpoints", "keep_states", "resume", "sample_every", "sample_prompts",
                "sample_seeds", "sample_negative", "sample_steps", "sample_cfg", "sample_sampler", "early_stop",
                "select_by", "progress", "tensorboard", "out", "device", "judge", "judge_term", "judge_seeds",
-               "judge_any_model"}
+               "judge_any_model", "compile", "channels_last", "latent_cache"}
 
 
 def _make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Any:
@@ -106,13 +108,24 @@ class TrainerSetup(TrainerParts):
         cfg = self.config
         self.noise = NoiseModel(self.model.pipe.scheduler.config, self.model.prediction_type,
                                 noise_offset=cfg.noise_offset, min_snr_gamma=cfg.min_snr_gamma)
-        self.batches = BatchSource(self.dataset, self.aug, self.encoder, seed=cfg.seed, batch_size=cfg.batch_size,
-                                   buckets=cfg.buckets, crop=cfg.crop, sample_latents=self.latents_mode == "sample",
-                                   is_sdxl=self.is_sdxl, device=self.device)
+        # batch_size is per process: the global batch is batch_size x processes (x grad_accum per optimizer step)
+        self.batches = BatchSource(self.dataset, self.aug, self.encoder, seed=cfg.seed,
+                                   batch_size=cfg.batch_size * self.ranks.world, buckets=cfg.buckets, crop=cfg.crop,
+                                   sample_latents=self.latents_mode == "sample", is_sdxl=self.is_sdxl,
+                                   device=self.device, ranks=self.ranks, disk=self._latent_folder())
         self.batches.encode_cache(self.echo)
         self.val = self._build_validation()
         if (cfg.val_split > 0 or cfg.val_dir is not None) and self.val is None:
             raise SdtuneError("the validation set is empty")
+
+    def _latent_folder(self) -> Path | None:
+        """--latent-cache disk: OUT/latent_cache/<key of the items, flips and model> (`latents.DiskLatents`)."""
+        from sdtune.training.latents import disk_cache_key
+
+        if self.config.latent_cache != "disk":
+            return None
+        key = disk_cache_key(self.dataset.items, self.aug.flip_p > 0, str(self.model.hash), self.resolution)
+        return self.out / "latent_cache" / key
 
     def _precheck(self) -> None:
         """What can be refused without the model, before the run takes its output folder (the state lock): the
@@ -140,10 +153,12 @@ class TrainerSetup(TrainerParts):
     def _prepare_device(self) -> None:
         cfg = self.config
         dev = self._check_device()
-        if dev.type == "cuda" and dev.index is not None:
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # several processes: each takes its LOCAL_RANK GPU
+        if dev.type == "cuda" and dev.index is not None and not launched:
             torch.cuda.set_device(dev.index)
         self.accelerator = _make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu=dev.type == "cpu")
         self.device = self.accelerator.device
+        self.ranks = Ranks.from_accelerator(self.accelerator)
 
     def _prepare_selection(self) -> None:
         """The method object and how checkpoints are selected (checked before the model loads)."""
@@ -163,7 +178,8 @@ class TrainerSetup(TrainerParts):
             raise SdtuneError(f"select_by {select_metric!r} needs an evaluator that reports it; use val_loss")
         self.ledger = CheckpointLedger(cfg.out_dir, Selection(select_metric, select_mode, *(early or (None, 0.0))),
                                        selecting=(select_metric != "val_loss") or has_val,
-                                       keep=cfg.keep_checkpoints, average=cfg.average_checkpoints)
+                                       keep=cfg.keep_checkpoints, average=cfg.average_checkpoints,
+                                       writes=self.ranks.is_main)
 
     def _prepare_model(self) -> int:
         """Load and check the model; returns the multiple every training resolution must be."""
@@ -217,7 +233,8 @@ class TrainerSetup(TrainerParts):
                 module.eval()
         self._seed_all(cfg.seed)
         groups = self.method.setup(model, cfg)
-        self.method.prepare_data(self.context())  # e.g. LoRA/DreamBooth: --prompt captions, class images
+        with self.ranks.main_first():  # class images: generated once (main process), reused by the others
+            self.method.prepare_data(self.context())  # e.g. LoRA/DreamBooth: --prompt captions, class images
         self.params = [p for g in groups for p in g["params"]]
         if not self.params or not all(p.requires_grad for p in self.params):
             raise SdtuneError(f"method {self.method.name!r} returned no trainable parameters")
@@ -228,6 +245,10 @@ class TrainerSetup(TrainerParts):
                     te = getattr(pipe, name, None)
                     if te is not None and hasattr(te, "gradient_checkpointing_enable"):
                         te.gradient_checkpointing_enable()
+        if cfg.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if cfg.compile:  # only the training step's calls: samples and the saved files use the plain module
+            self.unet = torch.compile(self.unet)
         for module in self.method.modules():
             module.train()
         self._initial = {k: v.detach().to("cpu", copy=True) for k, v in self.method.state_dict().items()}
@@ -246,8 +267,9 @@ class TrainerSetup(TrainerParts):
             from sdtune.training.optimizers import make_optimizer
 
             opt = make_optimizer(cfg.optimizer, opt_groups, lr=self.schedule(1), weight_decay=cfg.weight_decay)
-        elif cfg.optimizer == "adamw":
-            opt = torch.optim.AdamW(opt_groups, lr=self.schedule(1), weight_decay=cfg.weight_decay)
+        elif cfg.optimizer in ("adamw", "adamw_fused"):
+            opt = torch.optim.AdamW(opt_groups, lr=self.schedule(1), weight_decay=cfg.weight_decay,
+                                    fused=cfg.optimizer == "adamw_fused" or None)
         else:
             opt = torch.optim.SGD(opt_groups, lr=self.schedule(1), momentum=0.9, weight_decay=cfg.weight_decay)
         self.optimizer = self.accelerator.prepare(opt)

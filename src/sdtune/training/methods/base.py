@@ -66,6 +66,11 @@ class Batch:
     flipped: list[bool] = field(default_factory=list)
     time_ids: torch.Tensor | None = None  # SDXL (B, 6): original size, crop top-left, target size (h, w order)
     step: int = 0                         # the optimizer step this batch belongs to (1-based)
+    # Several processes (`training.distributed`): this micro-batch is rows [offset, offset + B) of a global batch of
+    # `total` (0: the whole batch), and `share` its part of the global loss (0 for a rank with nothing to train on).
+    offset: int = 0
+    total: int = 0
+    share: float = 1.0
 
 
 TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, timesteps) -> target

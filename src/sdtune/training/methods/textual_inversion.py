@@ -261,7 +261,9 @@ class TextualInversionMethod(TrainingMethod):
 
     def conditioning(self, batch: Any) -> Any:
         indices = batch.indices or [None] * len(batch.captions)
-        prompts = [self.prompt_for(c, batch.step, i, idx) for i, (c, idx) in enumerate(zip(batch.captions, indices))]
+        first = getattr(batch, "offset", 0)  # positions in the global batch: N processes pick what one would
+        prompts = [self.prompt_for(c, batch.step, first + i, idx)
+                   for i, (c, idx) in enumerate(zip(batch.captions, indices))]
         self.last_prompts = prompts
         return super().conditioning(type(batch)(latents=batch.latents, captions=prompts, indices=batch.indices,
                                                 flipped=batch.flipped, time_ids=batch.time_ids, step=batch.step))
