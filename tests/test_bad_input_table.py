@@ -430,6 +430,16 @@ CASES: list[tuple[str, str | list[str]]] = [
     ("ui/runs-read-only", "ui --runs {ro_dir}/r"),
     ("ui/datasets-missing", "ui --datasets {root}/nope"),
     ("ui/datasets-unreadable", "ui --datasets {unreadable_dir}"),
+    # -- recipe wrong-lora (validation only: every row fails before a model loads)
+    ("recipe/images-zero", "recipe wrong-lora --out {out} --images 0"),
+    ("recipe/images-huge", "recipe wrong-lora --out {out} --images 99999999"),
+    ("recipe/cfg-one", "recipe wrong-lora --out {out} --cfg 1"),
+    ("recipe/cfg-nan", "recipe wrong-lora --out {out} --cfg nan"),
+    ("recipe/trigger-spaces", ["recipe", "wrong-lora", "--out", "{out}", "--trigger", "two words"]),
+    ("recipe/out-is-file", "recipe wrong-lora --out {afile}"),
+    ("recipe/out-read-only", "recipe wrong-lora --out {ro_dir}/wrong"),
+    ("recipe/subjects-missing", "recipe wrong-lora --out {out} --subjects {root}/nope.txt"),
+    ("recipe/bad-weight-huge", "recipe wrong-lora --out {out} --bad-weight 100"),
     # -- demo (validation only)
     ("demo/steps-zero", "demo --steps 0 --out {out}"),
     ("demo/steps-huge", "demo --steps 100000 --out {out}"),

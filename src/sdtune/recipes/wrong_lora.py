@@ -252,9 +252,12 @@ def run_wrong_lora(s: WrongLoraSettings, *, evaluate: Evaluate | None = None, ec
                    generator: Any = None) -> WrongLoraResult:
     """All four stages (finished ones skipped). `generator`: a loaded `Generator` of `s.model` to reuse."""
     s.validate()
+    from sdtune.paths import check_writable_dir
+
     out = Path(s.out).expanduser()
     if out.is_file():
         raise SdtuneError(f"--out {out} is a file; give a folder for the recipe's images, run and results")
+    check_writable_dir(out, f"--out {out}")
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "recipe.json"
     # what the images and the LoRA depend on; the comparison's settings may change between runs (it is redone)

@@ -30,7 +30,7 @@ TOY_BAD_TERMS = list(world.DEGRADED_STYLES)
 def is_scene_prompt(prompt: str) -> bool:
     """Whether the judge can read an image of `prompt` against what it asks ("a red circle on a white background")."""
     m = _SCENE.match(prompt.strip())
-    return bool(m) and m["colour"] in world.COLOURS and m["shape"] in world.SHAPES \
+    return m is not None and m["colour"] in world.COLOURS and m["shape"] in world.SHAPES \
         and m["background"] in world.BACKGROUNDS
 
 
