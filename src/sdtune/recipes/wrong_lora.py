@@ -184,14 +184,14 @@ def train_wrong_lora(s: WrongLoraSettings, data: Path, out: Path, echo: Echo) ->
     return final
 
 
-def _variants(s: WrongLoraSettings, lora: Path) -> list[tuple[str, str, str, list, list]]:
-    """(name, prompt suffix, negative prompt, loras, negative loras) per comparison row."""
+def _variants(s: WrongLoraSettings, lora: Path) -> list[tuple[str, str, str, list]]:
+    """(name, prompt suffix, negative prompt, negative loras) per comparison row."""
     w = s.lora_weight
-    return [("base", "", "", [], []),
-            ("negative word", "", s.trigger, [], []),
-            ("A1111 way", f" <lora:{lora.stem}:{w:g}>", s.trigger, [], []),
-            ("negative LoRA", "", s.trigger, [], [(lora, w)]),
-            ("negative terms", "", ", ".join(s.bad_terms), [], [])]
+    return [("base", "", "", []),
+            ("negative word", "", s.trigger, []),
+            ("A1111 way", f" <lora:{lora.stem}:{w:g}>", s.trigger, []),
+            ("negative LoRA", "", s.trigger, [(lora, w)]),
+            ("negative terms", "", ", ".join(s.bad_terms), [])]
 
 
 def compare(generator: Any, s: WrongLoraSettings, lora: Path, folder: Path, evaluate: Evaluate | None,
@@ -201,10 +201,11 @@ def compare(generator: Any, s: WrongLoraSettings, lora: Path, folder: Path, eval
     report: dict[str, Any] = {"held_out": list(s.held_out), "seeds": s.compare_seeds,
                               "steps": s.compare_steps or s.sampling_steps, "cfg": s.compare_cfg or s.cfg,
                               "sampler": s.sampler, "lora_weight": s.lora_weight, "variants": {}}
-    generator.loras.dirs[:] = [lora.parent]
-    for name, suffix, negative, loras, negative_loras in _variants(s, lora):
+    dirs = list(generator.loras.dirs)
+    generator.loras.dirs[:] = [lora.parent]  # where the A1111 row's <lora:...> tag is found
+    generator.set_loras([])
+    for name, suffix, negative, negative_loras in _variants(s, lora):
         echo(f"comparison: {name}")
-        generator.set_loras(loras)
         generator.set_negative_loras(negative_loras)
         images, prompts = [], []
         for subject in s.held_out:
@@ -219,6 +220,7 @@ def compare(generator: Any, s: WrongLoraSettings, lora: Path, folder: Path, eval
             entry["figures"] = evaluate(images, prompts)
         report["variants"][name] = entry
     generator.set_negative_loras([])
+    generator.loras.dirs[:] = dirs
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "grid.png") as tmp:
         labelled_grid(rows).save(tmp, format="PNG")
