@@ -377,6 +377,8 @@ def _atomic(out: Path, write: Any) -> Path:
 
 
 def file_stem_for(token: str) -> str:
-    """A file name for a token: characters that file systems or A1111 names reject are dropped ("<star>" -> "star")."""
-    stem = re.sub(r"[\\/:*?\"<>|\s]+", "", token).strip(".")
+    """A file name for a token, usable as the embedding's name in A1111 and ComfyUI ("<star>" -> "star"): dropped are
+    what file systems reject, whitespace (ComfyUI's `embedding:NAME` ends there) and prompt syntax, which both tools
+    would read as emphasis or a separator instead of the name: ( ) [ ] , (ComfyUI also ends the name at '<', '[')."""
+    stem = re.sub(r"[\\/:*?\"<>|\s()\[\],]+", "", token).strip(".")
     return stem or "embedding"
