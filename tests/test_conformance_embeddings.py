@@ -180,6 +180,8 @@ def test_diffusers_reads_the_sdxl_file_one_encoder_at_a_time(tmp_path):
     pipe = tiny_pipeline("sdxl")
     l, g = torch.randn(2, 64), torch.randn(2, 64)  # the tiny SDXL's two encoders are both 64 wide
     path = write_embedding(Embedding("x", {"clip_l": l, "clip_g": g}), tmp_path / "x.safetensors", "sdxl")
+    with pytest.raises(ValueError):  # one call on the file: two keys, neither layout diffusers knows
+        pipe.load_textual_inversion(str(path), token="<x>")
     sd = load_file(str(path))
     pipe.load_textual_inversion(sd["clip_l"], token="<x>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
     pipe.load_textual_inversion(sd["clip_g"], token="<x>", text_encoder=pipe.text_encoder_2,
