@@ -200,3 +200,23 @@ def test_a_textual_inversion_run_from_the_train_page(browser, server, shots):
     browser.find_element(By.CSS_SELECTOR, 'button.use[data-step="60"]').click()
     wait(browser, lambda d: "ui-star-60" in d.find_element(By.ID, "prompt").get_attribute("value"), 30)
     assert browser.find_element(By.ID, "page-generate").is_displayed()
+
+
+def test_the_processes_field_goes_with_the_run(browser, server):
+    # the Train page's Processes field is bounded by the schema and sent with the run (the server refuses 9 on a
+    # CPU-only machine, before anything is queued)
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    Select(browser.find_element(By.ID, "train-method")).select_by_value("lora")
+    processes = browser.find_element(By.ID, "train-processes")
+    wait(browser, lambda d: processes.get_attribute("max") not in (None, "", "1"), 30)
+    assert processes.get_attribute("value") == "1" and int(processes.get_attribute("max")) >= 2
+    name = browser.find_element(By.ID, "run-name")
+    name.clear()
+    name.send_keys("ui-many")
+    browser.find_element(By.ID, "dataset-path").send_keys("stars")
+    processes.clear()
+    processes.send_keys("9")
+    browser.find_element(By.ID, "train-start").click()
+    wait(browser, lambda d: "processes 9" in d.find_element(By.ID, "train-error").text, 30)
+    assert not (server["root"] / "runs" / "ui-many").exists()

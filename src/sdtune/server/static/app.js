@@ -235,6 +235,9 @@ async function loadSchema() {
   select.innerHTML = "";
   for (const name of Object.keys(schema.methods)) select.add(new Option(name, name));
   select.value = "ti";
+  const processes = $("train-processes");
+  processes.max = String(schema.processes.max);
+  $("processes-label").title = schema.processes.help;
   renderTrainForm();
 }
 function fieldInput(f, prefix) {
@@ -333,7 +336,8 @@ $("train-start").addEventListener("click", async () => {
   showError("train-error", null);
   try {
     const { method, config } = trainConfig();
-    const r = await post("/sdtune/v1/runs", { method, name: $("run-name").value.trim(), config });
+    const processes = parseInt($("train-processes").value, 10) || 1;  // the server checks the bound
+    const r = await post("/sdtune/v1/runs", { method, name: $("run-name").value.trim(), config, processes });
     showTab("runs");
     openRun(r.run);
   } catch (e) { showError("train-error", e); }
