@@ -44,6 +44,15 @@ class ResumeRequest(BaseModel):
     processes: int | None = None  # default: as many as the saved state was trained with
 
 
+class WrongLoraRequest(BaseModel):
+    """`sdtune recipe wrong-lora`'s settings (`recipes.wrong_lora.WrongLoraSettings`' field names; `train` holds
+    the LoRA run's overrides: steps, lr, rank, alpha, batch_size, text_encoder, ...)."""
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    model: str | None = None  # a checkpoint name as Generate names it; default: the loaded one
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
 class ConfigRequest(BaseModel):
     method: str
     config: dict[str, Any] = Field(default_factory=dict)
@@ -162,6 +171,21 @@ def sdtune_router(state: Any) -> APIRouter:
     @api.post("/runs/{name}/use")
     def use(name: str, step: int) -> dict[str, Any]:
         return use_checkpoint(folders, name, step)
+
+    # -- recipes ----------------------------------------------------------------------------------------------
+
+    @api.post("/recipes/wrong-lora")
+    def start_wrong_lora(req: WrongLoraRequest) -> dict[str, Any]:
+        from sdtune.server.recipes import wrong_lora_settings
+
+        settings, evaluate = wrong_lora_settings(folders, engine, req.name, req.model, req.settings,
+                                                 state.settings.recipe_defaults)
+        job = state.recipes.start(settings, evaluate)
+        return {"recipe": req.name, "job": job.describe()}
+
+    @api.get("/recipes/wrong-lora/{name}")
+    def wrong_lora(name: str) -> dict[str, Any]:
+        return state.recipes.read(folders.runs, name)
 
     @api.post("/config/toml")
     def to_toml(req: ConfigRequest) -> dict[str, Any]:
