@@ -60,6 +60,24 @@ def test_wrong_lora_recipe_through_the_api(client: TestClient, tmp_path: Path) -
     assert [j["title"] for j in jobs["recent"]] == ["recipe wrong-lora neg"]
 
 
+def test_stop_ends_the_recipe_resumable(client: TestClient, tmp_path: Path) -> None:
+    # Stop while the bad images are made: the job ends interrupted, the images made so far stay, and the same
+    # request continues it (only the missing images are made)
+    settings = {**SMALL, "images": 40}
+    assert client.post("/sdtune/v1/recipes/wrong-lora", json={"name": "st", "settings": settings}).status_code == 200
+    images = tmp_path / "runs" / "st" / "bad_images"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(images.glob("*.png")):
+        time.sleep(0.05)
+    assert client.post("/sdtune/v1/recipes/wrong-lora/st/stop").status_code == 200
+    while time.time() < deadline and client.get("/sdtune/v1/recipes/wrong-lora/st").json()["status"] == "running":
+        time.sleep(0.1)
+    doc = client.get("/sdtune/v1/recipes/wrong-lora/st").json()
+    assert doc["status"] == "interrupted" and "rerun it to continue" in doc["messages"][-1]
+    assert 1 <= len(list(images.glob("*.png"))) < 40 and not (tmp_path / "runs" / "st" / "train").exists()
+    assert client.post("/sdtune/v1/recipes/wrong-lora/st/stop").status_code == 422  # not running any more
+
+
 @pytest.mark.parametrize("body,says", [
     ({"name": "x", "settings": {**SMALL, "imagez": 3}}, "unknown recipe setting 'imagez'"),
     ({"name": "x", "settings": {**SMALL, "images": 0}}, "--images 0 is out of range"),

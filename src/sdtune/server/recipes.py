@@ -69,12 +69,25 @@ class RecipeRegistry:
             del messages[:-MAX_MESSAGES]
 
         def work(job: Job) -> dict[str, Any]:
-            result = run_wrong_lora(settings, evaluate=evaluate, echo=lambda text: echo(text, job))
+            try:
+                result = run_wrong_lora(settings, evaluate=evaluate, echo=lambda text: echo(text, job),
+                                        stop=lambda: job.control.interrupted)
+            except SdtuneError as exc:
+                if not job.control.interrupted:
+                    raise
+                echo(str(exc), job)  # stopped, resumable: the job queue marks it interrupted
+                return {"stopped": True}
             return {"lora": str(result.lora), "images": result.images, "report": result.report}
 
         job = self.jobs.submit(Job(kind="recipe", title=f"recipe wrong-lora {name}", run=work))
         self.job_of[name] = job
         return job
+
+    def stop(self, name: str) -> None:
+        job = self.job_of.get(name)
+        if job is None or job.status not in ("queued", "running"):
+            raise SdtuneError(f"recipe {name!r} is not running")
+        job.control.interrupt()
 
     def read(self, runs: Path, name: str) -> dict[str, Any]:
         folder = confine(runs, check_run_name(name))

@@ -187,6 +187,11 @@ def sdtune_router(state: Any) -> APIRouter:
     def wrong_lora(name: str) -> dict[str, Any]:
         return state.recipes.read(folders.runs, name)
 
+    @api.post("/recipes/wrong-lora/{name}/stop")
+    def stop_wrong_lora(name: str) -> dict[str, Any]:
+        state.recipes.stop(check_run_name(name))
+        return {}
+
     @api.post("/config/toml")
     def to_toml(req: ConfigRequest) -> dict[str, Any]:
         from sdtune.training.config import TrainConfig
