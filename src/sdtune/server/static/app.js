@@ -342,6 +342,30 @@ $("train-start").addEventListener("click", async () => {
     openRun(r.run);
   } catch (e) { showError("train-error", e); }
 });
+// the wrong-lora recipe: a job like a run, followed here until it ends
+let recipeTimer = null;
+async function followRecipe(name) {
+  clearTimeout(recipeTimer);
+  let doc;
+  try { doc = await api(`/sdtune/v1/recipes/wrong-lora/${encodeURIComponent(name)}`); }
+  catch (e) { $("recipe-status").textContent = e.message; return; }
+  const figures = Object.entries((doc.report || {}).variants || {})
+    .map(([k, v]) => `${k}: ${Object.entries(v.figures || {}).map(([f, x]) => `${f} ${x.toFixed(3)}`).join("  ")}`);
+  $("recipe-status").textContent = [`${name}: ${doc.status}`, doc.message, ...figures].filter(Boolean).join("\n");
+  $("recipe-status").dataset.status = doc.status;
+  if (doc.status === "running" || doc.status === "queued") recipeTimer = setTimeout(() => followRecipe(name), 1000);
+}
+$("recipe-start").addEventListener("click", async () => {
+  const name = $("run-name").value.trim();
+  const settings = { images: parseInt($("recipe-images").value, 10), train: { steps: parseInt($("recipe-steps").value, 10) } };
+  try { await post("/sdtune/v1/recipes/wrong-lora", { name, settings }); followRecipe(name); }
+  catch (e) { $("recipe-status").textContent = e.message; $("recipe-status").dataset.status = "refused"; }
+});
+$("recipe-stop").addEventListener("click", () => {
+  const name = $("run-name").value.trim();
+  post(`/sdtune/v1/recipes/wrong-lora/${encodeURIComponent(name)}/stop`, {}).then(() => followRecipe(name))
+    .catch((e) => { $("recipe-status").textContent = e.message; });
+});
 $("toml-save").addEventListener("click", async () => {
   try {
     const { method, config } = trainConfig();
