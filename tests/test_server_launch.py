@@ -31,7 +31,8 @@ def client(tmp_path: Path) -> TestClient:
     return TestClient(create_app(settings))
 
 
-LORA = {"data": "shapes", "resolution": 32, "lr": "1e-3", "save_every": 1000, "tensorboard": False}
+# device cpu: gloo, up to 8 processes, whatever GPUs the test machine has
+LORA = {"data": "shapes", "resolution": 32, "lr": "1e-3", "save_every": 1000, "tensorboard": False, "device": "cpu"}
 
 
 def wait_for(client: TestClient, name: str, statuses: tuple[str, ...], timeout: float = 240) -> dict[str, Any]:
@@ -82,7 +83,9 @@ def test_two_processes_stop_and_resume_through_the_api(client: TestClient, tmp_p
     assert done["summary"]["final"] == "lora.safetensors" and (out / "launch.log").is_file()
 
 
-def test_processes_out_of_bounds_are_refused_before_queueing(client: TestClient) -> None:
+def test_processes_out_of_bounds_are_refused_before_queueing(client: TestClient,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sdtune.server.launch.cuda_devices", lambda: 0)  # a CPU-only machine
     for processes, says in ((0, "use 1 to 8"), (9, "use 1 to 8"), (-2, "use 1 to 8")):
         r = client.post("/sdtune/v1/runs", json={"method": "lora", "name": "b", "config": {**LORA, "steps": 2},
                                                  "processes": processes})
