@@ -64,7 +64,7 @@ def test_two_processes_stop_and_resume_through_the_api(client: TestClient, tmp_p
     assert stopped["status"] == "interrupted", stopped["message"]
     records = read_log(out / "log.jsonl")
     last = max(x["step"] for x in records if x["event"] == "step")
-    assert run_outcome(records)["stopped"] == "interrupted"
+    assert (run_outcome(records) or {}).get("stopped") == "interrupted"
     (state,) = [p for p in (out / "state").iterdir() if p.name.startswith("step-")]  # saved once, by rank 0
     assert json.loads((state / "state.json").read_text())["extra"]["processes"] == 2
     assert state.name.startswith(f"step-{last:06d}-")
@@ -79,7 +79,7 @@ def test_two_processes_stop_and_resume_through_the_api(client: TestClient, tmp_p
     records = read_log(out / "log.jsonl")
     assert [x["step"] for x in records if x["event"] == "step"] == list(range(1, last + 3))
     assert [x["event"] for x in records if x["event"] in ("end", "resume")] == ["resume", "end"]
-    assert run_outcome(records)["stopped"] == "finished" and (out / "lora.safetensors").is_file()
+    assert (run_outcome(records) or {}).get("stopped") == "finished" and (out / "lora.safetensors").is_file()
     assert done["summary"]["final"] == "lora.safetensors" and (out / "launch.log").is_file()
 
 
