@@ -423,3 +423,20 @@ def test_average_checkpoints_saves_the_mean_of_the_last_n_and_trains_on_from_the
         assert torch.equal(v, ckpt("avg", 8)[k])
     with pytest.raises(SdtuneError, match="average_checkpoints"):
         config(tmp_path, data, average_checkpoints=0).check_values()
+
+
+def test_a_signal_forwarded_by_a_launcher_still_saves_the_state(tmp_path, data, pristine):
+    # Ctrl-C under torchrun: the terminal's SIGINT reaches every process, then torchrun forwards SIGTERM. Two signals
+    # in quick succession are one request (stop after this step, save), not "abort without saving".
+    import os
+    import signal
+
+    def signal_twice(trainer, step, loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    r = train(config(tmp_path, data, steps=6, save_every=0), model=copy.deepcopy(pristine), on_step=signal_twice,
+              **quiet())
+    assert r.stopped == "interrupted" and r.step == 2 and r.signal == signal.SIGINT
+    assert StateStore(tmp_path / "out" / "state").load().step == 2
