@@ -147,3 +147,21 @@ def test_a_nan_on_one_rank_rolls_every_rank_back(runs: Path) -> None:
     (diverged,) = [r for r in records if r["event"] == "diverged"]
     assert diverged["rolled_back_to"] == 2
     assert [p.name[:11] for p in (out / "state").iterdir() if p.name.startswith("step-")] == ["step-000002"]
+
+
+@pytest.mark.parametrize("var,engine", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
+def test_a_deepspeed_or_fsdp_launch_is_one_line_error_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch, var: str,
+                                                                      engine: str) -> None:
+    # `accelerate launch --use_deepspeed` / `--use_fsdp` sets these for the processes it starts; sdtune would train
+    # as plain data parallel with nothing sharded, so it refuses before the model loads.
+    from sdtune.cli.testing import run_cli
+
+    data = write_toy_dataset(tmp_path / "data", 2, size=32)
+    monkeypatch.setenv(var, "true")
+    monkeypatch.setattr("sdtune.training.setup.TrainerSetup._prepare_model",
+                        lambda self: pytest.fail("the model was loaded"))
+    r = run_cli(_lora(data, tmp_path / "out", 1, 2), capsys)
+    assert r.code == 2, r.text
+    lines = [line for line in r.err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and engine in lines[0] and "torchrun" in lines[0] and "Traceback" not in r.err

@@ -200,3 +200,45 @@ def test_a_textual_inversion_run_from_the_train_page(browser, server, shots):
     browser.find_element(By.CSS_SELECTOR, 'button.use[data-step="60"]').click()
     wait(browser, lambda d: "ui-star-60" in d.find_element(By.ID, "prompt").get_attribute("value"), 30)
     assert browser.find_element(By.ID, "page-generate").is_displayed()
+
+
+def test_the_processes_field_goes_with_the_run(browser, server):
+    # the Train page's Processes field is bounded by the schema and sent with the run (the server refuses 9 on a
+    # CPU-only machine, before anything is queued)
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    Select(browser.find_element(By.ID, "train-method")).select_by_value("lora")
+    processes = browser.find_element(By.ID, "train-processes")
+    wait(browser, lambda d: processes.get_attribute("max") not in (None, "", "1"), 30)
+    assert processes.get_attribute("value") == "1" and int(processes.get_attribute("max")) >= 2
+    name = browser.find_element(By.ID, "run-name")
+    name.clear()
+    name.send_keys("ui-many")
+    browser.find_element(By.ID, "dataset-path").send_keys("stars")
+    processes.clear()
+    processes.send_keys("9")
+    browser.find_element(By.ID, "train-start").click()
+    wait(browser, lambda d: "processes 9" in d.find_element(By.ID, "train-error").text, 30)
+    assert not (server["root"] / "runs" / "ui-many").exists()
+
+
+def test_the_wrong_lora_recipe_from_the_train_page(browser, server):
+    # bad settings come back as the server's one line; a started recipe is followed and Stop ends it resumable
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    name = browser.find_element(By.ID, "run-name")
+    name.clear()
+    name.send_keys("ui-wrong")
+    images = browser.find_element(By.ID, "recipe-images")
+    images.clear()
+    images.send_keys("0")
+    browser.find_element(By.ID, "recipe-start").click()
+    status = browser.find_element(By.ID, "recipe-status")
+    wait(browser, lambda d: "--images 0 is out of range" in status.text, 30)
+    images.clear()
+    images.send_keys("40")
+    browser.find_element(By.ID, "recipe-start").click()
+    wait(browser, lambda d: list((server["root"] / "runs" / "ui-wrong" / "bad_images").glob("*.png")), 120)
+    browser.find_element(By.ID, "recipe-stop").click()
+    wait(browser, lambda d: status.get_attribute("data-status") == "interrupted", 120)
+    assert status.text.startswith("ui-wrong: interrupted")

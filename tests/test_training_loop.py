@@ -104,6 +104,29 @@ def test_extending_a_finished_run_with_more_steps(tmp_path, data, pristine):
     assert [r["step"] for r in more.rows] == [3, 6]
 
 
+def test_a_resumed_run_logs_one_end_the_last_sessions(tmp_path, data, pristine):
+    # Interrupted at 2 (an `end` with stopped=interrupted), extended once finished at 4 (an `end` with finished):
+    # the log keeps one `end`, the last session's, after a `resume` per session, so readers see the run's state.
+    from sdtune.training.runlog import run_outcome
+
+    def stop_at_2(trainer, step, loss):
+        if step == 2:
+            trainer.request_stop()
+
+    cfg = config(tmp_path, data, steps=4, save_every=2)
+    assert train(cfg, model=copy.deepcopy(pristine), on_step=stop_at_2, **quiet()).stopped == "interrupted"
+    assert run_outcome(read_log(tmp_path / "out" / "log.jsonl"))["stopped"] == "interrupted"
+    train(cfg.replace(resume="auto"), model=copy.deepcopy(pristine), **quiet())
+    train(cfg.replace(steps=5, resume="auto"), model=copy.deepcopy(pristine), **quiet())
+    records = read_log(tmp_path / "out" / "log.jsonl")
+    events = [(r["event"], r["step"]) for r in records if r["event"] not in ("step", "checkpoint")]
+    assert events == [("start", 0), ("interrupted", 2), ("resume", 2), ("resume", 4), ("end", 5)]
+    assert run_outcome(records) == records[-1] and records[-1]["stopped"] == "finished"
+    assert [r["step"] for r in records if r["event"] == "step"] == [1, 2, 3, 4, 5]
+    # a session still running (or killed) after a resume has no outcome yet, even in a log with an older `end`
+    assert run_outcome(records + [{"event": "resume", "step": 5}]) is None
+
+
 def test_kill_between_state_and_log_cuts_the_log_back(tmp_path, data, pristine):
     cfg = config(tmp_path, data, steps=4, save_every=2)
     train(cfg, model=copy.deepcopy(pristine), **quiet())
@@ -400,3 +423,20 @@ def test_average_checkpoints_saves_the_mean_of_the_last_n_and_trains_on_from_the
         assert torch.equal(v, ckpt("avg", 8)[k])
     with pytest.raises(SdtuneError, match="average_checkpoints"):
         config(tmp_path, data, average_checkpoints=0).check_values()
+
+
+def test_a_signal_forwarded_by_a_launcher_still_saves_the_state(tmp_path, data, pristine):
+    # Ctrl-C under torchrun: the terminal's SIGINT reaches every process, then torchrun forwards SIGTERM. Two signals
+    # in quick succession are one request (stop after this step, save), not "abort without saving".
+    import os
+    import signal
+
+    def signal_twice(trainer, step, loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    r = train(config(tmp_path, data, steps=6, save_every=0), model=copy.deepcopy(pristine), on_step=signal_twice,
+              **quiet())
+    assert r.stopped == "interrupted" and r.step == 2 and r.signal == signal.SIGINT
+    assert StateStore(tmp_path / "out" / "state").load().step == 2

@@ -63,16 +63,9 @@ def wrong_lora(model: str, out: Path, subjects: Path | None, held_out: Path | No
              sdtune generate "a red circle on a white background" --negative-lora runs/wrong/wrong.safetensors \\
                  --negative wrong
     """
-    from sdtune.models.bundled import is_bundled_model
     from sdtune.recipes.wrong_lora import WrongLoraSettings, parse_terms, read_lines, run_wrong_lora
 
-    toy = is_bundled_model(model)
     s = WrongLoraSettings(out=str(out), model=model, **settings)
-    if toy:
-        from sdtune.toy.recipes import TOY_BAD_TERMS, toy_subjects
-
-        s.subjects, s.held_out = toy_subjects()
-        s.bad_terms = list(TOY_BAD_TERMS)
     if subjects is not None:
         s.subjects = read_lines(subjects, "subjects")
     if held_out is not None:
@@ -81,18 +74,35 @@ def wrong_lora(model: str, out: Path, subjects: Path | None, held_out: Path | No
         s.bad_terms = parse_terms(bad_terms)
     s.train = {k: v for k, v in (("steps", train_steps), ("lr", lr), ("rank", rank), ("alpha", alpha),
                                  ("batch_size", batch_size), ("text_encoder", text_encoder)) if v is not None}
-    evaluate = None
-    if toy:
-        from sdtune.toy.recipes import is_scene_prompt, judge_subject_images
-
-        if all(is_scene_prompt(p) for p in s.held_out):  # the judge reads toy scenes only
-            evaluate = judge_subject_images
+    given = {k for k, v in (("subjects", subjects), ("held_out", held_out), ("bad_terms", bad_terms)) if v}
+    evaluate = wrong_lora_model_defaults(s, given)
     result = run_wrong_lora(s, evaluate=evaluate, echo=lambda m: click.echo(m, err=True))
     for name, entry in result.report["variants"].items():
         figures = entry.get("figures")
         if figures:
             click.echo(f"{name:15s} " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items()))
     click.echo(f"grid: {result.out / 'compare' / 'grid.png'}")
+
+
+def wrong_lora_model_defaults(s: Any, given: set[str]) -> Any:
+    """The bundled tiny model's defaults for the subjects, held-out subjects and bad terms the caller did not give
+    (the toy world's scenes and degradations), and the toy judge as the comparison's evaluator when every held-out
+    subject is a toy scene (None otherwise). Shared by the CLI and `sdtune ui` (the server never imports the toy
+    world; the front door hands it this)."""
+    from sdtune.models.bundled import is_bundled_model
+
+    if not is_bundled_model(s.model):
+        return None
+    from sdtune.toy.recipes import TOY_BAD_TERMS, is_scene_prompt, judge_subject_images, toy_subjects
+
+    subjects, held_out = toy_subjects()
+    if "subjects" not in given:
+        s.subjects = subjects
+    if "held_out" not in given:
+        s.held_out = held_out
+    if "bad_terms" not in given:
+        s.bad_terms = list(TOY_BAD_TERMS)
+    return judge_subject_images if all(is_scene_prompt(p) for p in s.held_out) else None  # toy scenes only
 
 
 def register(cli: click.Group) -> None:

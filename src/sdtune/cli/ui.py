@@ -44,10 +44,11 @@ def build_settings(*, listen: bool, auth: str | None, no_api: bool, datasets: tu
                           ("--hypernetwork-dir", folders.get("hypernetwork_dir")), *(("--datasets", d) for d in datasets)):
         if given is not None and Path(given).expanduser().is_dir():
             check_readable(given, f"{option} {given}")
+    from sdtune.cli.recipe import wrong_lora_model_defaults
     from sdtune.toy.concept_eval import evaluator_for
 
     return Settings(folders=model_folders, auth=parse_auth(auth), listen=listen, api=not no_api, device=device,
-                    evaluator_for=evaluator_for)
+                    evaluator_for=evaluator_for, recipe_defaults=wrong_lora_model_defaults)
 
 
 @click.command("ui")

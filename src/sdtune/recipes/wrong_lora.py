@@ -130,7 +130,8 @@ def _params(s: WrongLoraSettings, *, compare: bool = False, **kwargs: Any) -> An
     return params.replace(sampler=s.sampler) if s.sampler else params
 
 
-def make_bad_images(generator: Any, s: WrongLoraSettings, folder: Path, echo: Echo) -> int:
+def make_bad_images(generator: Any, s: WrongLoraSettings, folder: Path, echo: Echo,
+                    stop: Callable[[], bool] | None = None) -> int:
     """Stage 1: the images that are missing (a resumed run makes only those)."""
     from sdtune.generate.pnginfo import png_info
 
@@ -139,6 +140,8 @@ def make_bad_images(generator: Any, s: WrongLoraSettings, folder: Path, echo: Ec
     if todo:
         echo(f"generating {len(todo)} bad images with the base model -> {folder}")
     for i, (prompt, caption, seed) in todo:
+        if stop is not None and stop():
+            raise SdtuneError("the recipe was stopped while making the bad images; rerun it to continue")
         image = generator.generate(_params(s, prompt=prompt, seed=seed))[0]
         write_atomic(folder / f"{i:04d}.txt", caption + "\n")  # the caption first: an image is never uncaptioned
         with atomic_path(folder / f"{i:04d}.png") as tmp:
@@ -165,7 +168,8 @@ TRAIN_FIELDS = ("steps", "lr", "batch_size", "save_every", "mixed_precision", "g
                 "flip", "caption_dropout", "lr_scheduler", "warmup_steps")
 
 
-def train_wrong_lora(s: WrongLoraSettings, data: Path, out: Path, echo: Echo) -> Path:
+def train_wrong_lora(s: WrongLoraSettings, data: Path, out: Path, echo: Echo,
+                     stop: Callable[[], bool] | None = None) -> Path:
     """Stages 2 and 3: train (or resume) the LoRA; OUT/<trigger>.safetensors once the run finished."""
     from sdtune.training.loop import train
 
@@ -175,7 +179,8 @@ def train_wrong_lora(s: WrongLoraSettings, data: Path, out: Path, echo: Echo) ->
     cfg = train_config(s, data, out / "train")
     cfg.check_values()
     echo(f"training the '{s.trigger}' LoRA on {s.images} images -> {out / 'train'}")
-    result = train(cfg)
+    result = train(cfg, on_step=None if stop is None else
+                   lambda trainer, step, loss: trainer.request_stop("interrupted") if stop() else None)
     if result.stopped not in ("finished", "early_stop") or result.final is None:
         raise SdtuneError(f"the LoRA run stopped ({result.stopped}) before it finished; rerun the same command "
                           "to resume it")
@@ -251,8 +256,9 @@ def usage(lora: Path, trigger: str) -> str:
 
 
 def run_wrong_lora(s: WrongLoraSettings, *, evaluate: Evaluate | None = None, echo: Echo = print,
-                   generator: Any = None) -> WrongLoraResult:
-    """All four stages (finished ones skipped). `generator`: a loaded `Generator` of `s.model` to reuse."""
+                   generator: Any = None, stop: Callable[[], bool] | None = None) -> WrongLoraResult:
+    """All four stages (finished ones skipped). `generator`: a loaded `Generator` of `s.model` to reuse; `stop`:
+    polled between images and training steps (the server's Stop), ending with a resumable state."""
     s.validate()
     from sdtune.paths import check_writable_dir
 
@@ -279,8 +285,8 @@ def run_wrong_lora(s: WrongLoraSettings, *, evaluate: Evaluate | None = None, ec
         from sdtune.generate import Generator
 
         generator = Generator(s.model)
-    n = make_bad_images(generator, s, out / "bad_images", echo)
-    lora = train_wrong_lora(s, out / "bad_images", out, echo)
+    n = make_bad_images(generator, s, out / "bad_images", echo, stop)
+    lora = train_wrong_lora(s, out / "bad_images", out, echo, stop)
     report = compare(generator, s, lora, out / "compare", evaluate, echo)
     echo(f"wrote {lora}\n{usage(lora, s.trigger)}")
     return WrongLoraResult(out=out, lora=lora, images=n, report=report)

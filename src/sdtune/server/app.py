@@ -27,6 +27,7 @@ from sdtune.errors import SdtuneError
 from sdtune.server.engine import GenerationService
 from sdtune.server.folders import ModelFolders, PathRefused
 from sdtune.server.jobs import JobQueue, QueueFull
+from sdtune.server.recipes import RecipeRegistry
 from sdtune.server.runs import RunRegistry
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class Settings:
     # TrainConfig -> evaluator for `train(config, evaluator=...)`; the front door wires the toy judge in
     # (`sdtune.toy.concept_eval.evaluator_for`), so the server never imports the toy world
     evaluator_for: Callable[[Any], Any] | None = None
+    # (WrongLoraSettings, the fields the request gave) -> the comparison's evaluator, after filling in the model's
+    # defaults (`sdtune.cli.recipe.wrong_lora_model_defaults`: the toy world's on the tiny model)
+    recipe_defaults: Callable[[Any, set[str]], Any] | None = None
 
 
 class ServerState:
@@ -57,6 +61,7 @@ class ServerState:
         self.jobs = JobQueue()
         self.engine = GenerationService(self.folders, device=settings.device, dtype=settings.dtype)
         self.runs = RunRegistry(self.folders, self.jobs, settings.evaluator_for)
+        self.recipes = RecipeRegistry(self.jobs)
 
     def token_counts(self, prompt: str) -> list[int]:
         """Tokens per 75-token chunk of the prompt's longest AND part, as A1111's counter shows them."""

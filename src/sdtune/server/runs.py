@@ -128,9 +128,12 @@ class RunRegistry:
         self.evaluator_for = evaluator_for
         self.job_of: dict[str, Job] = {}
 
-    def start(self, config: Any, *, resume: bool = False) -> Job:
+    def start(self, config: Any, *, resume: bool = False, processes: int = 1) -> Job:
+        """Queue a run: in the worker thread (1 process) or launched as `processes` processes (`server.launch`)."""
+        from sdtune.server.launch import check_processes, run_launched
         from sdtune.training.loop import Trainer
 
+        processes = check_processes(processes, config)
         name = Path(config.out).name
         existing = self.job_of.get(name)
         if existing is not None and existing.status in ("queued", "running"):
@@ -144,6 +147,8 @@ class RunRegistry:
         evaluator = self.evaluator_for(config) if self.evaluator_for is not None else None
 
         def work(job: Job) -> Any:
+            if processes > 1:
+                return run_launched(job, config, processes, resume=resume)
             trainer = Trainer(config, evaluator=evaluator, handle_signals=False,
                               echo=lambda text: setattr(job.progress, "text", text),
                               on_step=lambda t, step, loss: _on_step(job, step, config.steps))
@@ -152,7 +157,8 @@ class RunRegistry:
                 trainer.request_stop("interrupted")
             return trainer.run()
 
-        job = self.jobs.submit(Job(kind="train", title=f"train {config.method} {name}", run=work))
+        title = f"train {config.method} {name}" + (f" ({processes} processes)" if processes > 1 else "")
+        job = self.jobs.submit(Job(kind="train", title=title, run=work))
         job.progress.total = config.steps
         self.job_of[name] = job
         return job

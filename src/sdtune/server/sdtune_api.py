@@ -35,6 +35,22 @@ class TrainRequest(BaseModel):
     method: str
     name: str
     config: dict[str, Any] = Field(default_factory=dict)
+    # 1: the server's worker thread; N >= 2: `torchrun --nproc_per_node N` (server.launch; docs/multi_gpu.md)
+    processes: int = 1
+
+
+class ResumeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    processes: int | None = None  # default: as many as the saved state was trained with
+
+
+class WrongLoraRequest(BaseModel):
+    """`sdtune recipe wrong-lora`'s settings (`recipes.wrong_lora.WrongLoraSettings`' field names; `train` holds
+    the LoRA run's overrides: steps, lr, rank, alpha, batch_size, text_encoder, ...)."""
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    model: str | None = None  # a checkpoint name as Generate names it; default: the loaded one
+    settings: dict[str, Any] = Field(default_factory=dict)
 
 
 class ConfigRequest(BaseModel):
@@ -82,8 +98,15 @@ def config_schema() -> dict[str, Any]:
                          "presets": PRESETS.get(name, []),
                          "options": [_field_schema(f) for f in dataclasses.fields(cls.Options)
                                      if f.metadata.get("cli", True)]}
+    from sdtune.server.launch import CPU_MAX_PROCESSES, cuda_devices, max_processes
+
+    gpus = cuda_devices()
+    processes = {"default": 1, "max": max_processes(), "gpus": gpus,
+                 "help": ("Processes to train on: 1 runs in the server; N >= 2 launches torchrun with N processes ("
+                          + (f"one per GPU, {gpus} visible" if gpus else f"CPU only: gloo, at most {CPU_MAX_PROCESSES}")
+                          + "). --batch-size is per process: the global batch is batch_size x processes.")}
     return {"fields": [_field_schema(f) for f in TrainConfig.fields() if f.metadata.get("cli", True)],
-            "methods": methods}
+            "methods": methods, "processes": processes}
 
 
 def sdtune_router(state: Any) -> APIRouter:
@@ -99,7 +122,7 @@ def sdtune_router(state: Any) -> APIRouter:
     @api.post("/runs")
     def start_run(req: TrainRequest) -> dict[str, Any]:
         cfg = build_config(folders, engine, req.method, req.name, req.config)
-        job = registry.start(cfg)
+        job = registry.start(cfg, processes=req.processes)
         return {"run": req.name, "job": job.describe()}
 
     @api.get("/runs")
@@ -133,19 +156,41 @@ def sdtune_router(state: Any) -> APIRouter:
         return {}
 
     @api.post("/runs/{name}/resume")
-    def resume(name: str) -> dict[str, Any]:
+    def resume(name: str, req: ResumeRequest | None = None) -> dict[str, Any]:
+        from sdtune.server.launch import recorded_processes
         from sdtune.training.config import TrainConfig
 
         folder = confine(folders.runs, check_run_name(name))
         if not (folder / "config.toml").is_file():
             raise SdtuneError(f"run {name!r} has no config.toml to resume from")
         cfg = TrainConfig.from_toml(folder / "config.toml").replace(out=str(folder), progress=False)
-        job = registry.start(cfg, resume=True)
+        processes = req.processes if req is not None and req.processes is not None else recorded_processes(folder)
+        job = registry.start(cfg, resume=True, processes=processes)
         return {"run": name, "job": job.describe()}
 
     @api.post("/runs/{name}/use")
     def use(name: str, step: int) -> dict[str, Any]:
         return use_checkpoint(folders, name, step)
+
+    # -- recipes ----------------------------------------------------------------------------------------------
+
+    @api.post("/recipes/wrong-lora")
+    def start_wrong_lora(req: WrongLoraRequest) -> dict[str, Any]:
+        from sdtune.server.recipes import wrong_lora_settings
+
+        settings, evaluate = wrong_lora_settings(folders, engine, req.name, req.model, req.settings,
+                                                 state.settings.recipe_defaults)
+        job = state.recipes.start(settings, evaluate)
+        return {"recipe": req.name, "job": job.describe()}
+
+    @api.get("/recipes/wrong-lora/{name}")
+    def wrong_lora(name: str) -> dict[str, Any]:
+        return state.recipes.read(folders.runs, name)
+
+    @api.post("/recipes/wrong-lora/{name}/stop")
+    def stop_wrong_lora(name: str) -> dict[str, Any]:
+        state.recipes.stop(check_run_name(name))
+        return {}
 
     @api.post("/config/toml")
     def to_toml(req: ConfigRequest) -> dict[str, Any]:

@@ -20,11 +20,33 @@ With one process (`world == 1`) every call here is a no-op that returns its inpu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from sdtune.errors import SdtuneError
+
+# what `accelerate launch --use_deepspeed / --use_fsdp / --use_megatron_lm` (or an `accelerate config` choosing them)
+# tells the processes it starts; accelerate would wrap the model only if the model went through `prepare`
+ENGINE_FLAGS = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP",
+                "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def check_launch_engine(env: Mapping[str, str] | None = None) -> None:
+    """Refuse a launch that asks for DeepSpeed, FSDP or Megatron-LM. sdtune hands accelerate its optimizer only and
+    all-reduces gradients itself (`Ranks.average_grads`), so such an engine would shard or offload nothing: the run
+    would train as plain data parallel while the user believes ZeRO/FSDP saves memory (or fail deep in accelerate).
+    Called before the model loads."""
+    env = os.environ if env is None else env
+    for var, engine in ENGINE_FLAGS.items():
+        if str(env.get(var, "false")).lower() == "true":
+            raise SdtuneError(f"{engine} was asked for by the launcher ({var}=true: `accelerate launch "
+                              f"--use_{engine.lower().replace('-', '_')}` or an `accelerate config` choosing it), "
+                              "but sdtune does not hand its model to it, so nothing would be sharded or offloaded; "
+                              "launch with `accelerate launch --multi_gpu` or `torchrun` (docs/multi_gpu.md)")
 
 
 @dataclass(frozen=True)

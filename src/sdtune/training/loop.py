@@ -23,6 +23,7 @@ import json
 import math
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -46,6 +47,11 @@ if TYPE_CHECKING:
 
     from sdtune.generate.generator import Generator
     from sdtune.training.data import DatasetItem
+
+# a second SIGINT/SIGTERM sooner than this after the first is the launcher forwarding it (see _install_signals);
+# later, it aborts without saving
+DUPLICATE_SIGNAL_S = 2.0
+
 
 @dataclass
 class TrainResult:
@@ -364,9 +370,17 @@ class Trainer(TrainerSetup, TrainerSampling):
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             return {}
 
+        first: list[float] = []
+
         def handler(signum: int, frame: Any) -> None:
             if self._signal is not None:
+                # A launcher forwards the signal its process group already got (Ctrl-C under torchrun: SIGINT from
+                # the terminal, then SIGTERM from torchrun): a second signal that soon is the same request, not a
+                # user asking to abort without saving.
+                if time.monotonic() - first[0] < DUPLICATE_SIGNAL_S:
+                    return
                 raise KeyboardInterrupt
+            first.append(time.monotonic())
             self._signal = signum
             self._stop = "interrupted"
             self.echo(f"{signal.Signals(signum).name}: stopping after this step and saving the state "

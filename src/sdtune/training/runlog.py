@@ -2,7 +2,10 @@
 TensorBoard scalars when `tensorboard` is installed, and the checkpoint summary (summary.csv / summary.json and
 a printed table).
 
-On resume the JSONL log is cut back to the resumed step, so it always reads as one uninterrupted run.
+On resume the JSONL log is cut back to the resumed step and the earlier session's `end` record is dropped: a
+`resume` record marks where the new session starts, and a log holds at most one `end`, the last session's. So the
+log reads as one run with its stops and resumes, and `run_outcome` (the UI's progress of a run launched as several
+processes, summaries) sees the final state, never a session that was continued afterwards.
 """
 
 from __future__ import annotations
@@ -36,6 +39,19 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def run_outcome(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The `end` record of the run's latest session, or None while that session runs (or if it was killed): an
+    `end` before a later `resume` belongs to a session that was continued, so it does not count (logs written
+    before resumes dropped it)."""
+    outcome: Mapping[str, Any] | None = None
+    for rec in records:
+        if rec.get("event") == "end":
+            outcome = rec
+        elif rec.get("event") == "resume":
+            outcome = None
+    return outcome
+
+
 def step_losses(path: str | Path) -> list[float]:
     """The per-step training losses of a run, in step order."""
     return [r["loss"] for r in read_log(path) if r.get("event") == "step"]
@@ -55,11 +71,14 @@ class RunLog:
         self.path = out / "log.jsonl"
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
         if start_step > 0:
-            kept = [r for r in read_log(self.path) if int(r.get("step", 0)) <= start_step]
+            # the steps after the resumed state are redone; the previous session's `end` is not the run's end
+            kept = [r for r in read_log(self.path) if int(r.get("step", 0)) <= start_step and r.get("event") != "end"]
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")
+        if start_step > 0:
+            self.write({"event": "resume", "step": start_step})
         self._t0 = time.time()
         self.tb = None
         if tensorboard:

@@ -20,7 +20,7 @@ from sdtune.models.bundled import is_bundled_model
 from sdtune.training.batches import BatchSource, LatentEncoder, sdxl_time_ids
 from sdtune.training.checkpoint import TrainState
 from sdtune.training.config import parse_select_by
-from sdtune.training.distributed import Ranks
+from sdtune.training.distributed import Ranks, check_launch_engine
 from sdtune.training.ledger import CheckpointLedger
 from sdtune.training.methods import get_method
 from sdtune.training.context import TrainingContext
@@ -153,6 +153,7 @@ class TrainerSetup(TrainerParts):
     def _prepare_device(self) -> None:
         cfg = self.config
         dev = self._check_device()
+        check_launch_engine()  # DeepSpeed/FSDP from `accelerate launch` would be silently ignored
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # several processes: each takes its LOCAL_RANK GPU
         if dev.type == "cuda" and dev.index is not None and not launched:
             torch.cuda.set_device(dev.index)

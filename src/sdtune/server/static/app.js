@@ -235,6 +235,9 @@ async function loadSchema() {
   select.innerHTML = "";
   for (const name of Object.keys(schema.methods)) select.add(new Option(name, name));
   select.value = "ti";
+  const processes = $("train-processes");
+  processes.max = String(schema.processes.max);
+  $("processes-label").title = schema.processes.help;
   renderTrainForm();
 }
 function fieldInput(f, prefix) {
@@ -333,10 +336,35 @@ $("train-start").addEventListener("click", async () => {
   showError("train-error", null);
   try {
     const { method, config } = trainConfig();
-    const r = await post("/sdtune/v1/runs", { method, name: $("run-name").value.trim(), config });
+    const processes = parseInt($("train-processes").value, 10) || 1;  // the server checks the bound
+    const r = await post("/sdtune/v1/runs", { method, name: $("run-name").value.trim(), config, processes });
     showTab("runs");
     openRun(r.run);
   } catch (e) { showError("train-error", e); }
+});
+// the wrong-lora recipe: a job like a run, followed here until it ends
+let recipeTimer = null;
+async function followRecipe(name) {
+  clearTimeout(recipeTimer);
+  let doc;
+  try { doc = await api(`/sdtune/v1/recipes/wrong-lora/${encodeURIComponent(name)}`); }
+  catch (e) { $("recipe-status").textContent = e.message; return; }
+  const figures = Object.entries((doc.report || {}).variants || {})
+    .map(([k, v]) => `${k}: ${Object.entries(v.figures || {}).map(([f, x]) => `${f} ${x.toFixed(3)}`).join("  ")}`);
+  $("recipe-status").textContent = [`${name}: ${doc.status}`, doc.message, ...figures].filter(Boolean).join("\n");
+  $("recipe-status").dataset.status = doc.status;
+  if (doc.status === "running" || doc.status === "queued") recipeTimer = setTimeout(() => followRecipe(name), 1000);
+}
+$("recipe-start").addEventListener("click", async () => {
+  const name = $("run-name").value.trim();
+  const settings = { images: parseInt($("recipe-images").value, 10), train: { steps: parseInt($("recipe-steps").value, 10) } };
+  try { await post("/sdtune/v1/recipes/wrong-lora", { name, settings }); followRecipe(name); }
+  catch (e) { $("recipe-status").textContent = e.message; $("recipe-status").dataset.status = "refused"; }
+});
+$("recipe-stop").addEventListener("click", () => {
+  const name = $("run-name").value.trim();
+  post(`/sdtune/v1/recipes/wrong-lora/${encodeURIComponent(name)}/stop`, {}).then(() => followRecipe(name))
+    .catch((e) => { $("recipe-status").textContent = e.message; });
 });
 $("toml-save").addEventListener("click", async () => {
   try {
