@@ -251,3 +251,24 @@ def test_evaluator_metrics_are_averaged_and_can_choose_the_step(tmp_path, data, 
     assert rows[2]["score_mean"] == pytest.approx(1.0) and rows[4]["score_mean"] == pytest.approx(0.5)
     assert cv.report["metric"] == "score" and cv.recommended_step == 2
     assert "score mean" in cv.table
+
+
+def test_steps_auto_reads_the_report_and_names_changed_settings(tmp_path, data):
+    from sdtune.training.folds import resolve_auto_steps
+
+    cv_cfg = config(tmp_path, data, cv_folds=3, steps=40, save_every=10)
+    (tmp_path / "out" / "cv").mkdir(parents=True)
+    report = {"method": "lora", "folds": 3, "folds_done": 3, "complete": True, "metric": "val_loss",
+              "recommendation": {"step": 20}, "config": cv_cfg.to_dict()}
+    (tmp_path / "out" / "cv" / "report.json").write_text(json.dumps(report))
+    said = []
+    auto = resolve_auto_steps(cv_cfg.replace(cv_folds=0, steps="auto"), said.append)
+    assert auto.steps == 20 and auto.total_steps == 20 and len(said) == 1
+    said.clear()
+    resolve_auto_steps(cv_cfg.replace(cv_folds=0, steps="auto", lr=5e-4), said.append)
+    assert "settings differ" in said[1] and "lr" in said[1]
+    with pytest.raises(SdtuneError, match="cross-validated 'lora', not 'ti'"):
+        resolve_auto_steps(TrainConfig(method="ti", data=str(data), out=str(tmp_path / "out"), steps="auto"))
+    (tmp_path / "out" / "cv" / "report.json").write_text(json.dumps({**report, "complete": False}))
+    with pytest.raises(SdtuneError, match="not finished"):
+        resolve_auto_steps(cv_cfg.replace(cv_folds=0, steps="auto"))
