@@ -272,3 +272,32 @@ def test_steps_auto_reads_the_report_and_names_changed_settings(tmp_path, data):
     (tmp_path / "out" / "cv" / "report.json").write_text(json.dumps({**report, "complete": False}))
     with pytest.raises(SdtuneError, match="not finished"):
         resolve_auto_steps(cv_cfg.replace(cv_folds=0, steps="auto"))
+
+
+@pytest.mark.parametrize("method", ["ti", "dreambooth"])
+def test_every_method_cross_validates(tmp_path, data, pristine, method, monkeypatch):
+    """TI, and DreamBooth with prior preservation: its class images are generated once for all folds."""
+    from sdtune.training.methods.dreambooth import DreamBoothOptions
+    from sdtune.training.methods.textual_inversion import TIOptions
+
+    import sdtune.training.prior as prior
+
+    generated = []
+    real = prior.generated_class_images
+
+    def counting(ctx, class_prompt, count):
+        before = len(list((ctx.out / "class_images").rglob("*.png")))
+        images = real(ctx, class_prompt, count)
+        generated.append(len(list((ctx.out / "class_images").rglob("*.png"))) - before)
+        return images
+
+    monkeypatch.setattr(prior, "generated_class_images", counting)
+    options = TIOptions(token="<star>", init="shape", vectors=1) if method == "ti" else \
+        DreamBoothOptions(prompt="a photo of sks shape", class_prompt="a photo of a shape", num_class_images=2)
+    cfg = config(tmp_path, data, method=method, options=options, cv_folds=2, lr=1e-4 if method == "dreambooth"
+                 else 1e-3, sample_steps=2)
+    cv = cross_validate(cfg, model=pristine, **quiet())
+    assert cv.report["complete"] and cv.recommended_step in (2, 4)
+    if method == "dreambooth":
+        assert generated == [2, 0]  # the first fold generates, the second reuses OUT/cv/class_images
+        assert (tmp_path / "out" / "cv" / "class_images").is_dir()
