@@ -27,6 +27,7 @@ def train_group() -> None:
       checkpoints/            evaluated checkpoints (--keep-checkpoints all|best|last)
       samples/                sample grids (--sample-every N --sample-prompt TEXT)
       state/                  the resumable state (Ctrl-C / SIGTERM save it; continue with --resume)
+      cv/                     with --cv-folds K: fold-0..K-1 runs and report.json (the step for --steps auto)
       log.jsonl, summary.csv, summary.json, config.toml, config.json
     """
 
@@ -74,13 +75,30 @@ def _make_command(name: str, cls: Any) -> click.Command:
 
         from sdtune.toy.concept_eval import evaluator_for
 
+        from sdtune.training.crossval import check_cv_data, cross_validate
+        from sdtune.training.folds import resolve_auto_steps
+
+        def say(text: str) -> None:
+            click.echo(text, err=True)
+
         cfg = _config_from_cli(name, config_file, values, option_names)
         if dry_run:
             cfg.validate()
+            if cfg.cv_folds:
+                check_cv_data(cfg)
             evaluator_for(cfg)  # the toy judge's settings are checked too
-            click.echo(cfg.to_toml())
+            click.echo(resolve_auto_steps(cfg, say).to_toml())
             return
         cfg.check_values()
+        if cfg.cv_folds:  # K fold runs, a report, a recommended step (`training.crossval`)
+            cv = cross_validate(cfg, evaluator=evaluator_for(cfg))
+            click.echo(cv.table)
+            if cv.stopped == "interrupted":
+                sys.exit(130)
+            click.echo(f"report: {cv.out / 'report.json'}; train on all images to the recommended step with the "
+                       "same options, --steps auto instead of --steps and --cv-folds")
+            return
+        cfg = resolve_auto_steps(cfg, say)  # steps auto: refused now if there is no finished cross-validation
         result = train(cfg, evaluator=evaluator_for(cfg))
         if result.stopped == "interrupted":
             sys.exit(128 + (result.signal or 2))

@@ -164,7 +164,7 @@ def run_launched(job: Job, config: Any, processes: int, *, resume: bool) -> dict
             if rec.get("event") == "step" and isinstance(rec.get("step"), int):
                 job.progress.step = rec["step"]
                 loss = rec.get("loss")
-                job.progress.text = f"step {rec['step']}/{config.steps}" + (
+                job.progress.text = f"step {rec['step']}/{config.total_steps}" + (
                     f", loss {loss:.4f}" if isinstance(loss, float) else "") + f" ({processes} processes)"
         if proc.poll() is not None:
             break

@@ -140,26 +140,40 @@ class RunRegistry:
             raise SdtuneError(f"run {name!r} is already {existing.status}; stop it first")
         if not resume and (Path(config.out) / "state").exists():
             raise SdtuneError(f"run {name!r} already exists; resume it, or choose another name")
-        config = config.replace(resume="auto") if resume else config
+        from sdtune.training.crossval import CrossValidation, check_cv_data
+        from sdtune.training.folds import resolve_auto_steps
+
+        config = config.replace(resume="auto") if resume and not config.cv_folds else config
         config.check_paths()
         if config.judge and self.evaluator_for is None:
             raise SdtuneError("this server has no judge evaluator; start it with `sdtune ui`")
         evaluator = self.evaluator_for(config) if self.evaluator_for is not None else None
+        if config.cv_folds and processes > 1:
+            raise SdtuneError("cross-validation runs in one process; set processes to 1 or drop cv_folds")
+        if config.cv_folds:  # K fold runs in RUNS/<name>/cv (each resumes itself), then a report
+            check_cv_data(config)
+        config = resolve_auto_steps(config)  # steps auto: the cross-validated step of RUNS/<name>/cv/report.json
+        steps, folds = config.total_steps, max(1, config.cv_folds)
 
         def work(job: Job) -> Any:
             if processes > 1:
                 return run_launched(job, config, processes, resume=resume)
-            trainer = Trainer(config, evaluator=evaluator, handle_signals=False,
-                              echo=lambda text: setattr(job.progress, "text", text),
-                              on_step=lambda t, step, loss: _on_step(job, step, config.steps))
-            job.control.on_interrupt = lambda: trainer.request_stop("interrupted")
+            echo = lambda text: setattr(job.progress, "text", text)  # noqa: E731
+            progress = lambda t, step, loss: _on_step(job, (t.config.cv_fold or 0) * steps + step,  # noqa: E731
+                                                      folds * steps)
+            runner: Any = (CrossValidation(config, evaluator=evaluator, handle_signals=False, echo=echo,
+                                           on_step=progress) if config.cv_folds else
+                           Trainer(config, evaluator=evaluator, handle_signals=False, echo=echo, on_step=progress))
+            stop = runner.request_stop
+            job.control.on_interrupt = lambda: stop()
             if job.control.interrupted:
-                trainer.request_stop("interrupted")
-            return trainer.run()
+                stop()
+            return runner.run()
 
-        title = f"train {config.method} {name}" + (f" ({processes} processes)" if processes > 1 else "")
+        title = f"cross-validate {config.method} {name} ({folds} folds)" if config.cv_folds else \
+            f"train {config.method} {name}" + (f" ({processes} processes)" if processes > 1 else "")
         job = self.jobs.submit(Job(kind="train", title=title, run=work))
-        job.progress.total = config.steps
+        job.progress.total = folds * steps
         self.job_of[name] = job
         return job
 
@@ -237,7 +251,8 @@ def read_run(folder: Path) -> dict[str, Any]:
     samples = sorted(p.relative_to(folder).as_posix() for p in (folder / "samples").glob("*.png")) \
         if (folder / "samples").is_dir() else []
     return {"name": folder.name, "config": config, "summary": summary, "losses": losses, "val_losses": val,
-            "events": events[-50:], "samples": samples, "rows": (summary or {}).get("checkpoints", [])}
+            "events": events[-50:], "samples": samples, "rows": (summary or {}).get("checkpoints", []),
+            "cv": _read_json(folder / "cv" / "report.json")}
 
 
 def list_runs(runs: Path) -> list[dict[str, Any]]:

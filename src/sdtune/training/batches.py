@@ -19,7 +19,7 @@ from sdtune.training.distributed import SINGLE, Ranks
 from sdtune.training.methods.base import Batch
 
 if TYPE_CHECKING:
-    from sdtune.training.latents import CachedLatent, DiskLatents
+    from sdtune.training.latents import CachedLatent, DiskLatents, LatentStore
 
 
 def sdxl_time_ids(item: Any, crop: str) -> torch.Tensor:
@@ -39,9 +39,11 @@ def sdxl_time_ids(item: Any, crop: str) -> torch.Tensor:
 class LatentEncoder:
     """PIL images or dataset items -> `training.latents` cached latents, in chunks (bounded memory)."""
 
-    def __init__(self, vae: Any, *, upcast_fp16: bool) -> None:
+    def __init__(self, vae: Any, *, upcast_fp16: bool, store: LatentStore | None = None, model_key: str = "") -> None:
         self.vae = vae
         self.upcast_fp16 = upcast_fp16  # SDXL's VAE overflows in fp16: encode in fp32
+        self.store = store  # latents shared with other runs in this process (cross-validation folds)
+        self.model_key = model_key
 
     @contextlib.contextmanager
     def _vae(self) -> Iterator[Any]:
@@ -56,7 +58,24 @@ class LatentEncoder:
                 self.vae.to(dtype)
 
     def encode(self, images: list[Any], flip_variants: bool = False) -> list[CachedLatent]:
-        """PIL images, image tensors or dataset items (loaded centre-cropped) -> cached latents."""
+        """PIL images, image tensors or dataset items (loaded centre-cropped) -> cached latents. With a `store`,
+        dataset items it holds are not encoded again and new ones are added to it (other inputs, e.g. random crops,
+        pass through)."""
+        from sdtune.training.data import DatasetItem
+
+        store = self.store
+        if store is not None and images and all(isinstance(im, DatasetItem) for im in images):
+            found = [store.get(self.model_key, it, flip_variants) for it in images]
+            missing = [i for i, c in enumerate(found) if c is None]
+            if missing:
+                fresh = self._encode([images[i] for i in missing], flip_variants or store.flip)
+                for i, c in zip(missing, fresh):
+                    store.put(self.model_key, images[i], c)
+                    found[i] = c
+            return [c for c in found if c is not None]
+        return self._encode(images, flip_variants)
+
+    def _encode(self, images: list[Any], flip_variants: bool) -> list[CachedLatent]:
         from sdtune.training.data import DatasetItem
         from sdtune.training.latents import encode_latents
 

@@ -42,7 +42,7 @@ from sdtune.training.options import KINDS, SECTIONS, NoOptions, coerce, merge_op
 
 # entries the loop writes into a run folder; a result named like one would collide with it (a folder result such
 # as DreamBooth's diffusers output is OUT/<name>/)
-RUN_ENTRIES = ("state", "checkpoints", "samples", "class_images")
+RUN_ENTRIES = ("state", "checkpoints", "samples", "class_images", "cv")
 
 if TYPE_CHECKING:
     from sdtune.training.methods.base import TrainingMethod
@@ -104,7 +104,9 @@ class TrainConfig:
     caption_dropout: float = opt(0.0, "Chance the whole caption becomes empty (unconditional training).",
                                  section="augment", kind="float")
     # -- optimisation
-    steps: int = opt(1000, "Optimizer steps to train.", section="optim", kind="int")
+    steps: int | str = opt(1000, "Optimizer steps to train, or auto: the step count cross-validated by an earlier "
+                           "--cv-folds run into the same --out (OUT/cv/report.json), trained on all images.",
+                           section="optim", kind="steps", metavar="N|auto")
     lr: float | str = opt(1e-4, "Learning rate, or A1111's schedule '0.005:100, 1e-3:1000, 1e-5'.",
                           section="optim", kind="lr", metavar="RATE")
     lr_scheduler: str = opt("constant", "Shape of the rate over the run.", section="optim", kind="str",
@@ -155,6 +157,14 @@ class TrainConfig:
     # -- evaluation
     val_timesteps: int = opt(8, "Fixed timesteps per validation image, spread over [50, 950].", section="eval",
                              kind="int")
+    cv_folds: int = opt(0, "Cross-validate the step count: K runs of --steps, each holding out one K-th of the images "
+                        "(a seeded partition) for validation, in OUT/cv/fold-k; OUT/cv/report.json gets the mean and "
+                        "spread of every checkpoint's metrics over the folds and the recommended step: the earliest "
+                        "checkpoint within one standard error of the best mean (--select-by, val_loss by default). "
+                        "Then --steps auto trains on all images to it. 0 = off; 2..images.",
+                        section="eval", kind="int", metavar="K")
+    cv_fold: int | None = opt(None, "The fold this run holds out (set by the cross-validation for its fold runs).",
+                              section="eval", kind="int", cli=False)
     early_stop: str | None = opt(None, "Stop after 'patience[,min_delta]' evaluations without improvement.",
                                  section="eval", kind="str", metavar="P[,D]")
     select_by: str = opt("val_loss", "Metric that picks the best checkpoint: val_loss, or an evaluator metric; "
@@ -273,6 +283,14 @@ class TrainConfig:
         return self.output_name or self.method
 
     @property
+    def total_steps(self) -> int:
+        """`steps` as a number; "auto" must have been resolved first (`training.folds.resolve_auto_steps`)."""
+        if isinstance(self.steps, str):
+            raise SdtuneError("steps auto is not resolved yet: it is read from OUT/cv/report.json; run with "
+                              "--cv-folds K first")
+        return self.steps
+
+    @property
     def out_dir(self) -> Path:
         if not self.out:
             raise SdtuneError("no output folder; pass --out DIR")
@@ -288,7 +306,9 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise SdtuneError(f"{f.name} {value!r} is not one of {', '.join(choices)}")
-        _at_least("steps", self.steps, 1)
+        auto = self.steps == "auto"
+        if not auto:
+            _at_least("steps", self.total_steps, 1)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("grad_accum", self.grad_accum, 1)
         _at_least("warmup_steps", self.warmup_steps, 0)
@@ -325,14 +345,17 @@ class TrainConfig:
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise SdtuneError(f"resolution {self.resolution} must be a multiple of 8 and at least 8 (512 SD1, "
                               "768 SD2-v, 1024 SDXL, 64 tiny)")
-        sched = LRSchedule.from_config(self.lr, self.lr_scheduler, self.warmup_steps, self.steps)
+        # steps auto: the schedule is checked on a placeholder length (the real one comes from the CV report)
+        steps = max(1000, self.warmup_steps + 1) if auto else self.total_steps
+        sched = LRSchedule.from_config(self.lr, self.lr_scheduler, self.warmup_steps, steps)
         if sched.peak <= 0:
             raise SdtuneError(f"learning rate {self.lr!r} is 0 everywhere; nothing would be learned")
-        if self.warmup_steps and self.warmup_steps >= self.steps:
+        if self.warmup_steps and not auto and self.warmup_steps >= steps:
             raise SdtuneError(f"warmup_steps {self.warmup_steps} must be less than steps {self.steps}")
         if self.warmup_steps and self.lr_scheduler == "constant":
             raise SdtuneError("warmup_steps needs lr_scheduler constant_with_warmup, linear or cosine")
         parse_early_stop(self.early_stop)
+        self._check_cv(auto)
         if self.early_stop and parse_early_stop(self.early_stop) and self.save_every == 0:
             raise SdtuneError("early_stop needs save_every > 0 (checkpoints are evaluated when they are saved)")
         select_metric, _ = parse_select_by(self.select_by)
@@ -377,6 +400,29 @@ class TrainConfig:
         if name.lower() in RUN_ENTRIES:
             raise SdtuneError(f"{what} {name!r}: that name is taken by the run folder's own entries "
                               f"({', '.join(RUN_ENTRIES)}); choose another name")
+
+    def _check_cv(self, auto: bool) -> None:
+        """Cross-validation (`cv_folds`) and `steps auto`: the combinations that cannot mean what they say."""
+        k = self.cv_folds
+        if k < 0 or k == 1:
+            raise SdtuneError(f"cv_folds {k}: use 2 or more (5 is typical, at most the number of images), or 0 for "
+                              "no cross-validation")
+        if k and (self.val_split > 0 or self.val_dir):
+            raise SdtuneError("cv_folds holds out its own validation images (one fold per run); drop --val-split / "
+                              "--val-dir")
+        if k and auto:
+            raise SdtuneError("steps auto comes after cross-validation: run --cv-folds K with --steps N (the longest "
+                              "run to evaluate) first, then --steps auto without --cv-folds")
+        if k and self.early_stop:
+            raise SdtuneError("cv_folds needs every fold's whole curve to average; drop --early-stop")
+        if k and not (0 < self.save_every < self.total_steps):
+            raise SdtuneError(f"cv_folds compares checkpoints: set --save-every below --steps {self.total_steps} "
+                              f"(e.g. {max(1, self.total_steps // 10)}), got {self.save_every}")
+        if self.cv_fold is not None and not 0 <= self.cv_fold < max(k, 1):
+            raise SdtuneError(f"cv_fold {self.cv_fold} must be in 0..{k - 1} (cv_folds {k})")
+        if auto and (self.val_split > 0 or self.val_dir):
+            raise SdtuneError("steps auto trains on all images to the cross-validated step; drop --val-split / "
+                              "--val-dir")
 
     def _check_judge(self, select_metric: str) -> None:
         if self.judge is None:

@@ -154,3 +154,35 @@ def disk_cache_key(items: Sequence[Any], flip: bool, model_hash: str, resolution
     for it in items:
         h.update(f"{it.rel}\0{it.sha256}\0{tuple(it.target)}\n".encode())
     return h.hexdigest()[:16]
+
+
+class LatentStore:
+    """Latents of dataset items shared by several runs in one process: the folds of a cross-validation
+    (`training.crossval`) train and validate on the same images, so each is encoded once for all of them.
+
+    An entry is keyed by the model (`model_key`: hash, training size, VAE) and the item's content and training size
+    (sha256, target), not its path or position, so every fold finds it whatever split it makes. `flip`: encode the
+    mirror images too (when the runs flip), so an image first needed for validation (no flips) serves training later.
+    `encoded` counts the images the VAE encoded through the store (the tests and the benchmark read it)."""
+
+    def __init__(self, *, flip: bool = False) -> None:
+        self.flip = flip
+        self.encoded = 0
+        self._entries: dict[tuple[str, str, tuple[int, ...]], CachedLatent] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def _key(model_key: str, item: Any) -> tuple[str, str, tuple[int, ...]]:
+        return model_key, str(item.sha256), tuple(item.target)
+
+    def get(self, model_key: str, item: Any, flip_variants: bool = False) -> CachedLatent | None:
+        c = self._entries.get(self._key(model_key, item))
+        if c is None or (flip_variants and c.flip_mean is None):
+            return None
+        return c
+
+    def put(self, model_key: str, item: Any, latent: CachedLatent) -> None:
+        self._entries[self._key(model_key, item)] = latent
+        self.encoded += 1

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from sdtune.generate.generator import Generator
     from sdtune.training.data import DatasetItem
+    from sdtune.training.latents import LatentStore
 
 # a second SIGINT/SIGTERM sooner than this after the first is the launcher forwarding it (see _install_signals);
 # later, it aborts without saving
@@ -98,14 +99,18 @@ class Trainer(TrainerSetup, TrainerSampling):
     model: an already loaded `LoadedModel` to train in place (default: `load_model(config.model, ...)`).
     evaluator: called at every checkpoint with an `EvalContext`; returns extra metrics {name: float}.
     on_step: called after every optimizer step with (trainer, step, loss); may call `request_stop()`.
-    handle_signals: SIGINT/SIGTERM stop after the current step with the state saved (main thread only)."""
+    handle_signals: SIGINT/SIGTERM stop after the current step with the state saved (main thread only).
+    latent_store: a `training.latents.LatentStore` shared with other runs of this process (cross-validation folds:
+    `training.crossval`), so images it holds are not encoded again."""
 
     val_items: list[DatasetItem]  # the held-out validation items (set while preparing the data)
 
     def __init__(self, config: TrainConfig, *, method: TrainingMethod | None = None, model: Any = None,
                  evaluator: Evaluator | None = None, on_step: Callable[[Trainer, int, float], None] | None = None,
-                 handle_signals: bool = True, echo: Callable[[str], None] | None = None) -> None:
+                 handle_signals: bool = True, echo: Callable[[str], None] | None = None,
+                 latent_store: LatentStore | None = None) -> None:
         self.config = config
+        self.latent_store = latent_store
         self._method = method
         self.model = model
         self._given_model = model is not None
@@ -159,6 +164,13 @@ class Trainer(TrainerSetup, TrainerSampling):
     def run(self) -> TrainResult:
         cfg = self.config
         cfg.check_values(method=type(self._method) if self._method is not None else None)
+        if cfg.cv_folds and cfg.cv_fold is None:
+            raise SdtuneError(f"cv_folds {cfg.cv_folds} means {cfg.cv_folds} runs: call "
+                              "sdtune.training.crossval.cross_validate(config) (the CLI and the UI do), not train()")
+        if cfg.steps == "auto":
+            from sdtune.training.folds import resolve_auto_steps
+
+            self.config = cfg = resolve_auto_steps(cfg, self.echo)
         if self._method is not None:
             type(self._method).check_options(self._method.options, cfg)
         cfg.check_paths(model=not self._given_model)
@@ -243,7 +255,7 @@ class Trainer(TrainerSetup, TrainerSampling):
     def _train(self) -> str:
         cfg = self.config
         assert self.log is not None  # _run opened it
-        while self.step < cfg.steps:
+        while self.step < cfg.total_steps:
             if self.ranks.any(self._stop is not None):  # a signal or request on any process stops them all
                 self._stop = self._stop or "interrupted"
                 return "interrupted"
@@ -258,7 +270,7 @@ class Trainer(TrainerSetup, TrainerSampling):
             self.log.step(step, loss, self.schedule(step), **extra)
             if self.on_step is not None:
                 self.on_step(self, step, loss)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.total_steps:
                 self._checkpoint(step)
                 sel = self.ledger.selection
                 if sel.should_stop:
@@ -276,7 +288,7 @@ class Trainer(TrainerSetup, TrainerSampling):
         m = self.model
         meta = {"sdtune_method": self.method.name, "sdtune_base_model": str(m.name),
                 "sdtune_base_model_hash": str(m.hash), "sdtune_family": m.family,
-                "sdtune_prediction_type": m.prediction_type, "sdtune_steps": str(self.config.steps),
+                "sdtune_prediction_type": m.prediction_type, "sdtune_steps": str(self.config.total_steps),
                 "sdtune_seed": str(self.config.seed), "sdtune_resolution": str(self.resolution),
                 "sdtune_config": json.dumps(self.config.replace(resume=None).to_dict())}
         if m.family in KOHYA_BASE_MODEL_VERSION:
@@ -396,7 +408,7 @@ class Trainer(TrainerSetup, TrainerSampling):
             return
         final = self.out / f"{self.config.name}{self.method.file_ext}"
         sel = self.ledger.selection
-        info = {"method": self.method.name, "step": self.step, "steps": self.config.steps,
+        info = {"method": self.method.name, "step": self.step, "steps": self.config.total_steps,
                 "best_step": self.best_step(), "select_by": sel.metric if self.ledger.selecting else "last",
                 "final": final.name if final.exists() else None}
         self._summary_rows = self.ledger.summary_rows()
@@ -445,7 +457,7 @@ class Trainer(TrainerSetup, TrainerSampling):
         cfg = self.config  # _prepare may have completed it (the model's path)
         if self.ranks.is_main:
             cfg.replace(resume=None).write(self.out)
-            self.log = RunLog(self.out, total_steps=cfg.steps, start_step=self.step, progress=cfg.progress,
+            self.log = RunLog(self.out, total_steps=cfg.total_steps, start_step=self.step, progress=cfg.progress,
                               tensorboard=cfg.tensorboard, echo=self._echo)
         else:
             self.log = SilentLog()

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 from sdtune.errors import SdtuneError
 
 SECTIONS = ("model", "data", "augment", "optim", "output", "samples", "eval", "log")
-KINDS = ("str", "path", "int", "float", "bool", "strs", "ints", "lr")
+KINDS = ("str", "path", "int", "float", "bool", "strs", "ints", "lr", "steps")
 
 
 def opt(default: Any, help: str, *, section: str, kind: str, choices: Iterable[str] | None = None,
@@ -76,6 +76,16 @@ def coerce(name: str, meta: Mapping[str, Any], value: Any, source: str, *, nulla
             return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise SdtuneError(f"{where} must be a whole number, got {value!r}")
+        return value
+    if kind == "steps":  # a whole number, or "auto" (the cross-validated step count: `training.folds`)
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            return int(value)
+        if isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SdtuneError(f"{where} must be a whole number or auto, got {value!r}")
         return value
     if kind == "float":
         if isinstance(value, str):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from sdtune.training.config import TrainConfig
     from sdtune.training.data import DatasetItem
     from sdtune.training.distributed import Ranks
+    from sdtune.training.latents import LatentStore
     from sdtune.training.ledger import CheckpointLedger
     from sdtune.training.methods import TrainingMethod
     from sdtune.training.noise import NoiseModel
@@ -47,6 +48,7 @@ class TrainerParts:
     _generator: Generator | None
     _method: TrainingMethod | None
     _given_model: bool
+    latent_store: LatentStore | None
 
     if TYPE_CHECKING:  # provided by Trainer; declared for the type checker only (never in the MRO)
         @property

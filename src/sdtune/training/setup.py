@@ -115,7 +115,7 @@ class TrainerSetup(TrainerParts):
                                    device=self.device, ranks=self.ranks, disk=self._latent_folder())
         self.batches.encode_cache(self.echo)
         self.val = self._build_validation()
-        if (cfg.val_split > 0 or cfg.val_dir is not None) and self.val is None:
+        if (cfg.val_split > 0 or cfg.val_dir is not None or cfg.cv_fold is not None) and self.val is None:
             raise SdtuneError("the validation set is empty")
 
     def _latent_folder(self) -> Path | None:
@@ -171,7 +171,7 @@ class TrainerSetup(TrainerParts):
                               "evaluator=sdtune.toy.concept_eval.evaluator_for(config) to train() (the CLI does)")
         select_metric, select_mode = parse_select_by(cfg.select_by)
         early = parse_early_stop(cfg.early_stop)
-        has_val = cfg.val_split > 0 or cfg.val_dir is not None
+        has_val = cfg.val_split > 0 or cfg.val_dir is not None or cfg.cv_fold is not None
         if early and select_metric == "val_loss" and not has_val:
             raise SdtuneError("early_stop needs a validation set (--val-split or --val-dir), or an evaluator metric "
                               "named with --select-by")
@@ -220,7 +220,8 @@ class TrainerSetup(TrainerParts):
         self.latents_mode = resolve_latents_mode(cfg.latents, model)
         if cfg.latents == "auto" and self.latents_mode == "mean":
             self.echo(f"latents: posterior means ({model.name} was trained on them)")
-        self.encoder = LatentEncoder(pipe.vae, upcast_fp16=self.is_sdxl)
+        self.encoder = LatentEncoder(pipe.vae, upcast_fp16=self.is_sdxl, store=self.latent_store,
+                                     model_key=f"{model.hash}:{self.resolution}:{cfg.vae}")
         self.aug = Augment(crop=cfg.crop, zoom=(1.0, cfg.zoom), flip_p=cfg.flip, shuffle=cfg.shuffle_tags,
                            keep_first=cfg.keep_tokens, tag_dropout=cfg.tag_dropout, caption_dropout=cfg.caption_dropout)
 
@@ -257,7 +258,7 @@ class TrainerSetup(TrainerParts):
 
     def _prepare_optimizer(self, groups: list[dict[str, Any]]) -> None:
         cfg = self.config
-        self.schedule = LRSchedule.from_config(cfg.lr, cfg.lr_scheduler, cfg.warmup_steps, cfg.steps)
+        self.schedule = LRSchedule.from_config(cfg.lr, cfg.lr_scheduler, cfg.warmup_steps, cfg.total_steps)
         opt_groups = []
         for g in groups:
             g = dict(g)
@@ -319,6 +320,12 @@ class TrainerSetup(TrainerParts):
             held = set(order[:n_val])
             val_items = [it for i, it in enumerate(items) if i in held]
             items = [it for i, it in enumerate(items) if i not in held]
+        elif cfg.cv_fold is not None:  # a cross-validation fold run (`training.crossval`): hold out its fold
+            from sdtune.training.folds import fold_of
+
+            folds = fold_of(items, cfg.cv_folds, cfg.seed)
+            val_items = [it for it, f in zip(items, folds) if f == cfg.cv_fold]
+            items = [it for it, f in zip(items, folds) if f != cfg.cv_fold]
         elif cfg.val_dir is not None:
             vds = scan(cfg.val_dir)
             val_items = list(vds.items)

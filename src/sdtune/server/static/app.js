@@ -464,7 +464,10 @@ async function refreshRun() {
   $("run-title").textContent = `${r.name} (${(r.config || {}).method || "?"})`;
   $("run-status").textContent = r.status;
   $("run-status").dataset.status = r.status;
-  $("run-message").textContent = r.message || "";
+  const cv = r.cv;  // a cross-validation (cv_folds): its progress and recommended step
+  const cvLine = !cv ? "" : `cross-validation: ${cv.folds_done} of ${cv.folds} folds done` +
+    (cv.recommendation ? `; recommended step ${cv.recommendation.step} by ${cv.metric} (start this run name again with steps = auto)` : "");
+  $("run-message").textContent = [r.message || "", cvLine].filter(Boolean).join("\n");
   $("run-stop").disabled = !(r.status === "running" || r.status === "queued");
   $("run-resume").disabled = r.status === "running" || r.status === "queued";
   drawLosses(r.losses, r.val_losses);

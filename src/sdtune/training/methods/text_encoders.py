@@ -36,5 +36,5 @@ def text_encoder_group(params: list[torch.nn.Parameter], config: TrainConfig, lr
     learning rate, so it follows the same schedule."""
     from sdtune.training.schedules import LRSchedule
 
-    peak = LRSchedule.from_config(config.lr, config.lr_scheduler, config.warmup_steps, config.steps).peak
+    peak = LRSchedule.from_config(config.lr, config.lr_scheduler, config.warmup_steps, config.total_steps).peak
     return {"params": params, "lr_scale": 1.0 if lr is None else lr / peak}
