@@ -164,3 +164,12 @@ def test_a_word_of_the_vocabulary_is_refused(tmp_path, data, sd1):
     with pytest.raises(SdtuneError, match="already a word of the vocabulary"):
         train(config(tmp_path, data, pivotal_token="shape", pivotal_abstraction="TOK"), model=copy.deepcopy(sd1),
               **quiet())
+
+
+def test_the_toy_judge_prompts_with_the_new_word():
+    from sdtune.toy.concept_eval import default_term
+
+    c = TrainConfig(method="lora", options=LoraOptions(pivotal=True, pivotal_abstraction="sks",
+                                                       prompt="a photo of sks shape"))
+    assert default_term(c) == "<s0><s1> shape"
+    assert default_term(c.replace(options=LoraOptions(prompt="a photo of sks shape"))) == "sks shape"
