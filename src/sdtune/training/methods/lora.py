@@ -212,7 +212,7 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
 
     def finalize(self, final: Path, source: Path, ctx: TrainingContext) -> None:
         if self.pivotal is not None:
-            self.pivotal.write_embedding(source, ctx.out, ctx)
+            self.pivotal.write_embedding(final, ctx.out, ctx)  # final: a link or copy of the best checkpoint
 
     def modules(self) -> list[torch.nn.Module]:
         assert self.model is not None
