@@ -112,7 +112,8 @@ _PREFIX = re.compile(r"^\s*(?:an?\s+)?(?:(?:photo|picture|rendering|image|drawin
 
 
 def default_term(config: Any) -> str | None:
-    """The concept words of a run: the TI token, or the instance prompt without its leading 'a photo of a'."""
+    """The concept words of a run: the TI token, or the instance prompt without its leading 'a photo of a' (with
+    lora --pivotal, the new word in place of its abstraction)."""
     opts = config.options
     token = getattr(opts, "token", None)
     if config.method == "ti" and token:
@@ -120,6 +121,11 @@ def default_term(config: Any) -> str | None:
     prompt = getattr(opts, "prompt", None)
     if prompt:
         term = _PREFIX.sub("", str(prompt)).strip().rstrip(".,")
+        if getattr(opts, "pivotal", False):  # lora --pivotal: prompts use the new word in place of the abstraction
+            from sdtune.training.methods.pivotal import token_of
+
+            word = token_of(opts)
+            term = re.sub(r"(?<!\w)" + re.escape(opts.pivotal_abstraction.strip()) + r"(?!\w)", word, term)
         return term or None
     return None
 

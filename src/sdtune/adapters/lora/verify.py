@@ -140,6 +140,20 @@ def _file_tolerance(path: Path) -> float:
     return max((_TOL.get(d, 3e-2) for d in dtypes), default=1e-5)
 
 
+def _without_bundled_embeddings(path: Path) -> dict[str, torch.Tensor] | None:
+    """The file's tensors without its bundled embeddings (`bundle_emb.*`, which diffusers' loader refuses), or None
+    when it has none (then diffusers reads the file itself)."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        if not any(k.startswith("bundle_emb.") for k in keys):
+            return None
+        return {k: f.get_tensor(k) for k in keys if not k.startswith("bundle_emb.")}
+
+
 def reloaded_deltas(path: str | Path, obj: Any, adapter: str = _VERIFY_ADAPTER
                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Load `path` with diffusers' `load_lora_weights` under `adapter`, return ({name: delta}, warnings) and remove
@@ -153,7 +167,11 @@ def reloaded_deltas(path: str | Path, obj: Any, adapter: str = _VERIFY_ADAPTER
 
         with capture_library_warnings() as messages, quiet_loading():
             try:
-                pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=adapter)
+                bundled = _without_bundled_embeddings(p)
+                if bundled is None:
+                    pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=adapter)
+                else:  # diffusers refuses bundle_emb.* keys ("Invalid LoRA checkpoint"): its users drop them
+                    pipe.load_lora_weights(bundled, adapter_name=adapter)
             except (ValueError, KeyError, RuntimeError) as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
                 raise SdtuneError(f"{p.name} does not load with diffusers' load_lora_weights: {first}") from None

@@ -14,6 +14,9 @@ file is reloaded through diffusers and compared with the trained deltas (`verify
 stops the run with the reason.
 
 Shared with DreamBooth (`training.prior`): `--prompt` with per-image captions, prior preservation.
+
+`--pivotal` (pivotal tuning, `training.methods.pivotal`): a new word trained as Textual Inversion with the LoRA and
+bundled in its file.
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from sdtune.errors import SdtuneError
 from sdtune.training.options import opt
-from sdtune.training.methods.base import Diverged, TrainingMethod, trainable
+from sdtune.training.methods.base import Batch, Diverged, TrainingMethod, UNetConditioning, trainable
+from sdtune.training.methods.pivotal import PivotalOptions, PivotalWord, check_pivotal_options
 from sdtune.training.methods.text_encoders import (
     TEXT_ENCODERS,
     check_text_encoder_lr,
@@ -37,6 +44,7 @@ from sdtune.training.methods.text_encoders import (
 from sdtune.training.prior import PersonalizeMixin, PersonalizeOptions, check_personalize_options
 
 if TYPE_CHECKING:
+    from sdtune.generate.generator import Generator
     from sdtune.models.loading import LoadedModel
     from sdtune.training.config import TrainConfig
     from sdtune.training.context import TrainingContext
@@ -49,7 +57,7 @@ ADAPTER = "sdtune"
 
 
 @dataclass
-class LoraOptions(PersonalizeOptions):
+class LoraOptions(PersonalizeOptions, PivotalOptions):
     rank: int = opt(4, "LoRA rank (dimension).", section="lora", kind="int")
     alpha: float | None = opt(None, "LoRA alpha; the update is scaled by alpha/rank (default: alpha = rank).",
                               section="lora", kind="float")
@@ -101,6 +109,8 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
     summary = "LoRA on the UNet (attention by default; ff/conv optional) and optionally the text encoder(s)."
     Options = LoraOptions
     prior_default = False
+    pivotal: PivotalWord | None = None  # --pivotal: the new word (set by `setup`)
+    _te_trained = False
 
     @classmethod
     def check_options(cls, options: Any, config: TrainConfig) -> None:
@@ -115,6 +125,7 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
             raise SdtuneError("lora targets is empty; use e.g. attn (to_q to_k to_v to_out.0), ff, conv")
         check_text_encoder_lr(options.text_encoder_lr, options.text_encoder, "--text-encoder")
         check_personalize_options(options, cls.name, cls.prior_default, config.resolution)
+        check_pivotal_options(options, config)
 
     @property
     def alpha(self) -> float:
@@ -157,9 +168,14 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
                                                lora_dropout=self.options.dropout, target_modules=list(TEXT_TARGETS),
                                                init_lora_weights=True), te, adapter_name=ADAPTER)
             te_params += trainable(te.parameters())
+        self._te_trained = bool(te_params)
         self.trains_text_encoder = bool(te_params)
         if te_params:
             groups.append(text_encoder_group(te_params, config, self.options.text_encoder_lr))
+        self.pivotal = PivotalWord(self.options) if self.options.pivotal else None
+        if self.pivotal is not None:
+            groups.append(self.pivotal.setup(model, config))
+            self.trains_text_encoder = True
         self._targets = targets
         return groups
 
@@ -169,6 +185,34 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
         ctx.echo(f"LoRA rank {self.options.rank}, alpha {self.alpha:g}: effective scale alpha/rank = "
                      f"{self.scale:g}; UNet targets {', '.join(self._targets)}{te}")
         self.personalize_prepare(ctx)
+        if self.pivotal is not None:
+            self.pivotal.prepare(ctx)
+
+    # -- pivotal tuning: the word's vectors in the text conditioning ------------------------------------------
+
+    def conditioning(self, batch: Batch) -> UNetConditioning:
+        if self.pivotal is not None:  # text encodings are cached again once the word stops training
+            self._step = batch.step
+            self.trains_text_encoder = self._te_trained or self.pivotal.trains_at(batch.step)
+        return super().conditioning(batch)
+
+    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.pivotal is None:
+            return super()._encode(captions)
+        return self.pivotal.encode(captions, getattr(self, "_step", 0))
+
+    @contextlib.contextmanager
+    def apply_for_sampling(self, generator: Generator) -> Iterator[Generator]:
+        with super().apply_for_sampling(generator) as g:
+            if self.pivotal is None:
+                yield g
+                return
+            with self.pivotal.apply_for_sampling(g):
+                yield g
+
+    def finalize(self, final: Path, source: Path, ctx: TrainingContext) -> None:
+        if self.pivotal is not None:
+            self.pivotal.write_embedding(final, ctx.out, ctx)  # final: a link or copy of the best checkpoint
 
     def modules(self) -> list[torch.nn.Module]:
         assert self.model is not None
@@ -179,6 +223,12 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
         return [("unet", self.model.pipe.unet)] + self.text_encoders()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        out = self._lora_state_dict()
+        if self.pivotal is not None:
+            out.update(self.pivotal.state_dict())
+        return out
+
+    def _lora_state_dict(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
         out: dict[str, torch.Tensor] = {}
@@ -191,7 +241,12 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        expected = self.state_dict()
+        from sdtune.training.methods.pivotal import STATE_PREFIX
+
+        if self.pivotal is not None:
+            self.pivotal.load_state_dict({k: v for k, v in state.items() if k.startswith(STATE_PREFIX)})
+        state = {k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}
+        expected = self._lora_state_dict()
         if set(state) != set(expected):
             raise SdtuneError(f"saved LoRA weights do not match this LoRA ({len(state)} tensors saved, "
                               f"{len(expected)} expected); were rank, targets, text_encoder or the model's family "
@@ -209,13 +264,15 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
             set_peft_model_state_dict(model, dict(part), adapter_name=ADAPTER)
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        return {(k if k.startswith(TEXT_ENCODERS) else f"unet.{k}"): v for k, v in self.state_dict().items()}
+        return {(k if k.startswith(TEXT_ENCODERS) else f"unet.{k}"): v for k, v in self._lora_state_dict().items()}
 
     def metadata(self) -> dict[str, str]:
         meta = {"sdtune_lora_targets": json.dumps(list(self.options.targets)),
                 "sdtune_lora_rank": str(self.options.rank), "sdtune_lora_alpha": f"{self.alpha:g}",
                 "sdtune_lora_scale": f"{self.scale:g}",
                 "sdtune_lora_text_encoder": str(bool(self.options.text_encoder))}
+        if self.pivotal is not None:
+            meta.update(self.pivotal.metadata())
         return {**meta, **self.personalize_metadata()}
 
     def save(self, path: str | Path, step: int, metadata: Mapping[str, str]) -> Path:
@@ -229,6 +286,8 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
 
             raise Diverged(step, "weights (the LoRA update B @ A overflows)")
         net = network_from_peft(pipe, ADAPTER, family=self.model.family)
+        if self.pivotal is not None:  # the word, as A1111 reads embeddings bundled in a LoRA
+            net.embeddings = self.pivotal.bundle()
         written = save_lora(net, path, format=self.options.format, metadata=meta)
         try:  # the self-check: the file reloads through diffusers with exactly the trained deltas
             verify_lora_file(written, pipe, deltas)

@@ -158,6 +158,55 @@ def init_ids(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+def check_token(token: str | None, flag: str = "--token") -> None:
+    """A new word's name must be usable in prompts and as a file name: one word, no control characters, none of
+    the characters the prompt syntax uses, not starting with punctuation captions glue to the word before."""
+    if not token or not token.strip():
+        raise SdtuneError(f"no token; pass {flag} \"<name>\" (the word prompts will use)")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in token):
+        raise SdtuneError(f"token {token!a} contains control characters or invalid UTF-8; use a plain word "
+                          "such as \"<star>\"")
+    if any(c.isspace() for c in token) or _BAD_NAME & set(token):
+        raise SdtuneError(f"token {token!r} must be one word without spaces or ()[]:|/\\ characters")
+    if token[0] in _BAD_START:  # captions glue it to the word before ("a photo of .x" -> "a photo of.x")
+        raise SdtuneError(f"token {token!r} must not start with {token[0]!r}; use a word such as \"<star>\"")
+
+
+def encode_captions(conditioner: Any, captions: list[str], dtype: torch.dtype | None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states [N, 77 * chunks, D], pooled or None) of plain captions with a `TextConditioner` whose
+    embeddings may be trainable: what training conditions the UNet on, as generation encodes them."""
+    from sdtune.prompts.fragments import Fragment
+
+    encs = [conditioner.encode((Fragment(c),), "ignore") for c in captions]
+    n = max(e.chunks for e in encs)
+    encs = [conditioner.pad(e, n) for e in encs]
+    hidden = torch.stack([e.hidden.reshape(-1, e.hidden.shape[-1]) for e in encs])
+    pooled = None if encs[0].pooled is None else torch.stack([e.pooled for e in encs])
+    dtype = dtype or hidden.dtype
+    return hidden.to(dtype), None if pooled is None else pooled.to(dtype)
+
+
+@contextlib.contextmanager
+def sampling_embedding(generator: Generator, token: str, params: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """While inside, `generator`'s prompt encoder knows `token` with a copy of the current vectors (samples and
+    the judge during training); its own embeddings are untouched."""
+    enc = generator.encode_prompt
+    if not hasattr(enc, "embeddings"):
+        raise SdtuneError("the generator's prompt encoder does not take embeddings; use WeightedPromptEncoder")
+    old = enc.embeddings
+    reg = EmbeddingRegistry()
+    if old is not None:
+        for name in old:
+            reg._items[name] = old._items[name]
+    reg.add(token, {k: v.detach().clone() for k, v in params.items()})
+    enc.embeddings = reg
+    try:
+        yield
+    finally:
+        enc.embeddings = old
+
+
 class _LiveRegistry(EmbeddingRegistry):
     """A registry whose one embedding returns the trainable tensors themselves (gradients flow into them)."""
 
@@ -185,15 +234,7 @@ class TextualInversionMethod(TrainingMethod):
     @classmethod
     def check_options(cls, options: Any, config: TrainConfig) -> None:
         token = options.token
-        if not token or not token.strip():
-            raise SdtuneError("no token; pass --token \"<name>\" (the word prompts will use)")
-        if any(unicodedata.category(c) in ("Cc", "Cs") for c in token):
-            raise SdtuneError(f"token {token!a} contains control characters or invalid UTF-8; use a plain word "
-                              "such as \"<star>\"")
-        if any(c.isspace() for c in token) or _BAD_NAME & set(token):
-            raise SdtuneError(f"token {token!r} must be one word without spaces or ()[]:|/\\ characters")
-        if token[0] in _BAD_START:  # captions glue it to the word before ("a photo of .x" -> "a photo of.x")
-            raise SdtuneError(f"token {token!r} must not start with {token[0]!r}; use a word such as \"<star>\"")
+        check_token(token)
         if config.output_name is None:  # the file will be named after the token
             config.check_output_name(file_stem_for(token), f"token {token!r} gives the file name")
         if not 1 <= options.vectors <= MAX_VECTORS:
@@ -249,15 +290,8 @@ class TextualInversionMethod(TrainingMethod):
 
     def encode_text(self, captions: list[str], *, step: int = 0,
                     indices: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from sdtune.prompts.fragments import Fragment
-
-        encs = [self.conditioner.encode((Fragment(c),), "ignore") for c in captions]
-        n = max(e.chunks for e in encs)
-        encs = [self.conditioner.pad(e, n) for e in encs]
-        hidden = torch.stack([e.hidden.reshape(-1, e.hidden.shape[-1]) for e in encs])
-        pooled = None if encs[0].pooled is None else torch.stack([e.pooled for e in encs])
-        dtype = self.model.pipe.unet.dtype if self.model is not None else hidden.dtype
-        return hidden.to(dtype), None if pooled is None else pooled.to(dtype)
+        dtype = self.model.pipe.unet.dtype if self.model is not None else None
+        return encode_captions(self.conditioner, captions, dtype)
 
     def conditioning(self, batch: Any) -> Any:
         indices = batch.indices or [None] * len(batch.captions)
@@ -308,17 +342,5 @@ class TextualInversionMethod(TrainingMethod):
     @contextlib.contextmanager
     def apply_for_sampling(self, generator: Generator) -> Iterator[Generator]:
         """The generator's prompt encoder sees the token with the current vectors (a copy) while sampling."""
-        enc = generator.encode_prompt
-        if not hasattr(enc, "embeddings"):
-            raise SdtuneError("the generator's prompt encoder does not take embeddings; use WeightedPromptEncoder")
-        old = enc.embeddings
-        reg = EmbeddingRegistry()
-        if old is not None:
-            for name in old:
-                reg._items[name] = old._items[name]
-        reg.add(self.options.token, {k: v.detach().clone() for k, v in self.params.items()})
-        enc.embeddings = reg
-        try:
+        with sampling_embedding(generator, self.options.token, self.params):
             yield generator
-        finally:
-            enc.embeddings = old
