@@ -100,7 +100,7 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
     name = "lora"
     summary = "LoRA on the UNet (attention by default; ff/conv optional) and optionally the text encoder(s)."
     Options = LoraOptions
-    prior_default = False
+    prior_default = True
 
     @classmethod
     def check_options(cls, options: Any, config: TrainConfig) -> None:
