@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--shape", default="heart", help="the toy world's shape to learn (heart, diamond, star)")
     ap.add_argument("--tag", default="", help="a suffix for the result folder (variants with --extra)")
     ap.add_argument("--extra", default="", help="more CLI flags for the train command, e.g. --no-prior-preservation")
+    ap.add_argument("--file", default=None, help="judge this trained file instead of training (with --tag, and "
+                    "--command saying how it was made)")
+    ap.add_argument("--command", default="", help="with --file: the command that made it, for the table")
     ap.add_argument("--summary", action="store_true")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--gen-steps", type=int, default=20)
@@ -77,6 +80,9 @@ def main() -> None:
     res: dict = {"variant": name, "method": args.method, "shape": args.shape}
     if args.method == "base":
         gen = Generator(args.model)
+    elif args.file:
+        res.update(command=args.command, file=args.file)
+        gen = Generator(args.file) if args.method == "dreambooth" else Generator(args.model, loras=[(args.file, 1.0)])
     else:
         data = args.out / f"data_{args.shape}"
         if not (data / "0019.png").exists():
