@@ -1,5 +1,6 @@
-"""Prior preservation by default (issue 21 part 4): with no --class-prompt, LoRA and DreamBooth find the identifier
-in the captions and make class images from the captions without it; the identifier detection; the one-line errors."""
+"""Automatic prior preservation (issue 21 part 4): with no --class-prompt, DreamBooth (by default) and LoRA (with
+--prior-preservation or --identifier) find the identifier in the captions and make class images from the captions
+without it; the identifier detection; the one-line errors."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def test_default_run_generates_class_images_from_the_captions_without_the_identi
                                                                                       method):
     from safetensors import safe_open
 
-    opts = LoraOptions(num_class_images=4) if method == "lora" else \
+    opts = LoraOptions(prior_preservation=True, num_class_images=4) if method == "lora" else \
         DreamBoothOptions(num_class_images=4, save_precision="fp32", diffusers_folder=False)
     msgs: list[str] = []
     r = train(config(tmp_path, sks_data, method, opts), model=copy.deepcopy(sd1), echo=msgs.append)
@@ -99,16 +100,17 @@ def test_default_run_generates_class_images_from_the_captions_without_the_identi
 
 
 def test_auto_prior_changes_the_objective(tmp_path, sks_data, sd1):
-    on = train(config(tmp_path / "on", sks_data), model=copy.deepcopy(sd1), echo=lambda s: None)
-    off = train(config(tmp_path / "off", sks_data, options=LoraOptions(prior_preservation=False)),
-                model=copy.deepcopy(sd1), echo=lambda s: None)
+    on = train(config(tmp_path / "on", sks_data, options=LoraOptions(identifier="sks", num_class_images=4)),
+               model=copy.deepcopy(sd1), echo=lambda s: None)
+    off = train(config(tmp_path / "off", sks_data), model=copy.deepcopy(sd1), echo=lambda s: None)  # lora default
     assert all(a > b for a, b in zip(on.losses, off.losses))  # instance loss + a positive prior term
     assert not (off.out / "class_images").exists()
 
 
 def test_no_identifier_turns_the_prior_off_with_one_warning(tmp_path, data, sd1):
     msgs: list[str] = []
-    r = train(config(tmp_path, data), model=copy.deepcopy(sd1), echo=msgs.append)
+    opts = DreamBoothOptions(diffusers_folder=False, save_precision="fp32")  # dreambooth: prior on by default
+    r = train(config(tmp_path, data, "dreambooth", opts), model=copy.deepcopy(sd1), echo=msgs.append)
     warns = [m for m in msgs if m.startswith("warning: prior preservation is off")]
     assert len(warns) == 1 and "--identifier" in warns[0] and "--class-prompt" in warns[0]
     assert not (r.out / "class_images").exists()
