@@ -13,8 +13,8 @@ identifier x 3 seeds (judge agreement, compared with the base model's on the sam
 
     nice -n 10 python experiments/accept_defaults.py --out runs/defaults --method lora --shape heart
     python experiments/accept_defaults.py --out runs/defaults --method base --shape diamond    # the base model
-    python experiments/accept_defaults.py --out runs/defaults --method lora --shape heart --tag noprior \
-        --extra=--no-prior-preservation                                  # the old default, for comparison
+    python experiments/accept_defaults.py --out runs/defaults --method lora --shape heart --tag prior \
+        --extra=--prior-preservation                                     # the automatic prior, for comparison
     python experiments/accept_defaults.py --out runs/defaults --summary
 
 Results: OUT/<method>_<shape>[_<tag>]/result.json; the CLI's log beside it (train.log).
