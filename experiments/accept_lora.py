@@ -114,7 +114,10 @@ def context_prompts(pre: str = "") -> list:
     return out
 
 
-def judge_prompts(gen, prompts: list, seeds: int, steps: int, want_style: str | None = None) -> dict:
+def judge_prompts(gen, prompts: list, seeds: int, steps: int, want_style: str | None = None, shape: str = "heart"
+                  ) -> dict:
+    """% of images of the concept `shape` (reported under the key "heart", whatever the shape), with the context
+    words asked for, and with the style."""
     from sdtune.generate import GenerationParams
     from sdtune.toy.judge import judge
 
@@ -125,12 +128,12 @@ def judge_prompts(gen, prompts: list, seeds: int, steps: int, want_style: str | 
             v = judge(img.image)
             ok = all(getattr(v, k) == val for k, val in wanted.items())
             n += 1
-            hearts += v.shape == "heart"
+            hearts += v.shape == shape
             ctx += ok
-            both += ok and v.shape == "heart"
+            both += ok and v.shape == shape
             if want_style:
                 styled += v.style == want_style
-                heart_styled += v.style == want_style and v.shape == "heart"
+                heart_styled += v.style == want_style and v.shape == shape
     out = {"images": n, "heart": hearts / n, "context": ctx / n, "heart_and_context": both / n}
     if want_style:
         out["style"] = styled / n
@@ -154,9 +157,11 @@ def evaluate_model(gen, args, style: str | None = None, what: str = "heart") -> 
                    for p, sc in base_subset(args.base_prompts)]
         out["style_prompts"] = judge_prompts(gen, prompts, args.base_seeds, args.gen_steps, want_style=style)
     else:
+        shape = getattr(args, "shape", "heart")
         out["identifier"] = judge_prompts(gen, [(f"a {pre}sks shape", {})], args.ident_seeds, args.gen_steps,
-                                          want_style=style)
-        out["context"] = judge_prompts(gen, context_prompts(pre), args.ctx_seeds, args.gen_steps, want_style=style)
+                                          want_style=style, shape=shape)
+        out["context"] = judge_prompts(gen, context_prompts(pre), args.ctx_seeds, args.gen_steps, want_style=style,
+                                       shape=shape)
     if what == "heart":
         base = evaluate(gen, base_subset(args.base_prompts), seeds=args.base_seeds, steps=args.gen_steps)
         rates = base.rates

@@ -55,9 +55,12 @@ def test_dreambooth_writes_single_file_and_diffusers_folder(tmp_path, data, sd1)
         assert all(torch.allclose(sd[k].float(), trained[k].float(), atol=1e-6) for k in trained)
 
 
-def test_dreambooth_needs_a_class_prompt_unless_prior_is_off(tmp_path, data):
-    with pytest.raises(SdtuneError, match="prior preservation needs --class-prompt"):
-        config(tmp_path, data, options=DreamBoothOptions()).check_values()
+def test_dreambooth_class_data_needs_a_class_prompt_unless_prior_is_off(tmp_path, data):
+    # no class prompt at all is the automatic mode (tests/test_prior_auto.py); class images without one are not
+    (tmp_path / "cls").mkdir()
+    with pytest.raises(SdtuneError, match="--class-data needs --class-prompt"):
+        config(tmp_path, data, options=DreamBoothOptions(class_data=str(tmp_path / "cls"))).check_values()
+    config(tmp_path, data, options=DreamBoothOptions()).check_values()
     config(tmp_path, data, options=DreamBoothOptions(prior_preservation=False)).check_values()
     with pytest.raises(SdtuneError, match="text_encoder_lr is set"):
         config(tmp_path, data, options=DreamBoothOptions(prior_preservation=False, text_encoder_lr=1e-5)).check_values()
@@ -181,7 +184,8 @@ def test_cli_train_dreambooth_help_and_dry_run(tmp_path, data, capsys):
 
     code, out = run(["train", "dreambooth", "--help"])
     assert code == 0 and "--class-prompt" in out and "--no-prior-preservation" in out and "--class-data" in out
-    code, out = run(["train", "dreambooth", "--data", str(data), "--out", str(tmp_path / "o"), "--dry-run"])
+    code, out = run(["train", "dreambooth", "--data", str(data), "--out", str(tmp_path / "o"), "--class-data",
+                     str(tmp_path), "--dry-run"])
     assert code != 0 and "needs --class-prompt" in out
     code, out = run(["train", "dreambooth", "--data", str(data), "--out", str(tmp_path / "o"), "--class-prompt",
                      "a photo of a shape", "--num-class-images", "10", "--prior-weight", "0.5", "--dry-run"])

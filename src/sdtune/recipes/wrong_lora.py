@@ -163,7 +163,7 @@ def train_config(s: WrongLoraSettings, data: Path, run: Path) -> Any:
 
 # the recipe's defaults (measured on the toy world: docs/recipes.md); flags override them
 DEFAULT_TRAINING: dict[str, Any] = {"steps": 600, "lr": 1e-3, "batch_size": 4, "save_every": 0}
-DEFAULT_LORA: dict[str, Any] = {"rank": 8, "alpha": 8.0, "text_encoder": True}
+DEFAULT_LORA: dict[str, Any] = {"rank": 8, "alpha": 8.0, "text_encoder": True, "prior_preservation": False}
 TRAIN_FIELDS = ("steps", "lr", "batch_size", "save_every", "mixed_precision", "gradient_checkpointing", "device",
                 "flip", "caption_dropout", "lr_scheduler", "warmup_steps")
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 from sdtune.errors import SdtuneError
 from sdtune.prompts.embeddings import EmbeddingRegistry
-from sdtune.adapters.textual_inversion.files import EMBEDDING_EXTS, Embedding, read_embedding
+from sdtune.adapters.textual_inversion.files import EMBEDDING_EXTS, FAMILY_KEYS, Embedding, read_embedding
 
 log = logging.getLogger(__name__)
 MAX_FILE_BYTES = 64 * 2**20  # embeddings are kilobytes; larger weight files in a folder are models, not read
@@ -69,6 +69,26 @@ def _slots_of(pipe: Any) -> list[tuple[str, int]]:
 
 def expected_shapes(slots: list[tuple[str, int]]) -> str:
     return " + ".join(f"{k} [n, {w}]" for k, w in slots)
+
+
+FAMILY_LABELS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def family_of_keys(keys: Iterable[str]) -> str | None:
+    """sd1 / sd2 / sdxl from an embedding's encoder keys (clip_l; clip_h; clip_l + clip_g), else None."""
+    found = set(keys)
+    return next((fam for fam, ks in FAMILY_KEYS.items() if found == set(ks)), None)
+
+
+def misfit_note(emb: Embedding, path: Path, slots: list[tuple[str, int]], why: str) -> str:
+    """The one warning for an embedding that does not fit: it names both families when they differ (A1111 hides
+    such embeddings silently; a user should know why the word did nothing), else the shapes."""
+    mine, theirs = family_of_keys(k for k, _ in slots), family_of_keys(emb.vectors)
+    if mine and theirs and mine != theirs:
+        return (f"skipped embedding {emb.name!r} ({path.name}): it is an {FAMILY_LABELS[theirs]} embedding and this "
+                f"model is {FAMILY_LABELS[mine]} ({why}); its name stays plain text in prompts: use it with an "
+                f"{FAMILY_LABELS[theirs]} model")
+    return f"skipped embedding {emb.name!r} ({path.name}): it does not fit this model: {why}"
 
 
 def fit_check(emb: Embedding, slots: list[tuple[str, int]]) -> str | None:
@@ -208,7 +228,7 @@ class EmbeddingLibrary:
         else:
             why = fit_check(emb, self._slots)
             if why is not None:
-                state.note = f"skipped embedding {emb.name!r} ({path.name}): it does not fit this model: {why}"
+                state.note = misfit_note(emb, path, self._slots, why)
             else:
                 state.embedding = emb
                 for name in [emb.name] + ([emb.token] if emb.token and emb.token != emb.name else []):

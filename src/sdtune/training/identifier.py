@@ -1,0 +1,75 @@
+"""The identifier of a personalisation run ("sks" in "a red sks shape") and the captions without it.
+
+Why: prior preservation keeps the base model where the captions do not use the new concept, but it needs a class
+prompt, and users who train with defaults name none. The captions already say what the class is: every caption
+without its identifier ("a red sks shape on a blue background" -> "a red shape on a blue background") is a prompt
+the base model should answer as before. So a default run can preserve the prior with no extra option once it knows
+the identifier: given with `--identifier`, or detected here.
+
+Detection is conservative (a wrong guess would regularise the concept away): a word present in every caption that
+is either a well-known identifier convention (sks, ohwx, ...), written as a new token (`<name>`), or the one
+common word the model's tokenizer does not know as a single token. No such word, or several: None, and the caller
+says so and what to pass. A word that merely looks rare is not enough: the class noun ("dog", "shape") is in every
+caption too, and tokenizers (e.g. the bundled tiny model's, ordered alphabetically) do not all rank words by
+frequency.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+# identifiers the DreamBooth / kohya guides use; a caption word equal to one of these is taken as the identifier
+CONVENTIONAL = ("sks", "ohwx", "zwx", "zxc", "xjy", "pll")
+_WORD = re.compile(r"[^\s,.;:!?()\[\]{}\"]+")
+
+
+def caption_words(caption: str) -> list[str]:
+    """Lower-cased words of a caption (split on spaces and punctuation; `<token>` stays one word)."""
+    return [w.lower() for w in _WORD.findall(caption)]
+
+
+def common_words(captions: Iterable[str]) -> list[str]:
+    """Words present in every non-empty caption, in the order of the first one."""
+    caps = [c for c in captions if c.strip()]
+    if not caps:
+        return []
+    first = list(dict.fromkeys(caption_words(caps[0])))
+    rest = [set(caption_words(c)) for c in caps[1:]]
+    return [w for w in first if all(w in r for r in rest)]
+
+
+def _tokens(tokenizer: Any, word: str) -> int:
+    try:
+        return len(tokenizer(word, add_special_tokens=False).input_ids)
+    except Exception:  # a tokenizer without this call: no opinion
+        return 1
+
+
+def detect_identifier(captions: Iterable[str], tokenizer: Any = None) -> str | None:
+    """The identifier word of `captions`, or None when there is no clear one (module docstring)."""
+    common = common_words(captions)
+    for word in common:
+        if word in CONVENTIONAL or (word.startswith("<") and word.endswith(">") and len(word) > 2):
+            return word
+    if tokenizer is not None and len(common) > 1:
+        unknown = [w for w in common if w.isalpha() and _tokens(tokenizer, w) > 1]
+        if len(unknown) == 1:
+            return unknown[0]
+    return None
+
+
+def without_identifier(caption: str, identifier: str) -> str:
+    """The caption with every occurrence of the identifier word removed, spaces and commas tidied."""
+    pattern = re.compile(r"(?<![^\s,.;:!?()\[\]{}\"])" + re.escape(identifier) + r"(?![^\s,.;:!?()\[\]{}\"])",
+                         re.IGNORECASE)
+    text = pattern.sub(" ", caption)
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
+    text = re.sub(r"([,;])\s*(?=[,;])", "", text)
+    return text.strip(" ,;")
+
+
+def class_prompts(captions: Iterable[str], identifier: str) -> list[str]:
+    """The distinct non-empty identifier-free captions, sorted (deterministic class-image prompts)."""
+    return sorted({p for p in (without_identifier(c, identifier) for c in captions) if p})
