@@ -162,9 +162,9 @@ class PivotalWord:
         self.conditioner = TextConditioner(model.pipe, clip_skip=config.clip_skip, embeddings=self.registry)
         self.conditioner.grad = True
         self.dtype = model.pipe.unet.dtype
-        self.stop_step = max(1, math.ceil(self.options.pivotal_frac * config.steps))
+        self.stop_step = max(1, math.ceil(self.options.pivotal_frac * config.total_steps))
         lr = self.options.pivotal_lr if self.options.pivotal_lr is not None else DEFAULT_LR
-        peak = LRSchedule.from_config(config.lr, config.lr_scheduler, config.warmup_steps, config.steps).peak
+        peak = LRSchedule.from_config(config.lr, config.lr_scheduler, config.warmup_steps, config.total_steps).peak
         return {"params": list(self.params.values()), "lr_scale": lr / peak}
 
     def prepare(self, ctx: TrainingContext) -> None:
@@ -183,7 +183,7 @@ class PivotalWord:
             raise SdtuneError(f"{len(lacking)} caption(s) contain neither {self.abstraction!r} "
                               f"(--pivotal-abstraction) nor {self.token!r}, e.g. {lacking[0]!r}; write the word into "
                               "them (or --prompt 'a photo of TOK shape' for images without captions)")
-        frac = "the whole run" if self.stop_step >= (ctx.config.steps or 0) else f"steps 1-{self.stop_step}"
+        frac = "the whole run" if self.stop_step >= ctx.config.total_steps else f"steps 1-{self.stop_step}"
         ctx.echo(f"pivotal tuning: new word {self.token} ({self.options.pivotal_tokens} vector(s), init "
                  f"{self.options.pivotal_init!r}) replaces {self.abstraction!r} in the captions; trained in {frac}")
 
