@@ -21,13 +21,11 @@ bundled in its file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
-
-import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
