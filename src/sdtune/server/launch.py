@@ -24,6 +24,7 @@ from typing import Any
 
 from sdtune.errors import SdtuneError
 from sdtune.server.jobs import Job
+from sdtune.training.runlog import parse_records
 
 CPU_MAX_PROCESSES = 8   # gloo on CPUs: more processes than this only divides the cores further
 POLL_SECONDS = 0.5
@@ -109,14 +110,7 @@ class LogFollower:
             chunk = f.read()
         end = chunk.rfind(b"\n") + 1
         self.offset += end
-        new = []
-        for line in chunk[:end].splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                new.append(rec)
+        new = parse_records(chunk[:end].splitlines())
         self.records.extend(new)
         return new
 

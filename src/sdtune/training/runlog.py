@@ -17,19 +17,24 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from sdtune.atomic import write_atomic
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSONL log; a torn last line (a crash mid-write) is skipped."""
-    out: list[dict[str, Any]] = []
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        return out
-    for line in text.splitlines():
+        return []
+    return parse_records(text.splitlines())
+
+
+def parse_records(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
+    """The JSON objects among `lines`; a line that is not one (torn, or foreign) is skipped."""
+    out: list[dict[str, Any]] = []
+    for line in lines:
         try:
             rec = json.loads(line)
         except ValueError:
