@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--file", default=None, help="judge this trained file instead of training (with --tag, and "
                     "--command saying how it was made)")
     ap.add_argument("--command", default="", help="with --file: the command that made it, for the table")
+    ap.add_argument("--word", default="", help="the word prompts use for the concept instead of sks (pivotal runs: "
+                    "the new word, e.g. '<s0><s1>'); base prompts never contain it")
     ap.add_argument("--summary", action="store_true")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--gen-steps", type=int, default=20)
@@ -98,9 +100,26 @@ def main() -> None:
         res.update(train_s=time.perf_counter() - t, command=shlex.join(["sdtune"] + cmd[3:]))
         final = folder / "run" / f"{args.shape}.safetensors"
         gen = Generator(str(final)) if args.method == "dreambooth" else Generator(args.model, loras=[(str(final), 1.0)])
+    if args.word:
+        gen = WordSwap(gen, args.word)
+        res["word"] = args.word
     res.update(accept_lora.evaluate_model(gen, args))
     (folder / "result.json").write_text(json.dumps(res, indent=1))
     print(summary(args.out))
+
+
+class WordSwap:
+    """A Generator whose prompts say `word` where the metric prompts say sks."""
+
+    def __init__(self, gen, word: str) -> None:
+        self.gen, self.word = gen, word
+
+    def generate(self, params, **kw):
+        import dataclasses
+        import re
+
+        prompt = re.sub(r"\bsks\b", self.word, params.prompt)
+        return self.gen.generate(dataclasses.replace(params, prompt=prompt), **kw)
 
 
 def summary(out: Path) -> str:

@@ -331,6 +331,8 @@ CASES: list[tuple[str, str | list[str]]] = [
     ("train-dreambooth/steps-text", "train dreambooth " + DB + " --steps x"),
     ("train-dreambooth/lr-inf", "train dreambooth " + DB + " --lr inf"),
     ("train-dreambooth/prior-weight-nan", "train dreambooth " + DB + " --prior-weight nan"),
+    ("train-dreambooth/keep-base-negative", "train dreambooth " + DB + " --keep-base -1"),
+    ("train-lora/keep-base-huge", "train lora " + T + " --keep-base 1e9"),
     ("train-dreambooth/num-class-images-negative", "train dreambooth " + DB + " --num-class-images -1"),
     ("train-dreambooth/class-data-missing", "train dreambooth " + DB + " --class-data {root}/nope"),
     ("train-dreambooth/identifier-two-words", "train dreambooth " + T + " --identifier 'a sks'"),

@@ -178,7 +178,9 @@ def reloaded_deltas(path: str | Path, obj: Any, adapter: str = _VERIFY_ADAPTER
         deltas = {name: layer.get_delta_weight(a).detach().float().cpu()
                   for name, layer, a in lora_layers(comps, adapter)}
     finally:
-        with contextlib.suppress(Exception):
+        # peft warns that the deleted adapter "was active": it was, on purpose, for these few lines
+        with contextlib.suppress(Exception), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=f"Adapter {adapter} was active")
             pipe.delete_adapters(adapter)
         _restore_adapter_state(comps, state)
     return deltas, list(messages)

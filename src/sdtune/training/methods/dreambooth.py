@@ -11,11 +11,12 @@ The final result is OUT/<name>.safetensors plus the diffusers folder OUT/<name>/
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 
@@ -60,6 +61,7 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
     summary = "DreamBooth: full fine-tune of the UNet (text encoder optional) with prior preservation."
     Options = DreamBoothOptions
     prior_default = True
+    _base: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # --keep-base: (weight, its value before training)
 
     @classmethod
     def check_options(cls, options: Any, config: TrainConfig) -> None:
@@ -92,7 +94,27 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
     def prepare_data(self, ctx: TrainingContext) -> None:
         n = sum(p.numel() for g in self._parts() for p in g[1].parameters())
         ctx.echo(f"DreamBooth: fine-tuning {', '.join(n for n, _ in self._parts())} ({n / 1e6:.1f}M parameters)")
+        if self.options.keep_base:
+            self.remember_base()
         self.personalize_prepare(ctx)
+
+    def remember_base(self) -> None:
+        """Keep a copy of the weights as they are now (before any step), in the model's own precision."""
+        assert self.model is not None
+        self._base = [(p, p.detach().to(self.model.dtype, copy=True)) for _, m in self._parts()
+                      for p in m.parameters()]
+
+    @contextlib.contextmanager
+    def base_weights(self) -> Iterator[None]:
+        """The weights from before training swapped in (no copy: the tensors' storage is exchanged and put back)."""
+        live = [p.data for p, _ in self._base]
+        for p, base in self._base:
+            p.data = base
+        try:
+            yield
+        finally:
+            for (p, _), data in zip(self._base, live):
+                p.data = data
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for _, m in self._parts()]

@@ -218,6 +218,21 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
         assert self.model is not None
         return [self.model.pipe.unet] + [te for _, te in self.text_encoders()]
 
+    @contextlib.contextmanager
+    def base_weights(self) -> Iterator[None]:
+        """The LoRA layers switched off (peft's flag, read at every forward; requires_grad untouched)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for _, part in self._parts() for m in part.modules() if isinstance(m, BaseTunerLayer)]
+        before = [m._disable_adapters for m in layers]
+        for m in layers:
+            m._disable_adapters = True
+        try:
+            yield
+        finally:
+            for m, was in zip(layers, before):
+                m._disable_adapters = was
+
     def _parts(self) -> list[tuple[str, torch.nn.Module]]:
         assert self.model is not None
         return [("unet", self.model.pipe.unet)] + self.text_encoders()
