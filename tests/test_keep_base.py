@@ -5,6 +5,8 @@ say so; bad settings are one-line errors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -145,3 +147,24 @@ def test_keep_base_needs_an_identifier_and_a_sane_weight(tmp_path, sks_data):
         with pytest.raises(SdtuneError, match="keep_base .* must be 0 \\(off\\) or a weight up to 100"):
             train(tiny_config(tmp_path / "bad", sks_data, options=LoraOptions(keep_base=bad)))
     assert not (tmp_path / "bad" / "out").exists()  # refused before anything was written
+
+
+def test_with_pivotal_the_new_word_is_what_keep_base_takes_out(tmp_path, sks_data):
+    """--pivotal replaces the identifier in the captions after keep-base found it: the term must then drop the
+    new word (before the fix it dropped nothing and held the LoRA to the base model on the concept's own captions)."""
+    options = LoraOptions(keep_base=1.0, pivotal=True, pivotal_abstraction="sks")
+    result = train(tiny_config(tmp_path, sks_data, options=options))
+    assert result.final is not None
+    with safe_open(str(result.final), "pt") as f:
+        meta = f.metadata()
+    assert meta["sdtune_identifier"] == "<s0><s1>"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_keep_base_runs_on_every_family(tmp_path, sks_data, family):
+    """SDXL's pooled embeddings and time ids, SD2's v-prediction: two steps of each with the term on."""
+    from sdtune.training.testing import tiny_loaded
+
+    result = train(tiny_config(tmp_path, sks_data, steps=2), model=tiny_loaded(family))
+    assert result.final is not None and result.stopped == "finished"
+    assert all(math.isfinite(x) for x in result.losses)

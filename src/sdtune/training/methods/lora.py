@@ -187,6 +187,9 @@ class LoraMethod(PersonalizeMixin, TrainingMethod):
         self.personalize_prepare(ctx)
         if self.pivotal is not None:
             self.pivotal.prepare(ctx)
+            if self.keep_base is not None:  # the captions now name the concept with the new word
+                self.keep_base.identifier = self.pivotal.token
+                ctx.echo(f"keep-base: the captions without {self.pivotal.token} (the new word) are the ones kept")
 
     # -- pivotal tuning: the word's vectors in the text conditioning ------------------------------------------
 
