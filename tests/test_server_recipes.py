@@ -82,6 +82,9 @@ def test_stop_ends_the_recipe_resumable(client: TestClient, tmp_path: Path) -> N
     ({"name": "x", "settings": {**SMALL, "imagez": 3}}, "unknown recipe setting 'imagez'"),
     ({"name": "x", "settings": {**SMALL, "images": 0}}, "--images 0 is out of range"),
     ({"name": "x", "settings": {**SMALL, "train": {"stepz": 3}}}, "stepz"),
+    ({"name": "x", "settings": {**SMALL, "train": {"steps": -1}}}, "steps -1 must be at least 1"),  # not a folder
+    ({"name": "x", "settings": {**SMALL, "images": None}}, "recipe setting 'images' None"),  # the UI's empty field
+    ({"name": "x", "settings": {**SMALL, "cfg": "high"}}, "recipe setting 'cfg' 'high'"),
     ({"name": "x", "settings": {**SMALL, "out": "/tmp/elsewhere"}}, "unknown recipe setting 'out'"),
     ({"name": "../x", "settings": SMALL}, "run name"),
     ({"name": "x", "model": "nope", "settings": SMALL}, "nope"),

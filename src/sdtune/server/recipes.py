@@ -38,11 +38,24 @@ def wrong_lora_settings(folders: ModelFolders, engine: Any, name: str, model: st
         if key in ("out", "model") or not hasattr(s, key):
             known = ", ".join(sorted(k for k in vars(s) if k not in ("out", "model")))
             raise SdtuneError(f"unknown recipe setting {key!r}; use one of {known}")
+        _check_type(key, value, getattr(s, key))
         setattr(s, key, list(value) if isinstance(value, (list, tuple)) else value)
     evaluate = defaults(s, set(values)) if defaults is not None else None
     s.validate()
-    train_config(s, out / "bad_images", out / "train")  # unknown or mistyped training settings: refused now
+    # unknown, mistyped or out-of-range training settings: refused now, before recipe.json pins them to the folder
+    train_config(s, out / "bad_images", out / "train").check_values()
     return s, evaluate
+
+
+def _check_type(key: str, value: Any, default: Any) -> None:
+    """A number where the setting's default is one (JSON null from an empty field, or a string, is refused in one
+    line instead of failing inside validate())."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return
+    ok = isinstance(value, int) if isinstance(default, int) else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        kind = "a whole number" if isinstance(default, int) else "a number"
+        raise SdtuneError(f"recipe setting {key!r} {value!r} must be {kind} (default {default})")
 
 
 class RecipeRegistry:
