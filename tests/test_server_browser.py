@@ -222,6 +222,38 @@ def test_the_processes_field_goes_with_the_run(browser, server):
     assert not (server["root"] / "runs" / "ui-many").exists()
 
 
+def test_processes_0_is_refused_not_run_on_one(browser, server):
+    # 0 (or any bad count) is the server's one-line error, not silently 1 process
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    Select(browser.find_element(By.ID, "train-method")).select_by_value("lora")
+    name = browser.find_element(By.ID, "run-name")
+    name.clear()
+    name.send_keys("ui-zero")
+    browser.find_element(By.ID, "dataset-path").send_keys("stars")
+    processes = browser.find_element(By.ID, "train-processes")
+    processes.clear()
+    processes.send_keys("0")
+    browser.find_element(By.ID, "train-start").click()
+    wait(browser, lambda d: "processes 0" in d.find_element(By.ID, "train-error").text, 30)
+    assert browser.find_element(By.ID, "page-train").is_displayed()
+    assert not (server["root"] / "runs" / "ui-zero").exists()
+
+
+def test_the_recipe_box_looks_like_the_form_sections(browser, server):
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#train-form fieldset"), 30)
+
+    def style(selector, prop):
+        return browser.execute_script("return getComputedStyle(document.querySelector(arguments[0]))"
+                                      "[arguments[1]]", selector, prop)
+
+    for prop in ("border-top-color", "border-top-width", "border-top-style", "border-top-left-radius"):
+        assert style("#recipe-box", prop) == style("#train-form fieldset", prop), prop
+    assert style("#recipe-box legend", "color") == style("#train-form legend", "color")
+
+
 def test_the_wrong_lora_recipe_from_the_train_page(browser, server):
     # bad settings come back as the server's one line; a started recipe is followed and Stop ends it resumable
     open_page(browser, server)

@@ -336,7 +336,8 @@ $("train-start").addEventListener("click", async () => {
   showError("train-error", null);
   try {
     const { method, config } = trainConfig();
-    const processes = parseInt($("train-processes").value, 10) || 1;  // the server checks the bound
+    const given = $("train-processes").value.trim();
+    const processes = given === "" ? 1 : Number(given);  // the server checks the bound (0 is refused, not 1)
     const r = await post("/sdtune/v1/runs", { method, name: $("run-name").value.trim(), config, processes });
     showTab("runs");
     openRun(r.run);
