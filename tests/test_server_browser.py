@@ -254,6 +254,23 @@ def test_the_recipe_box_looks_like_the_form_sections(browser, server):
     assert style("#recipe-box legend", "color") == style("#train-form legend", "color")
 
 
+def test_a_failed_run_shows_its_error_without_breaking_the_page(browser, server):
+    # a long one-line error (here: an empty dataset folder) wraps; the runs list keeps its width, nothing scrolls sideways
+    (server["root"] / "datasets" / "nothing").mkdir(exist_ok=True)
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    Select(browser.find_element(By.ID, "train-method")).select_by_value("lora")
+    name = browser.find_element(By.ID, "run-name")
+    name.clear()
+    name.send_keys("ui-empty")
+    browser.find_element(By.ID, "dataset-path").send_keys("nothing")
+    browser.find_element(By.ID, "train-start").click()
+    wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "failed", 60)
+    assert "is empty" in browser.find_element(By.ID, "run-message").text
+    assert browser.execute_script("return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    assert browser.find_element(By.ID, "runs-list").size["width"] == 260
+
+
 def test_the_wrong_lora_recipe_from_the_train_page(browser, server):
     # bad settings come back as the server's one line; a started recipe is followed and Stop ends it resumable
     open_page(browser, server)
