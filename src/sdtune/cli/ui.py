@@ -97,7 +97,18 @@ def ui_cmd(port: int, listen: bool, auth: str | None, no_api: bool, data_dir: Pa
     shown = "127.0.0.1" if not listen else "0.0.0.0 (all interfaces)"
     click.echo(f"sdtune UI: http://{'127.0.0.1' if not listen else 'localhost'}:{port}/  (serving on {shown}; "
                f"API docs at /docs)")
+    preload_model_libraries()
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
+def preload_model_libraries() -> None:
+    """Import diffusers' pipelines and transformers' text models once, before the server's threads start: their
+    lazy first imports are not thread-safe (seen once: the token counter and the job worker importing together
+    gave "cannot import name 'AutoModel' from 'transformers'" in the Extra networks panel)."""
+    import diffusers.pipelines.pipeline_utils  # noqa: F401
+    import transformers
+
+    transformers.CLIPTextModel, transformers.CLIPTokenizer, transformers.AutoModel  # noqa: B018  (resolve lazily)
 
 
 def register(cli: click.Group) -> None:

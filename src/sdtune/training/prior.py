@@ -81,7 +81,7 @@ class PersonalizeOptions:
     keep_base: float = opt(0.0, "Weight of the keep-base term: each training image is also denoised with its "
                            "caption minus the identifier, trained toward the base model's own prediction, so "
                            "prompts without the identifier keep the base model; needs no class images "
-                           "(training.keep_base; about 1.7x the step time). 0: off.", section="personalize",
+                           "(training.keep_base; about 2x the step time). 0: off.", section="personalize",
                            kind="float", metavar="W")
 
 
