@@ -255,6 +255,15 @@ def test_paths_in_requests_stay_inside_the_configured_folders(client, world, tmp
     assert r.status_code == 422 and "run name" in r.json()["errors"]
 
 
+def test_a_run_on_an_empty_dataset_folder_is_refused_before_it_is_queued(world, tmp_path):
+    (world["root"] / "datasets" / "nothing").mkdir()
+    client = make_client(world, tmp_path)
+    r = client.post("/sdtune/v1/runs", json={"method": "lora", "name": "empty1", "config": {"data": "nothing"}})
+    assert r.status_code == 422 and "is empty; put training images" in r.json()["errors"]
+    assert not (tmp_path / "runs" / "empty1").exists()  # no job, no folder
+    assert all(run["name"] != "empty1" for run in client.get("/sdtune/v1/runs").json())
+
+
 def test_cross_origin_writes_are_refused(client):
     r = client.post("/sdapi/v1/interrupt", headers={"Origin": "http://evil.example"})
     assert r.status_code == 403

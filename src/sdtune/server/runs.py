@@ -108,7 +108,10 @@ def build_config(folders: ModelFolders, engine: Any, method: str, name: str, val
     cfg = TrainConfig.from_dict(sectioned(method, values), source="request", base=TrainConfig(method=method))
     updates: dict[str, Any] = {"out": str(folders.runs / name), "progress": False}
     if cfg.data:
+        from sdtune.training.data import list_images
+
         updates["data"] = str(confined_data(folders, cfg.data))
+        list_images(updates["data"])  # an empty folder: refused now, not as a failed job (files listed, not read)
     if cfg.val_dir:
         updates["val_dir"] = str(confined_data(folders, cfg.val_dir))
     updates["model"] = engine.resolve_checkpoint(cfg.model)[1]
