@@ -109,7 +109,8 @@ def prediction_drift(lora_file, data, texts):
 
     model = load_model("tiny")
     pipe = model.pipe
-    images = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1 for p in sorted(data.glob("*.png"))]
+    images = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1
+              for p in sorted(data.glob("*.png"))]
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():

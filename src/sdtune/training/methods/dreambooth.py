@@ -61,7 +61,7 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
     summary = "DreamBooth: full fine-tune of the UNet (text encoder optional) with prior preservation."
     Options = DreamBoothOptions
     prior_default = True
-    _base: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # --keep-base: (weight, its value before training)
+    _base: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None  # --keep-base: (weight, value before training)
 
     @classmethod
     def check_options(cls, options: Any, config: TrainConfig) -> None:
@@ -107,6 +107,7 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
     @contextlib.contextmanager
     def base_weights(self) -> Iterator[None]:
         """The weights from before training swapped in (no copy: the tensors' storage is exchanged and put back)."""
+        assert self._base is not None, "remember_base() first"
         live = [p.data for p, _ in self._base]
         for p, base in self._base:
             p.data = base
