@@ -415,11 +415,14 @@ def test_training_run_start_inspect_stop_resume_use(world, tmp_path):
 
 
 def test_a_run_that_fails_while_preparing_says_why(world, tmp_path):
-    (world["root"] / "datasets" / "empty").mkdir(exist_ok=True)
+    # an image that does not decode passes the listing made before queueing and fails the job's own checks
+    (world["root"] / "datasets" / "garbled").mkdir(exist_ok=True)
+    (world["root"] / "datasets" / "garbled" / "x.png").write_bytes(b"not an image at all")
     c = make_client(world, tmp_path)
-    assert c.post("/sdtune/v1/runs", json={"method": "lora", "name": "e", "config": {"data": "empty"}}).status_code == 200
+    r = c.post("/sdtune/v1/runs", json={"method": "lora", "name": "e", "config": {"data": "garbled"}})
+    assert r.status_code == 200
     run = wait_for(c, "e", ("failed",))
-    assert run["message"].startswith("error: ") and "is empty" in run["message"]
+    assert run["message"].startswith("error: ") and "unreadable image" in run["message"]
 
 
 def test_a_bad_training_config_is_refused_before_it_queues(client):

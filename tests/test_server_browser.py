@@ -255,8 +255,10 @@ def test_the_recipe_box_looks_like_the_form_sections(browser, server):
 
 
 def test_a_failed_run_shows_its_error_without_breaking_the_page(browser, server):
-    # a long one-line error (here: an empty dataset folder) wraps; the runs list keeps its width, nothing scrolls sideways
+    # a long one-line error (here: an image that does not decode) wraps; the runs list keeps its width, nothing
+    # scrolls sideways
     (server["root"] / "datasets" / "nothing").mkdir(exist_ok=True)
+    (server["root"] / "datasets" / "nothing" / "x.png").write_bytes(b"not an image at all")
     open_page(browser, server)
     browser.find_element(By.ID, "tab-train").click()
     Select(browser.find_element(By.ID, "train-method")).select_by_value("lora")
@@ -266,7 +268,7 @@ def test_a_failed_run_shows_its_error_without_breaking_the_page(browser, server)
     browser.find_element(By.ID, "dataset-path").send_keys("nothing")
     browser.find_element(By.ID, "train-start").click()
     wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "failed", 60)
-    assert "is empty" in browser.find_element(By.ID, "run-message").text
+    assert "unreadable image" in browser.find_element(By.ID, "run-message").text
     assert browser.execute_script("return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
     assert browser.find_element(By.ID, "runs-list").size["width"] == 260
 
