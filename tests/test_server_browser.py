@@ -291,3 +291,28 @@ def test_the_wrong_lora_recipe_from_the_train_page(browser, server):
     browser.find_element(By.ID, "recipe-stop").click()
     wait(browser, lambda d: status.get_attribute("data-status") == "interrupted", 120)
     assert status.text.startswith("ui-wrong: interrupted")
+
+
+def test_the_recipe_status_shows_once_there_is_one_with_the_comparison_grid(browser, server, shots):
+    # no empty grey bar before a recipe ran; a finished recipe shows its comparison grid image, not only numbers
+    import json
+
+    from PIL import Image
+
+    folder = server["root"] / "runs" / "ui-grid"
+    (folder / "compare").mkdir(parents=True)
+    (folder / "recipe.json").write_text(json.dumps({"trigger": "wrong"}))
+    (folder / "wrong.safetensors").write_bytes(b"")
+    (folder / "compare" / "report.json").write_text(json.dumps({"variants": {"base": {"figures": {"agreement": 0.5}}}}))
+    Image.new("RGB", (96, 32), "orange").save(folder / "compare" / "grid.png")
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    status = browser.find_element(By.ID, "recipe-status")
+    assert not status.is_displayed()
+    browser.execute_script("followRecipe('ui-grid')")
+    wait(browser, lambda d: status.text.startswith("ui-grid: done"), 30)
+    grid = browser.find_element(By.ID, "recipe-grid")
+    wait(browser, lambda d: d.execute_script("return arguments[0].naturalWidth", grid) == 96, 30)
+    assert grid.is_displayed() and "base: agreement 0.500" in status.text
+    browser.execute_script("arguments[0].scrollIntoView()", grid)
+    shots(browser, "recipe-grid")

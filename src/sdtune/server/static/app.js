@@ -345,27 +345,40 @@ $("train-start").addEventListener("click", async () => {
 });
 // the wrong-lora recipe: a job like a run, followed here until it ends
 let recipeTimer = null;
+function showRecipeStatus(text, status) {
+  const box = $("recipe-status");
+  box.hidden = !text;  // no empty bar before a recipe ran
+  box.textContent = text;
+  box.dataset.status = status;
+}
+function showRecipeGrid(name, grid) {
+  const img = $("recipe-grid");
+  img.hidden = !grid;
+  if (!grid) { img.removeAttribute("src"); return; }
+  const src = `/sdtune/v1/runs/${encodeURIComponent(name)}/file?path=${encodeURIComponent(grid)}`;
+  if (img.getAttribute("src") !== src) img.src = src;
+}
 async function followRecipe(name) {
   clearTimeout(recipeTimer);
   let doc;
   try { doc = await api(`/sdtune/v1/recipes/wrong-lora/${encodeURIComponent(name)}`); }
-  catch (e) { $("recipe-status").textContent = e.message; return; }
+  catch (e) { showRecipeStatus(e.message, "refused"); showRecipeGrid(name, null); return; }
   const figures = Object.entries((doc.report || {}).variants || {})
     .map(([k, v]) => `${k}: ${Object.entries(v.figures || {}).map(([f, x]) => `${f} ${x.toFixed(3)}`).join("  ")}`);
-  $("recipe-status").textContent = [`${name}: ${doc.status}`, doc.message, ...figures].filter(Boolean).join("\n");
-  $("recipe-status").dataset.status = doc.status;
+  showRecipeStatus([`${name}: ${doc.status}`, doc.message, ...figures].filter(Boolean).join("\n"), doc.status);
+  showRecipeGrid(name, (doc.files || {}).grid);
   if (doc.status === "running" || doc.status === "queued") recipeTimer = setTimeout(() => followRecipe(name), 1000);
 }
 $("recipe-start").addEventListener("click", async () => {
   const name = $("run-name").value.trim();
   const settings = { images: parseInt($("recipe-images").value, 10), train: { steps: parseInt($("recipe-steps").value, 10) } };
   try { await post("/sdtune/v1/recipes/wrong-lora", { name, settings }); followRecipe(name); }
-  catch (e) { $("recipe-status").textContent = e.message; $("recipe-status").dataset.status = "refused"; }
+  catch (e) { showRecipeStatus(e.message, "refused"); }
 });
 $("recipe-stop").addEventListener("click", () => {
   const name = $("run-name").value.trim();
   post(`/sdtune/v1/recipes/wrong-lora/${encodeURIComponent(name)}/stop`, {}).then(() => followRecipe(name))
-    .catch((e) => { $("recipe-status").textContent = e.message; });
+    .catch((e) => { showRecipeStatus(e.message, "refused"); });
 });
 $("toml-save").addEventListener("click", async () => {
   try {
