@@ -443,3 +443,15 @@ def test_server_shutdown_stops_a_run_with_its_state_saved(world, tmp_path):
             time.sleep(0.1)
     state = StateStore(tmp_path / "runs" / "q" / "state").load(None)
     assert 3 <= state.step < 500  # stopped early, the exact step saved: `--resume` continues from it
+
+
+def test_a_finished_run_is_done_before_and_after_a_restart(world, tmp_path):
+    # one word for one state: a run that wrote its final file reads "done" from a server that did not run it (as
+    # from the one that did, whose job said "done"), in the runs list and on the run page
+    folder = tmp_path / "runs" / "old"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"method": "lora"}))
+    (folder / "summary.json").write_text(json.dumps({"step": 10, "steps": 10, "final": "old.safetensors"}))
+    c = make_client(world, tmp_path)
+    assert [(r["name"], r["status"]) for r in c.get("/sdtune/v1/runs").json()] == [("old", "done")]
+    assert c.get("/sdtune/v1/runs/old").json()["status"] == "done"

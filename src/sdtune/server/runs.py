@@ -258,6 +258,12 @@ def read_run(folder: Path) -> dict[str, Any]:
             "cv": _read_json(folder / "cv" / "report.json")}
 
 
+def ended_status(final: Any) -> str:
+    """The status of a run no job of this server holds (one from before a restart): "done" as its job said when
+    it wrote its final file, else "stopped"."""
+    return "done" if final else "stopped"
+
+
 def list_runs(runs: Path) -> list[dict[str, Any]]:
     if not runs.is_dir():
         return []
