@@ -455,3 +455,29 @@ def test_a_finished_run_is_done_before_and_after_a_restart(world, tmp_path):
     c = make_client(world, tmp_path)
     assert [(r["name"], r["status"]) for r in c.get("/sdtune/v1/runs").json()] == [("old", "done")]
     assert c.get("/sdtune/v1/runs/old").json()["status"] == "done"
+
+
+def test_a_started_run_is_listed_with_its_method_before_its_folder_is_written(world, tmp_path):
+    # a queued run (another job holds the queue) has no run folder yet: the runs list and the run page show it,
+    # with its method, at once
+    import threading
+
+    from sdtune.server.jobs import Job
+
+    c = make_client(world, tmp_path)
+    release = threading.Event()
+    blocker = c.app.state.sdtune.jobs.submit(Job(kind="test", title="hold the queue", run=lambda job: release.wait(60)))
+    try:
+        r = c.post("/sdtune/v1/runs", json={"method": "lora", "name": "waiting", "config": {"data": "stars"}})
+        assert r.status_code == 200, r.text
+        assert not (tmp_path / "runs" / "waiting" / "config.json").exists()
+        runs = c.get("/sdtune/v1/runs").json()
+        assert [(x["name"], x["method"], x["status"]) for x in runs] == [("waiting", "lora", "queued")]
+        run = c.get("/sdtune/v1/runs/waiting")
+        assert run.status_code == 200, run.text
+        assert (run.json()["method"], run.json()["status"]) == ("lora", "queued")
+        assert c.post("/sdtune/v1/runs/waiting/stop").status_code == 200
+    finally:
+        release.set()
+    blocker.future.result(timeout=60)
+    assert wait_for(c, "waiting", ("interrupted",), timeout=60)["method"] == "lora"

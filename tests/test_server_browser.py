@@ -65,14 +65,15 @@ def server(tmp_path_factory):
                               lora_dir=root / "loras", embeddings_dir=root / "embeddings", outputs=root / "outputs",
                               runs=root / "runs")
     port = _free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}/", "root": root}
+    yield {"url": f"http://127.0.0.1:{port}/", "root": root, "app": app}
     srv.should_exit = True
     thread.join(10)
 
@@ -316,3 +317,34 @@ def test_the_recipe_status_shows_once_there_is_one_with_the_comparison_grid(brow
     assert grid.is_displayed() and "base: agreement 0.500" in status.text
     browser.execute_script("arguments[0].scrollIntoView()", grid)
     shots(browser, "recipe-grid")
+
+
+def test_a_started_run_is_in_the_runs_list_at_once_and_the_list_follows_it(browser, server, shots):
+    # queued behind another job, the run has no folder yet: the list shows it with its method, the run page names
+    # its method, and the list follows the run when it ends (stopped here)
+    import threading
+
+    from sdtune.server.jobs import Job
+
+    release = threading.Event()
+    blocker = server["app"].state.sdtune.jobs.submit(Job(kind="test", title="hold the queue",
+                                                         run=lambda job: release.wait(60)))
+    try:
+        open_page(browser, server)
+        browser.find_element(By.ID, "tab-train").click()
+        Select(browser.find_element(By.ID, "train-method")).select_by_value("lora")
+        name = browser.find_element(By.ID, "run-name")
+        name.clear()
+        name.send_keys("ui-queued")
+        browser.find_element(By.ID, "dataset-path").send_keys("stars")
+        browser.find_element(By.ID, "train-start").click()
+        item = '#runs-list li[data-run="ui-queued"]'
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, item), 30)
+        wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, item).text == "ui-queued (lora) queued", 30)
+        wait(browser, lambda d: d.find_element(By.ID, "run-title").text == "ui-queued (lora)", 30)
+        shots(browser, "run-queued")
+        browser.find_element(By.ID, "run-stop").click()
+    finally:
+        release.set()
+    blocker.future.result(timeout=60)
+    wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, item).text == "ui-queued (lora) interrupted", 30)

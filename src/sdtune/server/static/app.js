@@ -475,7 +475,8 @@ async function refreshRun() {
   if (!currentRun) return;
   let r;
   try { r = await api(`/sdtune/v1/runs/${encodeURIComponent(currentRun)}`); } catch (e) { $("run-message").textContent = e.message; return; }
-  $("run-title").textContent = `${r.name} (${(r.config || {}).method || "?"})`;
+  $("run-title").textContent = `${r.name} (${r.method || "?"})`;
+  const changed = $("run-status").dataset.status !== r.status;  // started, ended: the runs list shows it
   $("run-status").textContent = r.status;
   $("run-status").dataset.status = r.status;
   const cv = r.cv;  // a cross-validation (cv_folds): its progress and recommended step
@@ -499,7 +500,8 @@ async function refreshRun() {
       samples.appendChild(img);
     }
   }
-  if (!["running", "queued"].includes(r.status)) { clearInterval(runTimer); loadRuns(); }
+  if (changed) loadRuns();
+  if (!["running", "queued"].includes(r.status)) clearInterval(runTimer);
 }
 function renderRows(rows) {
   const table = $("run-rows");
