@@ -348,3 +348,25 @@ def test_a_started_run_is_in_the_runs_list_at_once_and_the_list_follows_it(brows
         release.set()
     blocker.future.result(timeout=60)
     wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, item).text == "ui-queued (lora) interrupted", 30)
+
+
+def test_samples_have_a_step_caption_and_processes_its_own_tooltip(browser, server, shots):
+    import json
+
+    from PIL import Image
+
+    folder = server["root"] / "runs" / "ui-samples"
+    (folder / "samples").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"method": "ti"}))
+    for step in (5, 10):
+        Image.new("RGB", (64, 64), "teal").save(folder / "samples" / f"ui-samples-{step:06d}.png")
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    help_text = wait(browser, lambda d: d.find_element(By.ID, "processes-label").get_attribute("title"), 30)
+    assert browser.find_element(By.ID, "train-processes").get_attribute("title") == help_text
+    browser.find_element(By.ID, "tab-runs").click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#runs-list li[data-run="ui-samples"]'), 30)[0].click()
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#run-samples figcaption")) == 2, 30)
+    captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#run-samples figcaption")]
+    assert captions == ["step 5", "step 10"]
+    shots(browser, "run-samples")

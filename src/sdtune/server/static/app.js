@@ -238,6 +238,7 @@ async function loadSchema() {
   const processes = $("train-processes");
   processes.max = String(schema.processes.max);
   $("processes-label").title = schema.processes.help;
+  processes.title = schema.processes.help;  // the field's own tooltip, as the form's fields have
   renderTrainForm();
 }
 function fieldInput(f, prefix) {
@@ -491,17 +492,23 @@ async function refreshRun() {
   const have = [...samples.querySelectorAll("img")].map((i) => i.dataset.path).join("|");
   if (have !== r.samples.join("|")) {
     samples.innerHTML = "";
-    for (const s of r.samples) {
-      const img = document.createElement("img");
-      img.dataset.path = s;
-      img.className = "sample";
-      img.src = `/sdtune/v1/runs/${encodeURIComponent(r.name)}/file?path=${encodeURIComponent(s)}`;
-      img.title = s;
-      samples.appendChild(img);
-    }
+    for (const s of r.samples) samples.appendChild(sampleFigure(r.name, s));
   }
   if (changed) loadRuns();
   if (!["running", "queued"].includes(r.status)) clearInterval(runTimer);
+}
+function sampleFigure(run, path) {
+  const figure = document.createElement("figure");
+  const img = document.createElement("img");
+  img.dataset.path = path;
+  img.className = "sample";
+  img.src = `/sdtune/v1/runs/${encodeURIComponent(run)}/file?path=${encodeURIComponent(path)}`;
+  img.title = path;
+  const caption = document.createElement("figcaption");
+  const step = path.match(/-(\d+)\.png$/);  // samples/<name>-<step>.png
+  caption.textContent = step ? `step ${Number(step[1])}` : path.split("/").pop();
+  figure.append(img, caption);
+  return figure;
 }
 function renderRows(rows) {
   const table = $("run-rows");
