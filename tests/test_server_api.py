@@ -446,3 +446,41 @@ def test_server_shutdown_stops_a_run_with_its_state_saved(world, tmp_path):
             time.sleep(0.1)
     state = StateStore(tmp_path / "runs" / "q" / "state").load(None)
     assert 3 <= state.step < 500  # stopped early, the exact step saved: `--resume` continues from it
+
+
+def test_a_finished_run_is_done_before_and_after_a_restart(world, tmp_path):
+    # one word for one state: a run that wrote its final file reads "done" from a server that did not run it (as
+    # from the one that did, whose job said "done"), in the runs list and on the run page
+    folder = tmp_path / "runs" / "old"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"method": "lora"}))
+    (folder / "summary.json").write_text(json.dumps({"step": 10, "steps": 10, "final": "old.safetensors"}))
+    c = make_client(world, tmp_path)
+    assert [(r["name"], r["status"]) for r in c.get("/sdtune/v1/runs").json()] == [("old", "done")]
+    assert c.get("/sdtune/v1/runs/old").json()["status"] == "done"
+
+
+def test_a_started_run_is_listed_with_its_method_before_its_folder_is_written(world, tmp_path):
+    # a queued run (another job holds the queue) has no run folder yet: the runs list and the run page show it,
+    # with its method, at once
+    import threading
+
+    from sdtune.server.jobs import Job
+
+    c = make_client(world, tmp_path)
+    release = threading.Event()
+    blocker = c.app.state.sdtune.jobs.submit(Job(kind="test", title="hold the queue", run=lambda job: release.wait(60)))
+    try:
+        r = c.post("/sdtune/v1/runs", json={"method": "lora", "name": "waiting", "config": {"data": "stars"}})
+        assert r.status_code == 200, r.text
+        assert not (tmp_path / "runs" / "waiting" / "config.json").exists()
+        runs = c.get("/sdtune/v1/runs").json()
+        assert [(x["name"], x["method"], x["status"]) for x in runs] == [("waiting", "lora", "queued")]
+        run = c.get("/sdtune/v1/runs/waiting")
+        assert run.status_code == 200, run.text
+        assert (run.json()["method"], run.json()["status"]) == ("lora", "queued")
+        assert c.post("/sdtune/v1/runs/waiting/stop").status_code == 200
+    finally:
+        release.set()
+    blocker.future.result(timeout=60)
+    assert wait_for(c, "waiting", ("interrupted",), timeout=60)["method"] == "lora"

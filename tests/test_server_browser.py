@@ -65,14 +65,15 @@ def server(tmp_path_factory):
                               lora_dir=root / "loras", embeddings_dir=root / "embeddings", outputs=root / "outputs",
                               runs=root / "runs")
     port = _free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}/", "root": root}
+    yield {"url": f"http://127.0.0.1:{port}/", "root": root, "app": app}
     srv.should_exit = True
     thread.join(10)
 
@@ -293,3 +294,81 @@ def test_the_wrong_lora_recipe_from_the_train_page(browser, server):
     browser.find_element(By.ID, "recipe-stop").click()
     wait(browser, lambda d: status.get_attribute("data-status") == "interrupted", 120)
     assert status.text.startswith("ui-wrong: interrupted")
+
+
+def test_the_recipe_status_shows_once_there_is_one_with_the_comparison_grid(browser, server, shots):
+    # no empty grey bar before a recipe ran; a finished recipe shows its comparison grid image, not only numbers
+    import json
+
+    from PIL import Image
+
+    folder = server["root"] / "runs" / "ui-grid"
+    (folder / "compare").mkdir(parents=True)
+    (folder / "recipe.json").write_text(json.dumps({"trigger": "wrong"}))
+    (folder / "wrong.safetensors").write_bytes(b"")
+    (folder / "compare" / "report.json").write_text(json.dumps({"variants": {"base": {"figures": {"agreement": 0.5}}}}))
+    Image.new("RGB", (96, 32), "orange").save(folder / "compare" / "grid.png")
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    status = browser.find_element(By.ID, "recipe-status")
+    assert not status.is_displayed()
+    browser.execute_script("followRecipe('ui-grid')")
+    wait(browser, lambda d: status.text.startswith("ui-grid: done"), 30)
+    grid = browser.find_element(By.ID, "recipe-grid")
+    wait(browser, lambda d: d.execute_script("return arguments[0].naturalWidth", grid) == 96, 30)
+    assert grid.is_displayed() and "base: agreement 0.500" in status.text
+    browser.execute_script("arguments[0].scrollIntoView()", grid)
+    shots(browser, "recipe-grid")
+
+
+def test_a_started_run_is_in_the_runs_list_at_once_and_the_list_follows_it(browser, server, shots):
+    # queued behind another job, the run has no folder yet: the list shows it with its method, the run page names
+    # its method, and the list follows the run when it ends (stopped here)
+    import threading
+
+    from sdtune.server.jobs import Job
+
+    release = threading.Event()
+    blocker = server["app"].state.sdtune.jobs.submit(Job(kind="test", title="hold the queue",
+                                                         run=lambda job: release.wait(60)))
+    try:
+        open_page(browser, server)
+        browser.find_element(By.ID, "tab-train").click()
+        Select(browser.find_element(By.ID, "train-method")).select_by_value("lora")
+        name = browser.find_element(By.ID, "run-name")
+        name.clear()
+        name.send_keys("ui-queued")
+        browser.find_element(By.ID, "dataset-path").send_keys("stars")
+        browser.find_element(By.ID, "train-start").click()
+        item = '#runs-list li[data-run="ui-queued"]'
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, item), 30)
+        wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, item).text == "ui-queued (lora) queued", 30)
+        wait(browser, lambda d: d.find_element(By.ID, "run-title").text == "ui-queued (lora)", 30)
+        shots(browser, "run-queued")
+        browser.find_element(By.ID, "run-stop").click()
+    finally:
+        release.set()
+    blocker.future.result(timeout=60)
+    wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, item).text == "ui-queued (lora) interrupted", 30)
+
+
+def test_samples_have_a_step_caption_and_processes_its_own_tooltip(browser, server, shots):
+    import json
+
+    from PIL import Image
+
+    folder = server["root"] / "runs" / "ui-samples"
+    (folder / "samples").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"method": "ti"}))
+    for step in (5, 10):
+        Image.new("RGB", (64, 64), "teal").save(folder / "samples" / f"ui-samples-{step:06d}.png")
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    help_text = wait(browser, lambda d: d.find_element(By.ID, "processes-label").get_attribute("title"), 30)
+    assert browser.find_element(By.ID, "train-processes").get_attribute("title") == help_text
+    browser.find_element(By.ID, "tab-runs").click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#runs-list li[data-run="ui-samples"]'), 30)[0].click()
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#run-samples figcaption")) == 2, 30)
+    captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#run-samples figcaption")]
+    assert captions == ["step 5", "step 10"]
+    shots(browser, "run-samples")

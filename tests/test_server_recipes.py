@@ -95,3 +95,27 @@ def test_bad_recipe_settings_are_refused_before_queueing(client: TestClient, tmp
     assert r.status_code == 422 and says in r.json()["errors"], r.text
     assert client.get("/sdtune/v1/jobs").json()["recent"] == [] and not (tmp_path / "runs" / "x").exists()
     assert client.get("/sdtune/v1/recipes/wrong-lora/x").status_code == 422
+
+
+def test_the_status_message_is_the_whole_last_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the recipe's last message is several lines (how to use the LoRA): the status shows all of it, not its last
+    # line alone (which started mid-sentence: "   or A1111: put <lora:wrong:1> ...")
+    from types import SimpleNamespace
+
+    import sdtune.recipes.wrong_lora as wrong_lora
+    from sdtune.server.jobs import JobQueue
+    from sdtune.server.recipes import RecipeRegistry
+
+    def fake_run(settings: Any, *, evaluate: Any, echo: Any, stop: Any) -> Any:
+        echo("training")
+        echo("wrote wrong.safetensors\nuse it: sdtune generate ...\n   or A1111: put <lora:wrong:1> ...")
+        return SimpleNamespace(lora="wrong.safetensors", images=1, report={})
+
+    monkeypatch.setattr(wrong_lora, "run_wrong_lora", fake_run)
+    registry = RecipeRegistry(JobQueue())
+    job = registry.start(SimpleNamespace(out=str(tmp_path / "runs" / "w")), None)
+    job.future.result(timeout=30)
+    doc = registry.read(tmp_path / "runs", "w")
+    assert doc["status"] == "done"
+    assert doc["message"] == "wrote wrong.safetensors\nuse it: sdtune generate ...\n   or A1111: put <lora:wrong:1> ..."
+    assert doc["messages"][-3:] == doc["message"].splitlines()  # the log keeps one line an entry

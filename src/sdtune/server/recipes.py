@@ -76,10 +76,9 @@ class RecipeRegistry:
         messages = self.messages[name] = []
 
         def echo(text: str, job: Job) -> None:
-            for line in str(text).splitlines():
-                messages.append(line)
-                job.progress.text = line
+            messages.extend(str(text).splitlines())
             del messages[:-MAX_MESSAGES]
+            job.progress.text = str(text).strip("\n")  # the whole message: its later lines continue the first
 
         def work(job: Job) -> dict[str, Any]:
             try:

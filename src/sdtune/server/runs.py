@@ -130,6 +130,7 @@ class RunRegistry:
         self.folders, self.jobs = folders, jobs
         self.evaluator_for = evaluator_for
         self.job_of: dict[str, Job] = {}
+        self.method_of: dict[str, str] = {}  # a started run's method, before its config.json is written
 
     def start(self, config: Any, *, resume: bool = False, processes: int = 1) -> Job:
         """Queue a run: in the worker thread (1 process) or launched as `processes` processes (`server.launch`)."""
@@ -177,7 +178,7 @@ class RunRegistry:
             f"train {config.method} {name}" + (f" ({processes} processes)" if processes > 1 else "")
         job = self.jobs.submit(Job(kind="train", title=title, run=work))
         job.progress.total = folds * steps
-        self.job_of[name] = job
+        self.job_of[name], self.method_of[name] = job, config.method
         return job
 
     def stop(self, name: str) -> None:
@@ -189,6 +190,14 @@ class RunRegistry:
     def status(self, name: str) -> str | None:
         job = self.job_of.get(name)
         return job.status if job is not None else None
+
+    def with_started(self, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The runs list plus the runs this server started whose folder has no config.json yet (queued, or
+        preparing), by name."""
+        names = {r["name"] for r in listed}
+        started = [{"name": n, "method": m, "step": None, "steps": None, "final": None, "best_step": None}
+                   for n, m in self.method_of.items() if n not in names]
+        return sorted(listed + started, key=lambda r: r["name"])
 
 
 # where "use in Generate" puts a checkpoint of each method, and the prompt text that uses it
@@ -226,9 +235,9 @@ def _on_step(job: Job, step: int, total: int) -> None:
     job.progress.step, job.progress.total = step, total
 
 
-def read_run(folder: Path) -> dict[str, Any]:
-    """Everything the run page shows, read from the files the loop writes."""
-    if not folder.is_dir():
+def read_run(folder: Path, started: bool = False) -> dict[str, Any]:
+    """Everything the run page shows, read from the files the loop writes (none yet for a `started` run)."""
+    if not folder.is_dir() and not started:
         raise SdtuneError(f"no run {folder.name!r}")
     config = _read_json(folder / "config.json")
     summary = _read_json(folder / "summary.json")
@@ -256,6 +265,12 @@ def read_run(folder: Path) -> dict[str, Any]:
     return {"name": folder.name, "config": config, "summary": summary, "losses": losses, "val_losses": val,
             "events": events[-50:], "samples": samples, "rows": (summary or {}).get("checkpoints", []),
             "cv": _read_json(folder / "cv" / "report.json")}
+
+
+def ended_status(final: Any) -> str:
+    """The status of a run no job of this server holds (one from before a restart): "done" as its job said when
+    it wrote its final file, else "stopped"."""
+    return "done" if final else "stopped"
 
 
 def list_runs(runs: Path) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from sdtune.server.runs import (
     build_config,
     check_run_name,
     confined_data,
+    ended_status,
     list_runs,
     read_run,
     sectioned,
@@ -127,17 +128,17 @@ def sdtune_router(state: Any) -> APIRouter:
 
     @api.get("/runs")
     def runs() -> list[dict[str, Any]]:
-        out = list_runs(folders.runs)
+        out = registry.with_started(list_runs(folders.runs))
         for r in out:
-            r["status"] = registry.status(r["name"]) or ("finished" if r.get("final") else "stopped")
+            r["status"] = registry.status(r["name"]) or ended_status(r.get("final"))
         return out
 
     @api.get("/runs/{name}")
     def run(name: str) -> dict[str, Any]:
-        doc = read_run(confine(folders.runs, check_run_name(name)))
         job = registry.job_of.get(name)
-        doc["status"] = job.status if job is not None else ("finished" if (doc.get("summary") or {}).get("final")
-                                                              else "stopped")
+        doc = read_run(confine(folders.runs, check_run_name(name)), started=job is not None)
+        doc["method"] = (doc.get("config") or {}).get("method") or registry.method_of.get(name)
+        doc["status"] = job.status if job is not None else ended_status((doc.get("summary") or {}).get("final"))
         doc["job"] = job.describe() if job is not None else None
         doc["message"] = "" if job is None else (f"error: {job.error}" if job.status == "failed" else job.progress.text)
         return doc

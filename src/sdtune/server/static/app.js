@@ -238,6 +238,7 @@ async function loadSchema() {
   const processes = $("train-processes");
   processes.max = String(schema.processes.max);
   $("processes-label").title = schema.processes.help;
+  processes.title = schema.processes.help;  // the field's own tooltip, as the form's fields have
   renderTrainForm();
 }
 function fieldInput(f, prefix) {
@@ -345,27 +346,40 @@ $("train-start").addEventListener("click", async () => {
 });
 // the wrong-lora recipe: a job like a run, followed here until it ends
 let recipeTimer = null;
+function showRecipeStatus(text, status) {
+  const box = $("recipe-status");
+  box.hidden = !text;  // no empty bar before a recipe ran
+  box.textContent = text;
+  box.dataset.status = status;
+}
+function showRecipeGrid(name, grid) {
+  const img = $("recipe-grid");
+  img.hidden = !grid;
+  if (!grid) { img.removeAttribute("src"); return; }
+  const src = `/sdtune/v1/runs/${encodeURIComponent(name)}/file?path=${encodeURIComponent(grid)}`;
+  if (img.getAttribute("src") !== src) img.src = src;
+}
 async function followRecipe(name) {
   clearTimeout(recipeTimer);
   let doc;
   try { doc = await api(`/sdtune/v1/recipes/wrong-lora/${encodeURIComponent(name)}`); }
-  catch (e) { $("recipe-status").textContent = e.message; return; }
+  catch (e) { showRecipeStatus(e.message, "refused"); showRecipeGrid(name, null); return; }
   const figures = Object.entries((doc.report || {}).variants || {})
     .map(([k, v]) => `${k}: ${Object.entries(v.figures || {}).map(([f, x]) => `${f} ${x.toFixed(3)}`).join("  ")}`);
-  $("recipe-status").textContent = [`${name}: ${doc.status}`, doc.message, ...figures].filter(Boolean).join("\n");
-  $("recipe-status").dataset.status = doc.status;
+  showRecipeStatus([`${name}: ${doc.status}`, doc.message, ...figures].filter(Boolean).join("\n"), doc.status);
+  showRecipeGrid(name, (doc.files || {}).grid);
   if (doc.status === "running" || doc.status === "queued") recipeTimer = setTimeout(() => followRecipe(name), 1000);
 }
 $("recipe-start").addEventListener("click", async () => {
   const name = $("run-name").value.trim();
   const settings = { images: parseInt($("recipe-images").value, 10), train: { steps: parseInt($("recipe-steps").value, 10) } };
   try { await post("/sdtune/v1/recipes/wrong-lora", { name, settings }); followRecipe(name); }
-  catch (e) { $("recipe-status").textContent = e.message; $("recipe-status").dataset.status = "refused"; }
+  catch (e) { showRecipeStatus(e.message, "refused"); }
 });
 $("recipe-stop").addEventListener("click", () => {
   const name = $("run-name").value.trim();
   post(`/sdtune/v1/recipes/wrong-lora/${encodeURIComponent(name)}/stop`, {}).then(() => followRecipe(name))
-    .catch((e) => { $("recipe-status").textContent = e.message; });
+    .catch((e) => { showRecipeStatus(e.message, "refused"); });
 });
 $("toml-save").addEventListener("click", async () => {
   try {
@@ -462,7 +476,8 @@ async function refreshRun() {
   if (!currentRun) return;
   let r;
   try { r = await api(`/sdtune/v1/runs/${encodeURIComponent(currentRun)}`); } catch (e) { $("run-message").textContent = e.message; return; }
-  $("run-title").textContent = `${r.name} (${(r.config || {}).method || "?"})`;
+  $("run-title").textContent = `${r.name} (${r.method || "?"})`;
+  const changed = $("run-status").dataset.status !== r.status;  // started, ended: the runs list shows it
   $("run-status").textContent = r.status;
   $("run-status").dataset.status = r.status;
   const cv = r.cv;  // a cross-validation (cv_folds): its progress and recommended step
@@ -477,16 +492,23 @@ async function refreshRun() {
   const have = [...samples.querySelectorAll("img")].map((i) => i.dataset.path).join("|");
   if (have !== r.samples.join("|")) {
     samples.innerHTML = "";
-    for (const s of r.samples) {
-      const img = document.createElement("img");
-      img.dataset.path = s;
-      img.className = "sample";
-      img.src = `/sdtune/v1/runs/${encodeURIComponent(r.name)}/file?path=${encodeURIComponent(s)}`;
-      img.title = s;
-      samples.appendChild(img);
-    }
+    for (const s of r.samples) samples.appendChild(sampleFigure(r.name, s));
   }
-  if (!["running", "queued"].includes(r.status)) { clearInterval(runTimer); loadRuns(); }
+  if (changed) loadRuns();
+  if (!["running", "queued"].includes(r.status)) clearInterval(runTimer);
+}
+function sampleFigure(run, path) {
+  const figure = document.createElement("figure");
+  const img = document.createElement("img");
+  img.dataset.path = path;
+  img.className = "sample";
+  img.src = `/sdtune/v1/runs/${encodeURIComponent(run)}/file?path=${encodeURIComponent(path)}`;
+  img.title = path;
+  const caption = document.createElement("figcaption");
+  const step = path.match(/-(\d+)\.png$/);  // samples/<name>-<step>.png
+  caption.textContent = step ? `step ${Number(step[1])}` : path.split("/").pop();
+  figure.append(img, caption);
+  return figure;
 }
 function renderRows(rows) {
   const table = $("run-rows");
