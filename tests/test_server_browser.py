@@ -109,7 +109,11 @@ def shots(tmp_path_factory):
 
 
 def wait(driver, condition, timeout=120):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    # lists the page re-renders (the runs list) can replace an element between finding it and reading it
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
 def open_page(browser, server):
