@@ -169,3 +169,14 @@ def test_keep_base_runs_on_every_family(tmp_path, sks_data, family):
     result = train(tiny_config(tmp_path, sks_data, steps=2), model=tiny_loaded(family))
     assert result.final is not None and result.stopped == "finished"
     assert all(math.isfinite(x) for x in result.losses)
+
+
+def test_a_default_lora_run_says_once_what_keeps_the_base_model(tmp_path, sks_data):
+    said: list[str] = []
+    train(tiny_config(tmp_path / "a", sks_data, options=LoraOptions(), steps=1), echo=said.append)
+    notes = [s for s in said if s.startswith("note: prompts without 'sks'")]
+    assert len(notes) == 1 and "--keep-base 1" in notes[0]
+    quiet: list[str] = []  # a choice made (here: no prior preservation, explicitly): no note
+    train(tiny_config(tmp_path / "b", sks_data, options=LoraOptions(prior_preservation=False), steps=1),
+          echo=quiet.append)
+    assert not [s for s in quiet if s.startswith("note:")]

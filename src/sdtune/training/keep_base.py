@@ -27,12 +27,37 @@ from sdtune.errors import SdtuneError
 from sdtune.training.identifier import without_identifier
 
 if TYPE_CHECKING:
+    from sdtune.training.context import TrainingContext
     from sdtune.training.methods.base import Batch, DiffusionLoss, TrainingMethod
 
 
 def check_keep_base(weight: float) -> None:
     if not weight >= 0 or weight != weight or weight > 100:
         raise SdtuneError(f"keep_base {weight} must be 0 (off) or a weight up to 100 (1 is typical)")
+
+
+def keep_base_for(method: Any, ctx: TrainingContext, options: Any, prior_mode: str,
+                  identifier: str | None) -> KeepBase | None:
+    """The run's keep-base term (None when off). `identifier`: the prior's, if it found one. With every default
+    (no prior, no keep-base, no pivotal word) and an identifier in the captions, one note says what keeps the rest
+    of the model."""
+    from sdtune.training.prior import auto_class_prompts
+
+    defaults = prior_mode == "off" and options.prior_preservation is None and not getattr(options, "pivotal", False)
+    if not options.keep_base and not defaults:
+        return None
+    ident = identifier or auto_class_prompts(ctx, options, getattr(ctx.model.pipe, "tokenizer", None))[0]
+    if not options.keep_base:
+        if ident is not None:
+            ctx.echo(f"note: prompts without {ident!r} may change too; --keep-base 1 keeps them (with --pivotal "
+                     f"--pivotal-abstraction {ident} the concept is still learnt well: docs/lora.md)")
+        return None
+    if ident is None:
+        raise SdtuneError(f"{method.name}: --keep-base needs the identifier, the word in every caption that names "
+                          "the concept; none was found: pass --identifier WORD (e.g. sks)")
+    ctx.echo(f"keep-base: the captions without {ident!r} are trained toward the base model's prediction, weight "
+             f"{options.keep_base:g}")
+    return KeepBase(method, ident, options.keep_base, method.base_weights)
 
 
 class KeepBase:

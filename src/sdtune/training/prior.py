@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.training.keep_base import KeepBase, check_keep_base
+from sdtune.training.keep_base import KeepBase, check_keep_base, keep_base_for
 from sdtune.training.options import opt
 
 if TYPE_CHECKING:
@@ -365,16 +365,7 @@ class PersonalizeMixin:
                          "such as sks or ohwx) and no --class-prompt, so prompts without the concept may change "
                          "too; pass --identifier WORD or --class-prompt TEXT to keep the base model, or "
                          "--no-prior-preservation to silence this")
-        self.keep_base = None
-        if options.keep_base:
-            ident = self.prior.identifier if self.prior is not None and self.prior.identifier else \
-                auto_class_prompts(ctx, options, getattr(ctx.model.pipe, "tokenizer", None))[0]
-            if ident is None:
-                raise SdtuneError(f"{self.name}: --keep-base needs the identifier, the word in every caption that "
-                                  "names the concept; none was found: pass --identifier WORD (e.g. sks)")
-            self.keep_base = KeepBase(self, ident, options.keep_base, self.base_weights)
-            ctx.echo(f"keep-base: the captions without {ident!r} are trained toward the base model's prediction, "
-                     f"weight {options.keep_base:g}")
+        self.keep_base = keep_base_for(self, ctx, options, mode, self.prior.identifier if self.prior else None)
 
     def base_weights(self) -> contextlib.AbstractContextManager[None]:
         """Inside: the method's live modules compute what the base model computed (for `--keep-base`)."""
