@@ -25,19 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import re
-import tempfile
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from sdtune.atomic import write_atomic
-from sdtune.paths import check_readable, check_writable_dir
+from sdtune.paths import check_readable
 from sdtune.errors import SdtuneError
-from sdtune.models.bundled import is_bundled_model
 from sdtune.training.options import KINDS, SECTIONS, NoOptions, coerce, merge_options, opt, unknown_setting
 
 # entries the loop writes into a run folder; a result named like one would collide with it (a folder result such
@@ -297,184 +292,23 @@ class TrainConfig:
         return Path(self.out).expanduser()
 
     def check_values(self, method: type[TrainingMethod] | None = None) -> TrainConfig:
-        """Range and consistency checks that need no files. Raises a one-line SdtuneError. `method`: the method
-        class (default: the registered `self.method`)."""
-        from sdtune.training.schedules import LRSchedule, parse_early_stop
+        """Range and consistency checks that need no files (`training.config_checks`)."""
+        from sdtune.training.config_checks import check_values
 
-        for f in self.fields():
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise SdtuneError(f"{f.name} {value!r} is not one of {', '.join(choices)}")
-        auto = self.steps == "auto"
-        if not auto:
-            _at_least("steps", self.total_steps, 1)
-        _at_least("batch_size", self.batch_size, 1)
-        _at_least("grad_accum", self.grad_accum, 1)
-        _at_least("warmup_steps", self.warmup_steps, 0)
-        _at_least("save_every", self.save_every, 0)
-        _at_least("sample_every", self.sample_every, 0)
-        _at_least("sample_steps", self.sample_steps, 1)
-        _at_least("keep_states", self.keep_states, 1)
-        _at_least("average_checkpoints", self.average_checkpoints, 1)
-        _at_least("keep_tokens", self.keep_tokens, 0)
-        _at_least("clip_skip", self.clip_skip, 1)
-        _at_least("val_timesteps", self.val_timesteps, 1)
-        if self.val_timesteps > 900:
-            raise SdtuneError(f"val_timesteps {self.val_timesteps} is too many; use 1..900 (8 is typical)")
-        if not 0 <= self.seed < 2**63:
-            raise SdtuneError(f"seed {self.seed} is out of range; use 0 .. 2**63-1")
-        for name in ("max_grad_norm", "weight_decay", "noise_offset", "min_snr_gamma", "sample_cfg"):
-            _finite_at_least(name, getattr(self, name), 0.0)
-        for name in ("flip", "tag_dropout", "caption_dropout"):
-            value = getattr(self, name)
-            _finite_at_least(name, value, 0.0)
-            if value > 1:
-                raise SdtuneError(f"{name} {value} is a probability; use a value between 0 and 1")
-        if self.optimizer in ("adamw8bit", "prodigy"):
-            from sdtune.training.optimizers import check_optimizer
-
-            check_optimizer(self.optimizer)
-        _finite_at_least("zoom", self.zoom, 1.0)
-        if self.zoom > 1 and self.crop != "random":
-            raise SdtuneError(f"zoom {self.zoom} needs crop = random (a centre crop has no random scale)")
-        if not (math.isfinite(self.val_split) and 0 <= self.val_split < 1):
-            raise SdtuneError(f"val_split {self.val_split} must be a fraction in [0, 1), e.g. 0.1")
-        if self.val_split > 0 and self.val_dir:
-            raise SdtuneError("val_split and val_dir both given; hold images out with one of them")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise SdtuneError(f"resolution {self.resolution} must be a multiple of 8 and at least 8 (512 SD1, "
-                              "768 SD2-v, 1024 SDXL, 64 tiny)")
-        # steps auto: the schedule is checked on a placeholder length (the real one comes from the CV report)
-        steps = max(1000, self.warmup_steps + 1) if auto else self.total_steps
-        sched = LRSchedule.from_config(self.lr, self.lr_scheduler, self.warmup_steps, steps)
-        if sched.peak <= 0:
-            raise SdtuneError(f"learning rate {self.lr!r} is 0 everywhere; nothing would be learned")
-        if self.warmup_steps and not auto and self.warmup_steps >= steps:
-            raise SdtuneError(f"warmup_steps {self.warmup_steps} must be less than steps {self.steps}")
-        if self.warmup_steps and self.lr_scheduler == "constant":
-            raise SdtuneError("warmup_steps needs lr_scheduler constant_with_warmup, linear or cosine")
-        parse_early_stop(self.early_stop)
-        self._check_cv(auto)
-        if self.early_stop and parse_early_stop(self.early_stop) and self.save_every == 0:
-            raise SdtuneError("early_stop needs save_every > 0 (checkpoints are evaluated when they are saved)")
-        select_metric, _ = parse_select_by(self.select_by)
-        self._check_judge(select_metric)
-        if self.sample_every and not self.sample_prompts:
-            raise SdtuneError("sample_every is set but there are no sample prompts; add --sample-prompt TEXT")
-        if self.sample_prompts and not self.sample_seeds:
-            raise SdtuneError("sample prompts need at least one seed; add --sample-seed N")
-        if any(s < 0 for s in self.sample_seeds):
-            raise SdtuneError("sample seeds must be >= 0")
-        from sdtune.prompts.tokens import check_text
-
-        for i, text in enumerate(self.sample_prompts):  # refused now, not at the first sample after minutes
-            check_text(text, f"sample prompt {i + 1}")
-        if self.sample_negative:
-            check_text(self.sample_negative, "sample_negative")
-        if self.output_name is not None:
-            self.check_output_name(self.output_name)
-        if self.sample_sampler:
-            from sdtune.generate.samplers import get_sampler
-
-            try:
-                get_sampler(self.sample_sampler)
-            except SdtuneError as exc:
-                raise SdtuneError(f"sample_sampler: {exc}") from None
-        cls = method or method_cls(self.method)
-        cls.check_options(self.options if isinstance(self.options, getattr(cls, "Options", NoOptions))
-                          else cls.Options(), self)
-        return self
+        return check_values(self, method)
 
     @staticmethod
     def check_output_name(name: str, what: str = "output_name") -> None:
-        """Refuse a result name that is not one plain file name in the run folder, or that is one of the run
-        folder's own entries (`RUN_ENTRIES`, any case: a result folder or file there would collide)."""
-        if not isinstance(name, str) or any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
-            raise SdtuneError(f"{what} {name!a} contains control characters or invalid UTF-8; use a plain file "
-                              "name such as my_lora")
-        if not name.strip() or re.search(r"[\\/:*?\"<>|]", name):
-            raise SdtuneError(f"{what} {name!r} must be a plain file name without / \\ : * ? \" < > |")
-        if not name.strip(". "):
-            raise SdtuneError(f"{what} {name!r} is not a file name (only dots); use a name such as my_lora")
-        if name.lower() in RUN_ENTRIES:
-            raise SdtuneError(f"{what} {name!r}: that name is taken by the run folder's own entries "
-                              f"({', '.join(RUN_ENTRIES)}); choose another name")
+        """A result name that is one plain file name in the run folder (`training.config_checks`)."""
+        from sdtune.training.config_checks import check_output_name
 
-    def _check_cv(self, auto: bool) -> None:
-        """Cross-validation (`cv_folds`) and `steps auto`: the combinations that cannot mean what they say."""
-        k = self.cv_folds
-        if k < 0 or k == 1:
-            raise SdtuneError(f"cv_folds {k}: use 2 or more (5 is typical, at most the number of images), or 0 for "
-                              "no cross-validation")
-        if k and (self.val_split > 0 or self.val_dir):
-            raise SdtuneError("cv_folds holds out its own validation images (one fold per run); drop --val-split / "
-                              "--val-dir")
-        if k and auto:
-            raise SdtuneError("steps auto comes after cross-validation: run --cv-folds K with --steps N (the longest "
-                              "run to evaluate) first, then --steps auto without --cv-folds")
-        if k and self.early_stop:
-            raise SdtuneError("cv_folds needs every fold's whole curve to average; drop --early-stop")
-        if k and not (0 < self.save_every < self.total_steps):
-            raise SdtuneError(f"cv_folds compares checkpoints: set --save-every below --steps {self.total_steps} "
-                              f"(e.g. {max(1, self.total_steps // 10)}), got {self.save_every}")
-        if self.cv_fold is not None and not 0 <= self.cv_fold < max(k, 1):
-            raise SdtuneError(f"cv_fold {self.cv_fold} must be in 0..{k - 1} (cv_folds {k})")
-        if auto and (self.val_split > 0 or self.val_dir):
-            raise SdtuneError("steps auto trains on all images to the cross-validated step; drop --val-split / "
-                              "--val-dir")
-
-    def _check_judge(self, select_metric: str) -> None:
-        if self.judge is None:
-            if select_metric == "judge_score":
-                raise SdtuneError("select_by judge_score needs the toy-world judge; add --judge SHAPE (e.g. star)")
-            return
-        if not is_bundled_model(self.model) and not self.judge_any_model:
-            raise SdtuneError(f"judge {self.judge!r} reads toy-world images only, and model {self.model!r} is not "
-                              "tiny; add --judge-any-model if it was trained on the toy world")
-        _at_least("judge_seeds", self.judge_seeds, 1)  # the shape and term: `sdtune.toy.concept_eval`
+        check_output_name(name, what)
 
     def check_paths(self, *, model: bool = True, data: bool = True) -> TrainConfig:
-        """Files and folders: model/vae/data/val_dir exist, the output folder is (or can be) a writable folder."""
-        if model and not is_bundled_model(self.model):
-            if not Path(self.model).expanduser().exists():
-                raise SdtuneError(f"model {self.model!r} not found; pass a diffusers folder, a .safetensors/.ckpt "
-                                  "file, or tiny")
-            check_readable(self.model, f"model {self.model}")
-        if self.vae is not None and not Path(self.vae).expanduser().exists():
-            raise SdtuneError(f"vae {self.vae!r} not found; pass a VAE folder or file")
-        if self.vae is not None:
-            check_readable(self.vae, f"vae {self.vae}")
-        if data:
-            if not self.data:
-                raise SdtuneError("no training data; pass --data DIR (a folder of images with .txt captions)")
-            for name in ("data", "val_dir"):
-                value = getattr(self, name)
-                if value is None:
-                    continue
-                p = Path(value).expanduser()
-                if not p.is_dir():
-                    what = "does not exist" if not p.exists() else "is a file, not a folder"
-                    raise SdtuneError(f"{name} folder {p} {what}; pass the folder that holds the images")
-                check_readable(p, f"{name} folder {p}")
-        out = self.out_dir
-        if out.exists() and not out.is_dir():
-            raise SdtuneError(f"output folder {out} is a file; pass a folder with --out")
-        check_writable_dir(out, "output folder")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=".write-test.")
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as exc:
-            raise SdtuneError(f"output folder {out} is not writable ({exc.strerror or exc}); choose another --out") \
-                from None
-        if self.resume not in (None, "auto") and not Path(self.resume).expanduser().exists():
-            raise SdtuneError(f"resume state {self.resume} does not exist; pass --resume alone to continue from "
-                              f"{out / 'state'}")
-        if self.resume not in (None, "auto"):
-            check_readable(self.resume, f"resume state {self.resume}")
-        return self
+        """Files and folders exist and the output folder is writable (`training.config_checks`)."""
+        from sdtune.training.config_checks import check_paths
+
+        return check_paths(self, model=model, data=data)
 
     def validate(self, *, model: bool = True, data: bool = True) -> TrainConfig:
         """Everything that can be checked before loading anything (values, then files and folders)."""
@@ -537,16 +371,6 @@ def parse_select_by(text: str) -> tuple[str, str]:
     if mode not in ("min", "max"):
         raise SdtuneError(f"select_by {text!r}: the direction must be :min or :max")
     return name, mode
-
-
-def _at_least(name: str, value: int, low: int) -> None:
-    if value < low:
-        raise SdtuneError(f"{name} {value} must be at least {low}")
-
-
-def _finite_at_least(name: str, value: float, low: float) -> None:
-    if not math.isfinite(value) or value < low:
-        raise SdtuneError(f"{name} {value} must be a finite number >= {low:g}")
 
 
 def _plain(value: Any) -> Any:
