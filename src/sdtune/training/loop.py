@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -33,13 +31,14 @@ import torch
 from sdtune.errors import SdtuneError
 from sdtune.models.family import KOHYA_BASE_MODEL_VERSION
 from sdtune.training.batches import BatchSource
-from sdtune.training.checkpoint import StateStore, TrainState, capture_rng, link_or_copy, restore_rng
+from sdtune.training.checkpoint import StateStore, link_or_copy
 from sdtune.training.config import TrainConfig
 from sdtune.training.distributed import SINGLE, Ranks
 from sdtune.training.methods import Batch, UNetConditioning, TrainingMethod
 from sdtune.training.methods.base import Diverged, TargetFn
 from sdtune.training.noise import step_generator
 from sdtune.training.runlog import RunLog, SilentLog, format_summary, write_summary
+from sdtune.training.recovery import TrainerRecovery
 from sdtune.training.sampling import Evaluator, TrainerSampling
 from sdtune.training.setup import TrainerSetup
 
@@ -48,10 +47,6 @@ if TYPE_CHECKING:
     from sdtune.generate.generator import Generator
     from sdtune.training.data import DatasetItem
     from sdtune.training.latents import LatentStore
-
-# a second SIGINT/SIGTERM sooner than this after the first is the launcher forwarding it (see _install_signals);
-# later, it aborts without saving
-DUPLICATE_SIGNAL_S = 2.0
 
 
 @dataclass
@@ -92,7 +87,7 @@ def _finite(tensors: Any) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-class Trainer(TrainerSetup, TrainerSampling):
+class Trainer(TrainerSetup, TrainerSampling, TrainerRecovery):
     """One training run. `run()` validates, prepares, trains and returns a `TrainResult`.
 
     method: a `TrainingMethod` instance (default: `METHODS[config.method](config.options)`).
@@ -318,90 +313,7 @@ class Trainer(TrainerSetup, TrainerSampling):
     def best_step(self) -> int | None:
         return self.ledger.best_step()
 
-    def _save_state(self) -> None:
-        if not self.ranks.is_main:  # the main process saves; the others wait until the state is there
-            self.ranks.barrier()
-            return
-        extra: dict[str, Any] = {"dataset": self.dataset.fingerprint(), "method": self.method.name,
-                                 "processes": self.ranks.world}
-        scaler = self.accelerator.scaler
-        if scaler is not None:
-            extra["scaler"] = scaler.state_dict()
-        state = TrainState(step=self.step, epoch=self.epoch, cursor=self.cursor, weights=self.method.state_dict(),
-                           optimizer=self.optimizer.state_dict(), rng=capture_rng(), history=self.ledger.history(fp16_skips=self._fp16_skips),
-                           config=self.config.replace(resume=None).to_dict(), extra=extra,
-                           snapshots=self.ledger.snapshots)
-        self.store.save(state)
-        self.ranks.barrier()
-
-    def _restore(self, state: TrainState, *, rng: bool = True) -> None:
-        if state.extra.get("method") not in (None, self.method.name):
-            raise SdtuneError(f"the saved state is a {state.extra.get('method')!r} run, not {self.method.name!r}")
-        self.method.load_state_dict({k: v.to(self.device) for k, v in state.weights.items()})
-        self.optimizer.load_state_dict(state.optimizer)
-        self.step = state.step
-        assert self.batches is not None  # _prepare made it
-        self.batches.seek(state.epoch, state.cursor)
-        self.ledger.load(state.history, state.snapshots)
-        self._fp16_skips = int(state.history.get("fp16_skips", 0))
-        scaler = self.accelerator.scaler
-        if scaler is not None and "scaler" in state.extra:
-            scaler.load_state_dict(state.extra["scaler"])
-        if rng:
-            restore_rng(state.rng)
-
-    def _rollback(self) -> int:
-        """Back to the last saved state of this run (or the initial weights); returns its step."""
-        latest = self.store.latest()
-        if latest is not None:
-            self._restore(self.store.load(latest), rng=False)
-            return self.step
-        self.method.load_state_dict({k: v.to(self.device) for k, v in self._initial.items()})
-        self.optimizer.optimizer.state.clear()
-        self.step = 0
-        assert self.batches is not None  # _prepare made it
-        self.batches.seek(0, 0)
-        return 0
-
-    def _divergence_message(self, d: Diverged, good: int) -> str:
-        cfg = self.config
-        where = f"the state of step {good}" if good else "the initial weights"
-        msg = f"training diverged at step {d.step}: non-finite {d.what}; rolled back to {where}, nothing non-finite "\
-              "was saved. "
-        if cfg.mixed_precision == "fp16":
-            msg += "Likely cause: fp16 overflow; use --mixed-precision bf16 (or no)."
-        else:
-            peak = self.schedule.peak
-            msg += f"Likely cause: the learning rate is too high (peak {peak:g}); try {peak / 10:g}"
-            msg += " and --max-grad-norm 1." if cfg.max_grad_norm == 0 else "."
-        return msg
-
     # ============================================================================================= the run
-
-    def _install_signals(self) -> dict[int, Any]:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return {}
-
-        first: list[float] = []
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._signal is not None:
-                # A launcher forwards the signal its process group already got (Ctrl-C under torchrun: SIGINT from
-                # the terminal, then SIGTERM from torchrun): a second signal that soon is the same request, not a
-                # user asking to abort without saving.
-                if time.monotonic() - first[0] < DUPLICATE_SIGNAL_S:
-                    return
-                raise KeyboardInterrupt
-            first.append(time.monotonic())
-            self._signal = signum
-            self._stop = "interrupted"
-            self.echo(f"{signal.Signals(signum).name}: stopping after this step and saving the state "
-                      "(again to abort without saving)")
-
-        old: dict[int, Any] = {}
-        for s in (signal.SIGINT, signal.SIGTERM):
-            old[s] = signal.signal(s, handler)
-        return old
 
     def _write_summary(self) -> None:
         if not self.ranks.is_main:
