@@ -8,7 +8,8 @@ import math
 import pytest
 
 from sdtune.errors import SdtuneError
-from sdtune.training.config import TrainConfig, parse_select_by
+from sdtune.training.config import TrainConfig
+from sdtune.training.config_checks import parse_select_by
 from sdtune.training.schedules import LRSchedule, parse_early_stop, parse_lr
 
 RUN_TOML = """

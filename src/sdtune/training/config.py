@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -33,11 +32,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 from sdtune.atomic import write_atomic
 from sdtune.paths import check_readable
 from sdtune.errors import SdtuneError
+from sdtune.training.config_checks import check_output_name, check_paths, check_values
 from sdtune.training.options import KINDS, SECTIONS, NoOptions, coerce, merge_options, opt, unknown_setting
 
 # entries the loop writes into a run folder; a result named like one would collide with it (a folder result such
 # as DreamBooth's diffusers output is OUT/<name>/)
-RUN_ENTRIES = ("state", "checkpoints", "samples", "class_images", "cv")
 
 if TYPE_CHECKING:
     from sdtune.training.methods.base import TrainingMethod
@@ -293,21 +292,15 @@ class TrainConfig:
 
     def check_values(self, method: type[TrainingMethod] | None = None) -> TrainConfig:
         """Range and consistency checks that need no files (`training.config_checks`)."""
-        from sdtune.training.config_checks import check_values
-
         return check_values(self, method)
 
     @staticmethod
     def check_output_name(name: str, what: str = "output_name") -> None:
         """A result name that is one plain file name in the run folder (`training.config_checks`)."""
-        from sdtune.training.config_checks import check_output_name
-
         check_output_name(name, what)
 
     def check_paths(self, *, model: bool = True, data: bool = True) -> TrainConfig:
         """Files and folders exist and the output folder is writable (`training.config_checks`)."""
-        from sdtune.training.config_checks import check_paths
-
         return check_paths(self, model=model, data=data)
 
     def validate(self, *, model: bool = True, data: bool = True) -> TrainConfig:
@@ -359,18 +352,6 @@ def _flatten(data: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict
         else:
             flat[key] = value
     return flat, method_table, method
-
-
-def parse_select_by(text: str) -> tuple[str, str]:
-    """"val_loss" -> ("val_loss", "min"); "clip:max" -> ("clip", "max"). Default min for names with 'loss'."""
-    name, sep, mode = str(text).strip().partition(":")
-    name = name.strip()
-    if not name or not re.fullmatch(r"[A-Za-z0-9_.\-/]+", name):
-        raise SdtuneError(f"select_by {text!r}: use a metric name such as val_loss, optionally with :min or :max")
-    mode = mode.strip().lower() if sep else ("min" if "loss" in name.lower() else "max")
-    if mode not in ("min", "max"):
-        raise SdtuneError(f"select_by {text!r}: the direction must be :min or :max")
-    return name, mode
 
 
 def _plain(value: Any) -> Any:

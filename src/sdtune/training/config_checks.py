@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 from sdtune.errors import SdtuneError
 from sdtune.models.bundled import is_bundled_model
 from sdtune.paths import check_readable, check_writable_dir
-from sdtune.training.config import RUN_ENTRIES, method_cls, parse_select_by
 from sdtune.training.options import NoOptions
 
 if TYPE_CHECKING:
     from sdtune.training.config import TrainConfig
     from sdtune.training.methods.base import TrainingMethod
+
+RUN_ENTRIES = ("state", "checkpoints", "samples", "class_images", "cv")  # a run folder's own entries
 
 
 def check_values(cfg: TrainConfig, method: type[TrainingMethod] | None = None) -> TrainConfig:
@@ -111,7 +112,9 @@ def check_values(cfg: TrainConfig, method: type[TrainingMethod] | None = None) -
             get_sampler(cfg.sample_sampler)
         except SdtuneError as exc:
             raise SdtuneError(f"sample_sampler: {exc}") from None
-    cls = method or method_cls(cfg.method)
+    from sdtune.training.methods import get_method
+
+    cls = method or get_method(cfg.method)
     cls.check_options(cfg.options if isinstance(cfg.options, getattr(cls, "Options", NoOptions))
                       else cls.Options(), cfg)
     return cfg
@@ -214,3 +217,15 @@ def _at_least(name: str, value: int, low: int) -> None:
 def _finite_at_least(name: str, value: float, low: float) -> None:
     if not math.isfinite(value) or value < low:
         raise SdtuneError(f"{name} {value} must be a finite number >= {low:g}")
+
+
+def parse_select_by(text: str) -> tuple[str, str]:
+    """"val_loss" -> ("val_loss", "min"); "clip:max" -> ("clip", "max"). Default min for names with 'loss'."""
+    name, sep, mode = str(text).strip().partition(":")
+    name = name.strip()
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.\-/]+", name):
+        raise SdtuneError(f"select_by {text!r}: use a metric name such as val_loss, optionally with :min or :max")
+    mode = mode.strip().lower() if sep else ("min" if "loss" in name.lower() else "max")
+    if mode not in ("min", "max"):
+        raise SdtuneError(f"select_by {text!r}: the direction must be :min or :max")
+    return name, mode

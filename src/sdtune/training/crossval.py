@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 from sdtune.atomic import write_atomic
 from sdtune.errors import SdtuneError
-from sdtune.training.config import TrainConfig, parse_select_by
+from sdtune.training.config import TrainConfig
+from sdtune.training.config_checks import parse_select_by
 from sdtune.training.folds import REPORT, aggregate, format_report, recommend
 from sdtune.training.latents import LatentStore
 from sdtune.training.loop import Trainer, TrainResult

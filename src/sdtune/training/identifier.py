@@ -17,7 +17,12 @@ frequency.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
+
+from sdtune.errors import SdtuneError
+
+if TYPE_CHECKING:
+    from sdtune.training.context import TrainingContext
 
 # identifiers the DreamBooth / kohya guides use; a caption word equal to one of these is taken as the identifier
 CONVENTIONAL = ("sks", "ohwx", "zwx", "zxc", "xjy", "pll")
@@ -73,3 +78,23 @@ def without_identifier(caption: str, identifier: str) -> str:
 def class_prompts(captions: Iterable[str], identifier: str) -> list[str]:
     """The distinct non-empty identifier-free captions, sorted (deterministic class-image prompts)."""
     return sorted({p for p in (without_identifier(c, identifier) for c in captions) if p})
+
+
+def auto_class_prompts(ctx: TrainingContext, options: Any, tokenizer: Any) -> tuple[str | None, list[str]]:
+    """(identifier, class prompts) for automatic prior preservation: the training captions without the identifier
+    (None, []) when there is none. An --identifier in no caption is an error."""
+    captions: list[str] = []
+
+    def keep(item: Any) -> str:
+        captions.append(item.caption)
+        return str(item.caption)
+
+    ctx.map_captions(keep)  # reads the captions (after --prompt), changes nothing
+    ident = (options.identifier or "").strip().lower() or detect_identifier(captions, tokenizer)
+    if ident is None:
+        return None, []
+    using = [c for c in captions if ident in caption_words(c)]
+    if options.identifier and not using:
+        raise SdtuneError(f"--identifier {options.identifier!r} is in none of the {len(captions)} captions; pass "
+                          "the word your captions use for the concept (e.g. the sks of 'a photo of sks dog')")
+    return ident, class_prompts(using, ident)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.training.identifier import without_identifier
+from sdtune.training.identifier import auto_class_prompts, without_identifier
 
 if TYPE_CHECKING:
     from sdtune.training.context import TrainingContext
@@ -41,8 +41,6 @@ def keep_base_for(method: Any, ctx: TrainingContext, options: Any, prior_mode: s
     """The run's keep-base term (None when off). `identifier`: the prior's, if it found one. With every default
     (no prior, no keep-base, no pivotal word) and an identifier in the captions, one note says what keeps the rest
     of the model."""
-    from sdtune.training.prior import auto_class_prompts
-
     defaults = prior_mode == "off" and options.prior_preservation is None and not getattr(options, "pivotal", False)
     if not options.keep_base and not defaults:
         return None

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sdtune.errors import SdtuneError
+from sdtune.training.identifier import auto_class_prompts
 from sdtune.training.keep_base import KeepBase, check_keep_base, keep_base_for
 from sdtune.training.options import opt
 
@@ -251,28 +252,6 @@ def generated_class_images(ctx: TrainingContext, class_prompt: str | list[str], 
         with atomic_path(paths[i]) as tmp:
             img.save(tmp, format="PNG")
     return [Image.open(p).convert("RGB") for p in paths]
-
-
-def auto_class_prompts(ctx: TrainingContext, options: Any, tokenizer: Any) -> tuple[str | None, list[str]]:
-    """(identifier, class prompts) for automatic prior preservation: the training captions without the identifier
-    (`training.identifier`); (None, []) when there is none. An --identifier in no caption is an error."""
-    from sdtune.training.identifier import caption_words, class_prompts, detect_identifier
-
-    captions: list[str] = []
-
-    def keep(item: Any) -> str:
-        captions.append(item.caption)
-        return str(item.caption)
-
-    ctx.map_captions(keep)  # reads the captions (after --prompt), changes nothing
-    ident = (options.identifier or "").strip().lower() or detect_identifier(captions, tokenizer)
-    if ident is None:
-        return None, []
-    using = [c for c in captions if ident in caption_words(c)]
-    if options.identifier and not using:
-        raise SdtuneError(f"--identifier {options.identifier!r} is in none of the {len(captions)} captions; pass "
-                          "the word your captions use for the concept (e.g. the sks of 'a photo of sks dog')")
-    return ident, class_prompts(using, ident)
 
 
 class PriorPreservation:

@@ -19,7 +19,7 @@ from sdtune.errors import SdtuneError
 from sdtune.models.bundled import is_bundled_model
 from sdtune.training.batches import BatchSource, LatentEncoder, sdxl_time_ids
 from sdtune.training.checkpoint import TrainState
-from sdtune.training.config import parse_select_by
+from sdtune.training.config_checks import parse_select_by
 from sdtune.training.distributed import Ranks, check_launch_engine
 from sdtune.training.ledger import CheckpointLedger
 from sdtune.training.methods import get_method
