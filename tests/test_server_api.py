@@ -460,6 +460,22 @@ def test_a_finished_run_is_done_before_and_after_a_restart(world, tmp_path):
     assert c.get("/sdtune/v1/runs/old").json()["status"] == "done"
 
 
+def test_an_interrupted_run_reads_interrupted_after_a_restart_too(world, tmp_path):
+    # its job said "interrupted"; a server that did not run it reads the log's `end` record; no `end` (a killed
+    # run) stays "stopped", a diverged one reads "failed" as its job did
+    for name, end in (("stopped1", {"event": "end", "step": 3, "stopped": "interrupted", "final": None}),
+                      ("diverged1", {"event": "end", "step": 3, "stopped": "diverged", "final": None}),
+                      ("killed1", {"event": "step", "step": 3, "loss": 0.1})):
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"method": "lora"}))
+        (folder / "log.jsonl").write_text("\n".join(json.dumps(r) for r in ({"event": "start", "step": 0}, end)) + "\n")
+    c = make_client(world, tmp_path)
+    listed = {r["name"]: r["status"] for r in c.get("/sdtune/v1/runs").json()}
+    assert listed == {"stopped1": "interrupted", "diverged1": "failed", "killed1": "stopped"}
+    assert c.get("/sdtune/v1/runs/stopped1").json()["status"] == "interrupted"
+
+
 def test_a_started_run_is_listed_with_its_method_before_its_folder_is_written(world, tmp_path):
     # a queued run (another job holds the queue) has no run folder yet: the runs list and the run page show it,
     # with its method, at once

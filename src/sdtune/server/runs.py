@@ -267,10 +267,20 @@ def read_run(folder: Path, started: bool = False) -> dict[str, Any]:
             "cv": _read_json(folder / "cv" / "report.json")}
 
 
-def ended_status(final: Any) -> str:
-    """The status of a run no job of this server holds (one from before a restart): "done" as its job said when
-    it wrote its final file, else "stopped"."""
-    return "done" if final else "stopped"
+# a run's `end` record -> the status its job showed (TrainingDiverged fails the job)
+ENDED = {"interrupted": "interrupted", "diverged": "failed"}
+
+
+def ended_status(folder: Path, final: Any) -> str:
+    """The status of a run no job of this server holds (one from before a restart), in the words its job used:
+    "done" when it wrote its final file, else its log's last `end` record ("interrupted", "failed"), else
+    "stopped" (killed, or ended before it logged anything)."""
+    from sdtune.training.runlog import last_record
+
+    if final:
+        return "done"
+    last = last_record(folder / "log.jsonl") or {}
+    return ENDED.get(str(last.get("stopped")), "stopped") if last.get("event") == "end" else "stopped"
 
 
 def list_runs(runs: Path) -> list[dict[str, Any]]:

@@ -130,7 +130,7 @@ def sdtune_router(state: Any) -> APIRouter:
     def runs() -> list[dict[str, Any]]:
         out = registry.with_started(list_runs(folders.runs))
         for r in out:
-            r["status"] = registry.status(r["name"]) or ended_status(r.get("final"))
+            r["status"] = registry.status(r["name"]) or ended_status(folders.runs / r["name"], r.get("final"))
         return out
 
     @api.get("/runs/{name}")
@@ -138,7 +138,8 @@ def sdtune_router(state: Any) -> APIRouter:
         job = registry.job_of.get(name)
         doc = read_run(confine(folders.runs, check_run_name(name)), started=job is not None)
         doc["method"] = (doc.get("config") or {}).get("method") or registry.method_of.get(name)
-        doc["status"] = job.status if job is not None else ended_status((doc.get("summary") or {}).get("final"))
+        doc["status"] = job.status if job is not None else \
+            ended_status(folders.runs / name, (doc.get("summary") or {}).get("final"))
         doc["job"] = job.describe() if job is not None else None
         doc["message"] = "" if job is None else (f"error: {job.error}" if job.status == "failed" else job.progress.text)
         return doc

@@ -44,6 +44,22 @@ def parse_records(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
     return out
 
 
+def last_record(path: str | Path, tail_bytes: int = 16384) -> dict[str, Any] | None:
+    """The log's last complete record, read from its tail only (a long run's log is not parsed whole)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - tail_bytes))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    if size > tail_bytes:
+        lines = lines[1:]  # the first one may be cut
+    records = parse_records(lines)
+    return records[-1] if records else None
+
+
 def run_outcome(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The `end` record of the run's latest session, or None while that session runs (or if it was killed): an
     `end` before a later `resume` belongs to a session that was continued, so it does not count (logs written
