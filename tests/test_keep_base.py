@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 from sdtune.errors import SdtuneError
-from sdtune.training import TrainConfig, train
+from sdtune.training import train
+from sdtune.training.testing import quick_config
 from sdtune.training.keep_base import KeepBase
 from sdtune.training.methods.base import Batch
 from sdtune.training.methods.dreambooth import DreamBoothMethod, DreamBoothOptions
@@ -33,11 +34,7 @@ def sks_data(tmp_path_factory):
 
 
 def tiny_config(tmp_path, data, method="lora", options=None, **kw):
-    base = dict(method=method, data=str(data), out=str(tmp_path / "out"), steps=2, lr=1e-4, resolution=32,
-                save_every=0, progress=False, tensorboard=False, sample_steps=2,
-                options=options if options is not None else LoraOptions(keep_base=1.0))
-    base.update(kw)
-    return TrainConfig(**base)
+    return quick_config(tmp_path, data, method, options if options is not None else LoraOptions(keep_base=1.0), **kw)
 
 
 def predict(model, latents, t, text):

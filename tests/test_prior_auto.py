@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.training import TrainConfig, train
+from sdtune.training import train
+from sdtune.training.testing import quick_config
 from sdtune.training.identifier import class_prompts, common_words, detect_identifier, without_identifier
 from sdtune.training.methods.dreambooth import DreamBoothOptions
 from sdtune.training.methods.lora import LoraOptions
@@ -36,11 +37,7 @@ def sks_data(tmp_path_factory):
 
 
 def config(tmp_path, data, method="lora", options=None, **kw):
-    base = dict(method=method, data=str(data), out=str(tmp_path / "out"), steps=2, lr=1e-4, resolution=32,
-                save_every=0, progress=False, tensorboard=False, sample_steps=2,
-                options=options if options is not None else LoraOptions(num_class_images=4))
-    base.update(kw)
-    return TrainConfig(**base)
+    return quick_config(tmp_path, data, method, options if options is not None else LoraOptions(num_class_images=4), **kw)
 
 
 # ------------------------------------------------------------------------------------------------- detection

@@ -121,6 +121,18 @@ def open_page(browser, server):
     wait(browser, lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 5, 30)
 
 
+def fill_train_form(browser, server, method, run, dataset=None):
+    """The Train page with `method` chosen, the run named `run` and (optionally) the dataset folder typed in."""
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-train").click()
+    Select(browser.find_element(By.ID, "train-method")).select_by_value(method)
+    name = browser.find_element(By.ID, "run-name")
+    name.clear()
+    name.send_keys(run)
+    if dataset is not None:
+        browser.find_element(By.ID, "dataset-path").send_keys(dataset)
+
+
 def test_generate_shows_the_image_and_its_infotext(browser, server, shots):
     open_page(browser, server)
     prompt = browser.find_element(By.ID, "prompt")
@@ -229,13 +241,7 @@ def test_the_processes_field_goes_with_the_run(browser, server):
 
 def test_processes_0_is_refused_not_run_on_one(browser, server):
     # 0 (or any bad count) is the server's one-line error, not silently 1 process
-    open_page(browser, server)
-    browser.find_element(By.ID, "tab-train").click()
-    Select(browser.find_element(By.ID, "train-method")).select_by_value("lora")
-    name = browser.find_element(By.ID, "run-name")
-    name.clear()
-    name.send_keys("ui-zero")
-    browser.find_element(By.ID, "dataset-path").send_keys("stars")
+    fill_train_form(browser, server, "lora", "ui-zero", "stars")
     processes = browser.find_element(By.ID, "train-processes")
     processes.clear()
     processes.send_keys("0")
@@ -264,13 +270,7 @@ def test_a_failed_run_shows_its_error_without_breaking_the_page(browser, server)
     # scrolls sideways
     (server["root"] / "datasets" / "nothing").mkdir(exist_ok=True)
     (server["root"] / "datasets" / "nothing" / "x.png").write_bytes(b"not an image at all")
-    open_page(browser, server)
-    browser.find_element(By.ID, "tab-train").click()
-    Select(browser.find_element(By.ID, "train-method")).select_by_value("lora")
-    name = browser.find_element(By.ID, "run-name")
-    name.clear()
-    name.send_keys("ui-empty")
-    browser.find_element(By.ID, "dataset-path").send_keys("nothing")
+    fill_train_form(browser, server, "lora", "ui-empty", "nothing")
     browser.find_element(By.ID, "train-start").click()
     wait(browser, lambda d: d.find_element(By.ID, "run-status").text == "failed", 60)
     assert "unreadable image" in browser.find_element(By.ID, "run-message").text
@@ -336,13 +336,7 @@ def test_a_started_run_is_in_the_runs_list_at_once_and_the_list_follows_it(brows
     blocker = server["app"].state.sdtune.jobs.submit(Job(kind="test", title="hold the queue",
                                                          run=lambda job: release.wait(60)))
     try:
-        open_page(browser, server)
-        browser.find_element(By.ID, "tab-train").click()
-        Select(browser.find_element(By.ID, "train-method")).select_by_value("lora")
-        name = browser.find_element(By.ID, "run-name")
-        name.clear()
-        name.send_keys("ui-queued")
-        browser.find_element(By.ID, "dataset-path").send_keys("stars")
+        fill_train_form(browser, server, "lora", "ui-queued", "stars")
         browser.find_element(By.ID, "train-start").click()
         item = '#runs-list li[data-run="ui-queued"]'
         wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, item), 30)

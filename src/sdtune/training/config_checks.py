@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from sdtune.training.methods.base import TrainingMethod
 
 RUN_ENTRIES = ("state", "checkpoints", "samples", "class_images", "cv")  # a run folder's own entries
+# whole-number settings and their least value
+MINIMUMS = {"batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "save_every": 0, "sample_every": 0,
+            "sample_steps": 1, "keep_states": 1, "average_checkpoints": 1, "keep_tokens": 0, "clip_skip": 1,
+            "val_timesteps": 1}
 
 
 def check_values(cfg: TrainConfig, method: type[TrainingMethod] | None = None) -> TrainConfig:
@@ -40,17 +44,8 @@ def check_values(cfg: TrainConfig, method: type[TrainingMethod] | None = None) -
     auto = cfg.steps == "auto"
     if not auto:
         _at_least("steps", cfg.total_steps, 1)
-    _at_least("batch_size", cfg.batch_size, 1)
-    _at_least("grad_accum", cfg.grad_accum, 1)
-    _at_least("warmup_steps", cfg.warmup_steps, 0)
-    _at_least("save_every", cfg.save_every, 0)
-    _at_least("sample_every", cfg.sample_every, 0)
-    _at_least("sample_steps", cfg.sample_steps, 1)
-    _at_least("keep_states", cfg.keep_states, 1)
-    _at_least("average_checkpoints", cfg.average_checkpoints, 1)
-    _at_least("keep_tokens", cfg.keep_tokens, 0)
-    _at_least("clip_skip", cfg.clip_skip, 1)
-    _at_least("val_timesteps", cfg.val_timesteps, 1)
+    for name, low in MINIMUMS.items():
+        _at_least(name, getattr(cfg, name), low)
     if cfg.val_timesteps > 900:
         raise SdtuneError(f"val_timesteps {cfg.val_timesteps} is too many; use 1..900 (8 is typical)")
     if not 0 <= cfg.seed < 2**63:
