@@ -68,7 +68,7 @@ def test_dreambooth_class_data_needs_a_class_prompt_unless_prior_is_off(tmp_path
 
 def test_dreambooth_text_encoder_trains_with_its_own_rate(tmp_path, data, sd1):
     opts = DreamBoothOptions(prior_preservation=False, train_text_encoder=True, text_encoder_lr=1e-5,
-                             diffusers_folder=False)
+                             diffusers_folder=False, train_identifier=False)
     model = copy.deepcopy(sd1)
     t = Trainer(config(tmp_path, data, options=opts), model=model, echo=lambda s: None)
     t.run()

@@ -370,3 +370,18 @@ def test_samples_have_a_step_caption_and_processes_its_own_tooltip(browser, serv
     captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#run-samples figcaption")]
     assert captions == ["step 5", "step 10"]
     shots(browser, "run-samples")
+
+
+def test_a_run_started_elsewhere_appears_while_the_runs_page_is_open(browser, server):
+    # the CLI (or the API, or another browser) writes OUT/config.json when it starts: the open list picks it up
+    # without a reload (before, only reopening the page showed it)
+    import json
+
+    open_page(browser, server)
+    browser.find_element(By.ID, "tab-runs").click()
+    time.sleep(1)  # the page's own first listing, before the run exists
+    folder = server["root"] / "runs" / "from-cli"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"method": "dreambooth"}))
+    item = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#runs-list li[data-run="from-cli"]'), 30)
+    assert item[0].text.startswith("from-cli (dreambooth)")

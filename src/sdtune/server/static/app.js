@@ -449,10 +449,14 @@ $("dataset-check").addEventListener("click", async () => {
 });
 
 // ---------------------------------------------------------------------------------------------------- runs
+let runsShown = null;  // what the list shows, so a poll that finds nothing new leaves it alone
 async function loadRuns() {
   try {
     const runs = await api("/sdtune/v1/runs");
     const list = $("runs-list");
+    const shown = JSON.stringify([runs.map((r) => [r.name, r.method, r.status]), currentRun]);
+    if (shown === runsShown && list.children.length) return;
+    runsShown = shown;
     list.innerHTML = "";
     for (const r of runs) {
       const li = document.createElement("li");
@@ -589,3 +593,5 @@ loadSchema().catch((e) => showError("train-error", e));
 loadCards();
 setInterval(pollQueue, 2000);
 pollQueue();
+// runs started elsewhere (the CLI, the API, another browser) appear while the Runs page is open
+setInterval(() => { if ($("page-runs").classList.contains("active")) loadRuns(); }, 3000);

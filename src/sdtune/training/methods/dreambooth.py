@@ -23,6 +23,9 @@ import torch
 from sdtune.errors import SdtuneError
 from sdtune.training.options import opt
 from sdtune.training.methods.base import TrainingMethod, trainable
+from sdtune.training.methods.identifier_rows import DEFAULT_LR as IDENTIFIER_LR
+from sdtune.training.methods.identifier_rows import STATE_PREFIX as IDENTIFIER_STATE
+from sdtune.training.methods.identifier_rows import IdentifierRows
 from sdtune.training.methods.text_encoders import check_text_encoder_lr, text_encoder_group, text_encoders_of
 from sdtune.training.prior import PersonalizeMixin, PersonalizeOptions, check_personalize_options
 
@@ -43,6 +46,14 @@ class DreamBoothOptions(PersonalizeOptions):
                               choices=tuple(PRECISIONS))
     diffusers_folder: bool = opt(True, "Also write a diffusers folder next to every checkpoint file.",
                                  section="dreambooth", kind="bool")
+    train_identifier: bool | None = opt(None, "Also learn the identifier's own embedding (its row of the text "
+                                        "encoder's token table, saved in the checkpoint): prompts with it get a "
+                                        "word that means the concept, prompts without it do not read that row. "
+                                        "Default: on when the identifier is one token (sks is).",
+                                        section="dreambooth", kind="bool")
+    identifier_lr: float | None = opt(None, f"Learning rate of the identifier's embedding (default "
+                                      f"{IDENTIFIER_LR:g}; it follows the run's schedule).", section="dreambooth",
+                                      kind="float")
 
 
 def _replace_dir(tmp: Path, dest: Path) -> None:
@@ -62,10 +73,16 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
     Options = DreamBoothOptions
     prior_default = True
     _base: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None  # --keep-base: (weight, value before training)
+    identifier_rows: IdentifierRows | None = None  # --train-identifier (set by `setup`)
 
     @classmethod
     def check_options(cls, options: Any, config: TrainConfig) -> None:
         check_text_encoder_lr(options.text_encoder_lr, options.train_text_encoder, "--train-text-encoder")
+        if options.identifier_lr is not None:
+            if not options.identifier_lr > 0:
+                raise SdtuneError(f"identifier_lr {options.identifier_lr} must be > 0 (1e-3 to 5e-3 is typical)")
+            if options.train_identifier is False:
+                raise SdtuneError("identifier_lr is set but --no-train-identifier turns the identifier's training off")
         check_personalize_options(options, cls.name, cls.prior_default, config.resolution)
 
     def _parts(self) -> list[tuple[str, torch.nn.Module]]:
@@ -89,6 +106,9 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         self.trains_text_encoder = bool(te_params)
         if te_params:
             groups.append(text_encoder_group(te_params, config, self.options.text_encoder_lr))
+        if self.options.train_identifier is not False:
+            self.identifier_rows = IdentifierRows(self.options.identifier_lr)
+            groups.append(self.identifier_rows.setup(model, config))
         return groups
 
     def prepare_data(self, ctx: TrainingContext) -> None:
@@ -97,6 +117,19 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         if self.options.keep_base:
             self.remember_base()
         self.personalize_prepare(ctx)
+        if self.identifier_rows is not None:
+            self._start_identifier_rows(ctx)
+
+    def _start_identifier_rows(self, ctx: TrainingContext) -> None:
+        """The identifier: the prior's or keep-base's, else --identifier or the one detected in the captions."""
+        from sdtune.training.identifier import auto_class_prompts
+
+        assert self.identifier_rows is not None and self.model is not None
+        word = next((t.identifier for t in (self.prior, self.keep_base) if t is not None and t.identifier), None)
+        if word is None:
+            word, _ = auto_class_prompts(ctx, self.options, getattr(self.model.pipe, "tokenizer", None))
+        if self.identifier_rows.start(word, ctx, asked=bool(self.options.train_identifier)):
+            self.trains_text_encoder = True  # encodings depend on the trained vectors: no cache
 
     def remember_base(self) -> None:
         """Keep a copy of the weights as they are now (before any step), in the model's own precision."""
@@ -121,10 +154,17 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         return [m for _, m in self._parts()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.{k}": p.detach() for prefix, m in self._parts() for k, p in m.named_parameters()}
+        out = {f"{prefix}.{k}": p.detach() for prefix, m in self._parts() for k, p in m.named_parameters()}
+        if self.identifier_rows is not None:
+            out.update(self.identifier_rows.state_dict())
+        return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        expected = self.state_dict()
+        if self.identifier_rows is not None:
+            rows = {k: v for k, v in state.items() if k.startswith(IDENTIFIER_STATE)}
+            self.identifier_rows.load_state_dict(rows)
+            state = {k: v for k, v in state.items() if not k.startswith(IDENTIFIER_STATE)}
+        expected = {k: v for k, v in self.state_dict().items() if not k.startswith(IDENTIFIER_STATE)}
         if set(state) != set(expected):
             raise SdtuneError(f"saved DreamBooth weights do not match this model ({len(state)} tensors saved, "
                               f"{len(expected)} expected); was the model or --train-text-encoder changed?")
@@ -137,8 +177,9 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
                 expected[k].copy_(v.to(expected[k].device, expected[k].dtype))
 
     def metadata(self) -> dict[str, str]:
+        rows = self.identifier_rows.metadata() if self.identifier_rows is not None else {}
         return {"sdtune_dreambooth_text_encoder": str(bool(self.options.train_text_encoder)),
-                **self.personalize_metadata()}
+                **self.personalize_metadata(), **rows}
 
     def save(self, path: str | Path, step: int, metadata: Mapping[str, str]) -> Path:
         from sdtune.formats.checkpoint import save_single_file
@@ -149,6 +190,8 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         meta = {k: v for k, v in {**dict(metadata), **self.metadata(), "sdtune_step": str(step)}.items()
                 if not k.startswith("ss_")}
         pipe = self.model.pipe
+        if self.identifier_rows is not None:
+            self.identifier_rows.write_rows()
         written = save_single_file(pipe, path, self.model.family, dtype=PRECISIONS[self.options.save_precision],
                                    metadata=meta)
         if self.options.diffusers_folder:
@@ -188,3 +231,7 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
             raise
         self._remove_orphans(source.parent)
         ctx.echo(f"saved diffusers folder {dest}")
+
+    def teardown(self) -> None:
+        if self.identifier_rows is not None:
+            self.identifier_rows.remove()

@@ -1,0 +1,130 @@
+"""DreamBooth's `--train-identifier`: the identifier word's own embedding learned with the UNet, saved in the
+checkpoint.
+
+Why: with the text encoder frozen, `sks` is a rare token whose encoding moves the caption half as far as a shape
+word does (`python experiments/identifier_signal.py`: 18.5 vs 36.6), so the UNet has to learn the concept from a
+weak signal it shares with every other prompt, and bends those prompts too (docs/lora.md, the DreamBooth table).
+Pivotal tuning answers this with a new word beside a LoRA; a DreamBooth checkpoint carries its text encoders, so
+here the identifier itself can become that word: its row of each text encoder's token table is learned (Textual
+Inversion on an existing token, at its own rate) and written into the table before every save. Prompts without the
+identifier never read that row, so the row changes nothing else; A1111, ComfyUI, kohya and diffusers read the
+checkpoint's table as it is, and users keep prompting `sks`.
+
+Only an identifier that is one token in every tokenizer: a piece shared with other words (`oh` of `ohwx`) would
+change those words too, so such an identifier is left alone (with a note, or an error when asked for explicitly).
+While training, a forward hook on each token-embedding module puts the trained vector where the identifier's
+token id is (the table row itself is not a parameter: its optimizer state would be the whole vocabulary's).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from sdtune.errors import SdtuneError
+
+if TYPE_CHECKING:
+    from sdtune.models.loading import LoadedModel
+    from sdtune.training.config import TrainConfig
+    from sdtune.training.context import TrainingContext
+
+DEFAULT_LR = 5e-3  # as pivotal tuning's word (training.methods.pivotal)
+STATE_PREFIX = "identifier."
+
+
+def single_token_id(tokenizer: Any, word: str) -> int | None:
+    """The token id of `word` when the tokenizer makes it exactly one token, else None."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+class IdentifierRows:
+    """The trained vector of the identifier's token in each text encoder (one per encoder, SDXL has two)."""
+
+    def __init__(self, lr: float | None) -> None:
+        self.lr = DEFAULT_LR if lr is None else lr
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.word: str | None = None
+        self._slots: list[Any] = []
+        self._ids: dict[str, int] = {}
+        self._hooks: list[Any] = []
+
+    def setup(self, model: LoadedModel, config: TrainConfig) -> dict[str, Any]:
+        """The vectors' optimizer param group. They are filled by `start` once the identifier is known (after the
+        captions are read); until then they get no gradient, so the optimizer leaves them alone."""
+        from sdtune.prompts.encoder import encoder_slots
+        from sdtune.training.schedules import LRSchedule
+
+        self._slots = encoder_slots(model.pipe)
+        for s in self._slots:
+            table = s.model.get_input_embeddings().weight
+            self.params[s.key] = torch.nn.Parameter(torch.zeros(table.shape[1], device=table.device))
+        peak = LRSchedule.from_config(config.lr, config.lr_scheduler, config.warmup_steps, config.total_steps).peak
+        return {"params": list(self.params.values()), "lr_scale": self.lr / peak, "weight_decay": 0.0}
+
+    def start(self, word: str | None, ctx: TrainingContext, *, asked: bool) -> bool:
+        """Begin training `word`'s rows; False (with a note) when there is no identifier or it is several tokens,
+        an error instead when the user asked for it (`asked`)."""
+        ids = {s.key: single_token_id(s.tokenizer, word) for s in self._slots} if word else {}
+        if not word or any(i is None for i in ids.values()):
+            why = ("no identifier was found in the captions (pass --identifier WORD)" if not word else
+                   f"the identifier {word!r} is several tokens of the vocabulary, whose pieces other words share; "
+                   "use a one-token identifier such as sks")
+            if asked:
+                raise SdtuneError(f"--train-identifier cannot train: {why}")
+            ctx.echo(f"note: the identifier's embedding is not trained: {why}")
+            return False
+        self.word, self._ids = word, {k: int(i) for k, i in ids.items() if i is not None}
+        with torch.no_grad():
+            for s in self._slots:
+                row = s.model.get_input_embeddings().weight[self._ids[s.key]]
+                self.params[s.key].copy_(row.float())
+        for s in self._slots:
+            self._hooks.append(s.model.get_input_embeddings().register_forward_hook(self._hook(s.key)))
+        ctx.echo(f"identifier {word!r}: its embedding trains with the UNet (lr {self.lr:g}) and is saved in the "
+                 "checkpoint's text encoder; prompts without it are not affected by it")
+        return True
+
+    def _hook(self, key: str) -> Any:
+        token_id, vector = self._ids[key], self.params[key]
+
+        def put_vector(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+            mask = (args[0] == token_id).unsqueeze(-1)
+            return torch.where(mask, vector.to(output.dtype), output)
+
+        return put_vector
+
+    def write_rows(self) -> None:
+        """The trained vectors into the token tables (what a saved checkpoint must carry)."""
+        if self.word is None:
+            return
+        with torch.no_grad():
+            for s in self._slots:
+                table = s.model.get_input_embeddings().weight
+                table[self._ids[s.key]] = self.params[s.key].to(table.dtype)
+
+    def remove(self) -> None:
+        """Write the rows and take the hooks off (the model then reads its table as a loader of the file would)."""
+        self.write_rows()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # -- resumable state ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {STATE_PREFIX + k: p.detach() for k, p in self.params.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        want = self.state_dict()
+        if set(state) != set(want) or any(state[k].shape != want[k].shape for k in state):
+            raise SdtuneError("saved identifier vectors do not match this run; was --train-identifier or the model "
+                              "changed?")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state[STATE_PREFIX + k].to(p.device, p.dtype))
+
+    def metadata(self) -> dict[str, str]:
+        return {"sdtune_identifier_trained": self.word or "", "sdtune_identifier_lr": f"{self.lr:g}"} \
+            if self.word else {}

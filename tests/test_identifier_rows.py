@@ -1,0 +1,112 @@
+"""DreamBooth's --train-identifier (issue 21 part 4): the identifier's own row of each token table is learned and
+saved in the checkpoint; every other row, and so every prompt without the identifier, is the base model's; the live
+model is left without hooks; identifiers of several tokens are refused or skipped; bad rates are one-line errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sdtune.errors import SdtuneError
+from sdtune.training import Trainer, train
+from sdtune.training.methods.dreambooth import DreamBoothOptions
+from sdtune.training.methods.identifier_rows import single_token_id
+from sdtune.training.testing import quick_config, tiny_loaded
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                        "ignore::UserWarning")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def sks_data(tmp_path_factory):
+    from sdtune.toy.testing import write_toy_dataset
+
+    return write_toy_dataset(tmp_path_factory.mktemp("sks"), 3, size=32, shapes=("heart",),
+                             caption="a {colour} sks shape")
+
+
+def options(**kw):
+    return DreamBoothOptions(**{"prior_preservation": False, "diffusers_folder": False, "save_precision": "fp32",
+                                **kw})
+
+
+def tables(model):
+    from sdtune.prompts.encoder import encoder_slots
+
+    return {s.key: s.model.get_input_embeddings().weight.detach().clone() for s in encoder_slots(model.pipe)}
+
+
+def encode(model, text):
+    with torch.no_grad():
+        return model.pipe.encode_prompt([text], device="cpu", num_images_per_prompt=1,
+                                        do_classifier_free_guidance=False)[0]
+
+
+def test_dreambooth_learns_the_identifiers_row_alone_and_saves_it_in_the_checkpoint(tmp_path, sks_data, sd1):
+    from sdtune.models import load_model
+
+    model, said = copy.deepcopy(sd1), []
+    result = train(quick_config(tmp_path, sks_data, "dreambooth", options(), steps=3), model=model,
+                   echo=said.append)
+    assert any(s.startswith("identifier 'sks': its embedding trains") for s in said)
+    back = load_model(str(result.final))
+    sks = single_token_id(sd1.pipe.tokenizer, "sks")
+    before, after = tables(sd1)["clip_l"], tables(back)["clip_l"]
+    changed = (before != after).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [sks]  # that row learned, every other row is the base model's exactly
+    assert torch.equal(encode(back, "a red shape on a blue background"), encode(sd1, "a red shape on a blue background"))
+    assert not torch.equal(encode(back, "a red sks shape"), encode(sd1, "a red sks shape"))
+    # the live model: no hook left, its table carries the trained row as the file does
+    embedding = model.pipe.text_encoder.get_input_embeddings()
+    assert not embedding._forward_hooks
+    assert torch.equal(embedding.weight[sks], after[sks])
+    with safe_open(str(result.final), "pt") as f:
+        assert f.metadata()["sdtune_identifier_trained"] == "sks"
+
+
+def test_sdxl_learns_the_row_in_both_text_encoders(tmp_path, sks_data):
+    base = tiny_loaded("sdxl")
+    before = tables(base)
+    model = copy.deepcopy(base)
+    t = Trainer(quick_config(tmp_path, sks_data, "dreambooth", options(), steps=2), model=model, echo=lambda s: None)
+    t.run()
+    after = tables(model)
+    for key in ("clip_l", "clip_g"):
+        sks = single_token_id(model.pipe.tokenizer if key == "clip_l" else model.pipe.tokenizer_2, "sks")
+        assert (before[key] != after[key]).any(dim=1).nonzero().flatten().tolist() == [sks]
+    state = t.method.state_dict()
+    assert {"identifier.clip_l", "identifier.clip_g"} <= set(state)
+
+
+def test_an_identifier_of_several_tokens_is_skipped_or_refused(tmp_path, sd1):
+    from sdtune.toy.testing import write_toy_dataset
+
+    data = write_toy_dataset(tmp_path / "qz", 2, size=32, shapes=("heart",), caption="a {colour} qzxvw shape")
+    assert single_token_id(sd1.pipe.tokenizer, "qzxvw") is None
+    said: list[str] = []
+    model = copy.deepcopy(sd1)
+    train(quick_config(tmp_path / "a", data, "dreambooth", options(identifier="qzxvw"), steps=1), model=model,
+          echo=said.append)
+    assert any("not trained: the identifier 'qzxvw' is several tokens" in s for s in said)
+    assert torch.equal(tables(model)["clip_l"], tables(sd1)["clip_l"])
+    with pytest.raises(SdtuneError, match="--train-identifier cannot train: the identifier 'qzxvw' is several"):
+        train(quick_config(tmp_path / "b", data, "dreambooth", options(identifier="qzxvw", train_identifier=True),
+                           steps=1), model=copy.deepcopy(sd1))
+
+
+def test_off_leaves_the_text_encoder_alone(tmp_path, sks_data, sd1):
+    model = copy.deepcopy(sd1)
+    train(quick_config(tmp_path, sks_data, "dreambooth", options(train_identifier=False), steps=2), model=model,
+          echo=lambda s: None)
+    assert torch.equal(tables(model)["clip_l"], tables(sd1)["clip_l"])
+
+
+def test_bad_identifier_rates_are_one_line_errors(tmp_path, sks_data):
+    for bad, match in ((options(identifier_lr=0.0), "identifier_lr 0.0 must be > 0"),
+                       (options(identifier_lr=1e-3, train_identifier=False), "identifier_lr is set but")):
+        with pytest.raises(SdtuneError, match=match):
+            quick_config(tmp_path, sks_data, "dreambooth", bad).check_values()
