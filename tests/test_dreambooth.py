@@ -190,3 +190,21 @@ def test_cli_train_dreambooth_help_and_dry_run(tmp_path, data, capsys):
     code, out = run(["train", "dreambooth", "--data", str(data), "--out", str(tmp_path / "o"), "--class-prompt",
                      "a photo of a shape", "--num-class-images", "10", "--prior-weight", "0.5", "--dry-run"])
     assert code == 0 and "prior_weight = 0.5" in out
+
+
+def test_a_real_sized_unet_at_the_toy_rate_gets_one_warning(tmp_path, data, sd1, monkeypatch):
+    # the default --lr (1e-4) suits the tiny model; a real UNet (hundreds of millions of weights, here: the size
+    # threshold lowered to the tiny one's) at that rate is warned about, at 2e-6 it is not
+    from sdtune.training.methods import dreambooth
+
+    monkeypatch.setattr(dreambooth, "REAL_UNET_PARAMS", 0)
+    opts = DreamBoothOptions(prior_preservation=False, diffusers_folder=False)
+    for lr, warned in ((1e-4, 1), (2e-6, 0)):
+        said: list[str] = []
+        train(config(tmp_path, data, name=f"lr{lr}", options=opts, steps=1, lr=lr), model=copy.deepcopy(sd1),
+              echo=said.append)
+        assert sum(s.startswith(f"warning: lr {lr:g} is high for a full fine-tune") for s in said) == warned
+    monkeypatch.undo()
+    said = []
+    train(config(tmp_path, data, name="tiny", options=opts, steps=1), model=copy.deepcopy(sd1), echo=said.append)
+    assert not any("is high for a full fine-tune" in s for s in said)

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from sdtune.training.context import TrainingContext
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+REAL_UNET_PARAMS = 100_000_000  # SD1.x's UNet has 860M, SDXL's 2.6G; the bundled tiny model's is a few million
+REAL_MAX_LR = 2e-5  # above this a real UNet's full fine-tune is warned about
 
 
 @dataclass
@@ -114,6 +116,7 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
     def prepare_data(self, ctx: TrainingContext) -> None:
         n = sum(p.numel() for g in self._parts() for p in g[1].parameters())
         ctx.echo(f"DreamBooth: fine-tuning {', '.join(n for n, _ in self._parts())} ({n / 1e6:.1f}M parameters)")
+        self._warn_if_rate_is_for_a_toy(ctx)
         if self.options.keep_base:
             self.remember_base()
         self.personalize_prepare(ctx)
@@ -130,6 +133,20 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
             word, _ = auto_class_prompts(ctx, self.options, getattr(self.model.pipe, "tokenizer", None))
         if self.identifier_rows.start(word, ctx, asked=bool(self.options.train_identifier)):
             self.trains_text_encoder = True  # encodings depend on the trained vectors: no cache
+
+    def _warn_if_rate_is_for_a_toy(self, ctx: TrainingContext) -> None:
+        """The default --lr (1e-4) suits the bundled tiny model; a full fine-tune of a real UNet at that rate
+        destroys it within a few hundred steps, so say what such runs use before the time is spent."""
+        from sdtune.training.schedules import LRSchedule
+
+        assert self.model is not None and self.config is not None
+        cfg = self.config
+        unet = sum(p.numel() for p in self.model.pipe.unet.parameters())
+        peak = LRSchedule.from_config(cfg.lr, cfg.lr_scheduler, cfg.warmup_steps, cfg.total_steps).peak
+        if unet > REAL_UNET_PARAMS and peak > REAL_MAX_LR:
+            ctx.echo(f"warning: lr {peak:g} is high for a full fine-tune of a {unet / 1e6:.0f}M-parameter UNet "
+                     "(DreamBooth on SD1.5/SDXL uses 1e-6 to 5e-6; diffusers' example 5e-6); pass --lr 2e-6 unless "
+                     "you mean it")
 
     def remember_base(self) -> None:
         """Keep a copy of the weights as they are now (before any step), in the model's own precision."""
