@@ -68,18 +68,22 @@ def test_dreambooth_learns_the_identifiers_row_alone_and_saves_it_in_the_checkpo
         assert f.metadata()["sdtune_identifier_trained"] == "sks"
 
 
-def test_sdxl_learns_the_row_in_both_text_encoders(tmp_path, sks_data):
-    base = tiny_loaded("sdxl")
+@pytest.mark.parametrize("family, encoders", [("sdxl", 2), ("sd2", 1)])
+def test_every_family_learns_the_row_in_each_text_encoder(tmp_path, sks_data, family, encoders):
+    """SDXL: both encoders' tables (clip_l, clip_g); SD2: its one encoder, with v-prediction."""
+    from sdtune.prompts.encoder import encoder_slots
+
+    base = tiny_loaded(family)
     before = tables(base)
     model = copy.deepcopy(base)
     t = Trainer(quick_config(tmp_path, sks_data, "dreambooth", options(), steps=2), model=model, echo=lambda s: None)
     t.run()
     after = tables(model)
-    for key in ("clip_l", "clip_g"):
-        sks = single_token_id(model.pipe.tokenizer if key == "clip_l" else model.pipe.tokenizer_2, "sks")
-        assert (before[key] != after[key]).any(dim=1).nonzero().flatten().tolist() == [sks]
-    state = t.method.state_dict()
-    assert {"identifier.clip_l", "identifier.clip_g"} <= set(state)
+    assert len(after) == encoders
+    for slot in encoder_slots(model.pipe):
+        sks = single_token_id(slot.tokenizer, "sks")
+        assert (before[slot.key] != after[slot.key]).any(dim=1).nonzero().flatten().tolist() == [sks]
+    assert {f"identifier.{k}" for k in after} <= set(t.method.state_dict())
 
 
 def test_an_identifier_of_several_tokens_is_skipped_or_refused(tmp_path, sd1):
