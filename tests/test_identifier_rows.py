@@ -114,3 +114,28 @@ def test_bad_identifier_rates_are_one_line_errors(tmp_path, sks_data):
                        (options(identifier_lr=1e-3, train_identifier=False), "identifier_lr is set but")):
         with pytest.raises(SdtuneError, match=match):
             quick_config(tmp_path, sks_data, "dreambooth", bad).check_values()
+
+
+def test_resume_repeats_the_uninterrupted_run_and_an_older_state_says_how_to_resume(tmp_path, sks_data, sd1):
+    """The vectors are part of the resumable state: stopped after step 1 and resumed, the losses and the saved
+    row are the uninterrupted run's exactly."""
+    def cfg(name, **kw):
+        return quick_config(tmp_path / name, sks_data, "dreambooth", options(**kw), steps=3)
+
+    def stop_after_1(trainer, step, loss):
+        if step == 1:
+            trainer.request_stop()
+
+    quiet = dict(echo=lambda s: None)
+    full_model = copy.deepcopy(sd1)
+    full = train(cfg("full"), model=full_model, **quiet)
+    first = train(cfg("part"), model=copy.deepcopy(sd1), on_step=stop_after_1, **quiet)
+    assert len(first.losses) == 1
+    part_model = copy.deepcopy(sd1)
+    rest = train(cfg("part").replace(resume="auto"), model=part_model, **quiet)
+    assert rest.losses == full.losses[1:]
+    assert torch.equal(tables(part_model)["clip_l"], tables(full_model)["clip_l"])
+    # a state saved without the vectors (--no-train-identifier, or before the option existed)
+    train(cfg("old", train_identifier=False), model=copy.deepcopy(sd1), on_step=stop_after_1, **quiet)
+    with pytest.raises(SdtuneError, match="resumes with --no-train-identifier"):
+        train(cfg("old").replace(resume="auto"), model=copy.deepcopy(sd1), **quiet)

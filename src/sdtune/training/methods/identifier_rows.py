@@ -120,7 +120,8 @@ class IdentifierRows:
         want = self.state_dict()
         if set(state) != set(want) or any(state[k].shape != want[k].shape for k in state):
             raise SdtuneError("saved identifier vectors do not match this run; was --train-identifier or the model "
-                              "changed?")
+                              "changed? (a run saved before --train-identifier existed resumes with "
+                              "--no-train-identifier)")
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(state[STATE_PREFIX + k].to(p.device, p.dtype))
