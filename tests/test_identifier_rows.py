@@ -137,5 +137,7 @@ def test_resume_repeats_the_uninterrupted_run_and_an_older_state_says_how_to_res
     assert torch.equal(tables(part_model)["clip_l"], tables(full_model)["clip_l"])
     # a state saved without the vectors (--no-train-identifier, or before the option existed)
     train(cfg("old", train_identifier=False), model=copy.deepcopy(sd1), on_step=stop_after_1, **quiet)
+    refused = copy.deepcopy(sd1)
     with pytest.raises(SdtuneError, match="resumes with --no-train-identifier"):
-        train(cfg("old").replace(resume="auto"), model=copy.deepcopy(sd1), **quiet)
+        train(cfg("old").replace(resume="auto"), model=refused, **quiet)
+    assert not refused.pipe.text_encoder.get_input_embeddings()._forward_hooks  # given back without the hook

@@ -355,12 +355,17 @@ class Trainer(TrainerSetup, TrainerSampling, TrainerRecovery):
             self.store.clean_temp()
         if state is not None:
             self._check_resume_config(state)
-        self._prepare()
+        try:
+            self._prepare()
+            if state is not None:
+                if state.extra.get("dataset") not in (None, self.dataset.fingerprint()):
+                    self.echo("warning: the training images changed since the state was saved; the data order "
+                              "after resuming differs from the original run")
+                self._restore(state)
+        except BaseException:  # e.g. a state that does not match: the caller's model is given back as it was
+            self.method.teardown()
+            raise
         if state is not None:
-            if state.extra.get("dataset") not in (None, self.dataset.fingerprint()):
-                self.echo("warning: the training images changed since the state was saved; the data order after "
-                          "resuming differs from the original run")
-            self._restore(state)
             self.echo(f"resuming at step {self.step} from {state.path}")
             saved_world = int(state.extra.get("processes", 1))
             if saved_world != self.ranks.world:

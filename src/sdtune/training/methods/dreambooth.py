@@ -143,7 +143,7 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         cfg = self.config
         unet = sum(p.numel() for p in self.model.pipe.unet.parameters())
         peak = LRSchedule.from_config(cfg.lr, cfg.lr_scheduler, cfg.warmup_steps, cfg.total_steps).peak
-        if unet > REAL_UNET_PARAMS and peak > REAL_MAX_LR:
+        if unet > REAL_UNET_PARAMS and peak > REAL_MAX_LR and cfg.optimizer != "prodigy":  # prodigy: --lr 1
             ctx.echo(f"warning: lr {peak:g} is high for a full fine-tune of a {unet / 1e6:.0f}M-parameter UNet "
                      "(DreamBooth on SD1.5/SDXL uses 1e-6 to 5e-6; diffusers' example 5e-6); pass --lr 2e-6 unless "
                      "you mean it")
@@ -184,7 +184,7 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         expected = {k: v for k, v in self.state_dict().items() if not k.startswith(IDENTIFIER_STATE)}
         if set(state) != set(expected):
             raise SdtuneError(f"saved DreamBooth weights do not match this model ({len(state)} tensors saved, "
-                              f"{len(expected)} expected); was the model or --train-text-encoder changed?")
+                              f"{len(expected)} expected); was the model, --train-text-encoder or --train-identifier changed?")
         bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
         if bad:
             raise SdtuneError(f"saved DreamBooth weights have other shapes than this model ({bad[0]}); was the model "

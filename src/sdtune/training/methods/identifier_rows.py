@@ -89,8 +89,10 @@ class IdentifierRows:
     def _hook(self, key: str) -> Any:
         token_id, vector = self._ids[key], self.params[key]
 
-        def put_vector(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        def put_vector(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
             mask = (args[0] == token_id).unsqueeze(-1)
+            if not bool(mask.any()):  # no identifier here (class prompts, keep-base): no graph through the vector
+                return None
             return torch.where(mask, vector.to(output.dtype), output)
 
         return put_vector
