@@ -10,10 +10,11 @@ Inversion on an existing token, at its own rate) and written into the table befo
 identifier never read that row, so the row changes nothing else; A1111, ComfyUI, kohya and diffusers read the
 checkpoint's table as it is, and users keep prompting `sks`.
 
-Only an identifier that is one token in every tokenizer: a piece shared with other words (`oh` of `ohwx`) would
-change those words too, so such an identifier is left alone (with a note, or an error when asked for explicitly).
-While training, a forward hook on each token-embedding module puts the trained vector where the identifier's
-token id is (the table row itself is not a parameter: its optimizer state would be the whole vocabulary's).
+Only an identifier that is one token in every tokenizer (sks is; CLIP splits zwx into z + wx): a piece shared
+with other words would change those words too, so such an identifier is left alone (with a note, or an error when
+asked for explicitly). While training, a forward hook on each token-embedding module puts the trained vector where
+the identifier's token id is (the table row itself is not a parameter: its optimizer state would be the whole
+vocabulary's).
 """
 
 from __future__ import annotations
@@ -129,5 +130,6 @@ class IdentifierRows:
                 p.copy_(state[STATE_PREFIX + k].to(p.device, p.dtype))
 
     def metadata(self) -> dict[str, str]:
-        return {"sdtune_identifier_trained": self.word or "", "sdtune_identifier_lr": f"{self.lr:g}"} \
-            if self.word else {}
+        if self.word is None:
+            return {}
+        return {"sdtune_identifier_trained": self.word, "sdtune_identifier_lr": f"{self.lr:g}"}
