@@ -363,7 +363,8 @@ class Trainer(TrainerSetup, TrainerSampling, TrainerRecovery):
                               "after resuming differs from the original run")
                 self._restore(state)
         except BaseException:  # e.g. a state that does not match: the caller's model is given back as it was
-            self.method.teardown()
+            if self._method is not None:  # None: stopped before a method was chosen (nothing to undo)
+                self._method.teardown()
             raise
         if state is not None:
             self.echo(f"resuming at step {self.step} from {state.path}")
