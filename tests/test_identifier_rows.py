@@ -135,6 +135,9 @@ def test_resume_repeats_the_uninterrupted_run_and_an_older_state_says_how_to_res
     rest = train(cfg("part").replace(resume="auto"), model=part_model, **quiet)
     assert rest.losses == full.losses[1:]
     assert torch.equal(tables(part_model)["clip_l"], tables(full_model)["clip_l"])
+    # the same state resumed with another identifier ("shape" is in every caption too): its vectors are sks's
+    with pytest.raises(SdtuneError, match="belong to another word than 'shape'"):
+        train(cfg("part", identifier="shape").replace(resume="auto", steps=4), model=copy.deepcopy(sd1), **quiet)
     # a state saved without the vectors (--no-train-identifier, or before the option existed)
     train(cfg("old", train_identifier=False), model=copy.deepcopy(sd1), on_step=stop_after_1, **quiet)
     refused = copy.deepcopy(sd1)

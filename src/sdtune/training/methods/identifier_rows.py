@@ -116,8 +116,13 @@ class IdentifierRows:
 
     # -- resumable state ---------------------------------------------------------------------------------------
 
+    def _token_ids(self) -> torch.Tensor:
+        """Which rows the vectors belong to (-1: none started), so a resume cannot put them into another word's."""
+        return torch.tensor([self._ids.get(s.key, -1) for s in self._slots], dtype=torch.int64)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {STATE_PREFIX + k: p.detach() for k, p in self.params.items()}
+        return {**{STATE_PREFIX + k: p.detach() for k, p in self.params.items()},
+                STATE_PREFIX + "token_ids": self._token_ids()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         want = self.state_dict()
@@ -125,6 +130,11 @@ class IdentifierRows:
             raise SdtuneError("saved identifier vectors do not match this run; was --train-identifier or the model "
                               "changed? (a run saved before --train-identifier existed resumes with "
                               "--no-train-identifier)")
+        saved = state[STATE_PREFIX + "token_ids"].to("cpu", torch.int64)
+        if not torch.equal(saved, self._token_ids()):
+            raise SdtuneError(f"the saved identifier vectors belong to another word than {self.word!r} (token ids "
+                              f"{saved.tolist()}, now {self._token_ids().tolist()}); resume with the captions and "
+                              "--identifier of the saved run, or start a new --out")
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(state[STATE_PREFIX + k].to(p.device, p.dtype))
