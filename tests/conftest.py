@@ -47,3 +47,13 @@ def data(tmp_path_factory):
     from sdtune.toy.testing import write_toy_dataset
 
     return write_toy_dataset(tmp_path_factory.mktemp("data"), 2, size=32)
+
+
+@pytest.fixture(scope="module")
+def sks_data(tmp_path_factory):
+    """Four 32px hearts captioned "a {colour} sks shape": a concept named by an identifier (prior, keep-base,
+    DreamBooth's identifier row)."""
+    from sdtune.toy.testing import write_toy_dataset
+
+    return write_toy_dataset(tmp_path_factory.mktemp("sks"), 4, size=32, shapes=("heart",),
+                             caption="a {colour} sks shape")

@@ -21,14 +21,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def sks_data(tmp_path_factory):
-    from sdtune.toy.testing import write_toy_dataset
-
-    return write_toy_dataset(tmp_path_factory.mktemp("sks"), 3, size=32, shapes=("heart",),
-                             caption="a {colour} sks shape")
-
-
 def options(**kw):
     return DreamBoothOptions(**{"prior_preservation": False, "diffusers_folder": False, "save_precision": "fp32",
                                 **kw})
@@ -84,6 +76,16 @@ def test_every_family_learns_the_row_in_each_text_encoder(tmp_path, sks_data, fa
         sks = single_token_id(slot.tokenizer, "sks")
         assert (before[slot.key] != after[slot.key]).any(dim=1).nonzero().flatten().tolist() == [sks]
     assert {f"identifier.{k}" for k in after} <= set(t.method.state_dict())
+    # only captions that read the trained row are encoded every step; the rest come from the cache, the same values
+    method = t.method
+    assert method.encodes_live("a red sks shape") and not method.encodes_live("a red shape")
+    both = ["a red sks shape", "a red shape"]
+    mixed, pooled = method.encode_text(both)
+    assert "a red shape" in method._text_cache and "a red sks shape" not in method._text_cache
+    method.trains_text_encoder = True  # every caption encoded live
+    live, live_pooled = method.encode_text(both)
+    # (encoded in other batches: equal up to float rounding)
+    assert torch.allclose(mixed, live, atol=1e-6) and (pooled is None or torch.allclose(pooled, live_pooled, atol=1e-6))
 
 
 def test_an_identifier_of_several_tokens_is_skipped_or_refused(tmp_path, sd1):

@@ -25,14 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def sks_data(tmp_path_factory):
-    from sdtune.toy.testing import write_toy_dataset
-
-    return write_toy_dataset(tmp_path_factory.mktemp("sks"), 4, size=32, shapes=("heart",),
-                             caption="a {colour} sks shape")
-
-
 def tiny_config(tmp_path, data, method="lora", options=None, **kw):
     return quick_config(tmp_path, data, method, options if options is not None else LoraOptions(keep_base=1.0), **kw)
 

@@ -3,7 +3,8 @@ one training loop in `training.loop`.
 
 The loop owns data, noise, timesteps, the optimizer, schedules, checkpoints, validation and logging. A method
 says which weights train (`setup`), how captions become UNet conditioning (`conditioning`; the default runs the
-pipeline's own `encode_prompt` and caches the result per caption when the text encoders are frozen), an optional
+pipeline's own `encode_prompt` and caches the result per caption unless `encodes_live` says it depends on
+trained weights), an optional
 extra loss (`extra_loss`, e.g. prior preservation), how its weights are read and written (`state_dict`,
 `load_state_dict`, `save`) and how the live weights are used for sample images (`apply_for_sampling`).
 
@@ -137,12 +138,19 @@ class TrainingMethod:
             added = {"text_embeds": pooled, "time_ids": batch.time_ids.to(pooled.device, pooled.dtype)}
         return UNetConditioning(hidden, added)
 
+    def encodes_live(self, caption: str) -> bool:
+        """Whether `caption`'s encoding depends on trained weights, so it is encoded every step (with gradients)
+        instead of once: every caption while a text encoder trains; a method may name fewer (DreamBooth: the
+        captions that read its trained identifier row)."""
+        return self.trains_text_encoder
+
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states, pooled or None) with the pipeline's `encode_prompt`, so training sees exactly what
-        generation feeds the UNet. Cached per caption when `trains_text_encoder` is False."""
-        if self.trains_text_encoder:
+        generation feeds the UNet. Captions that are not `encodes_live` are encoded once and cached."""
+        live = [self.encodes_live(c) for c in captions]
+        if all(live):
             return self._encode(captions)
-        missing = list(dict.fromkeys(c for c in captions if c not in self._text_cache))
+        missing = list(dict.fromkeys(c for c, on in zip(captions, live) if not on and c not in self._text_cache))
         if missing:
             with torch.no_grad():
                 hidden, pooled = self._encode(missing)
@@ -150,7 +158,11 @@ class TrainingMethod:
                 self._text_cache[c] = (hidden[i].detach(), None if pooled is None else pooled[i].detach())
             while len(self._text_cache) > self.text_cache_size:
                 self._text_cache.popitem(last=False)
-        parts = [self._text_cache[c] for c in captions]
+        fresh: Iterator[tuple[torch.Tensor, torch.Tensor | None]] = iter(())
+        if any(live):
+            hidden, pooled = self._encode([c for c, on in zip(captions, live) if on])
+            fresh = iter([(h, None if pooled is None else pooled[i]) for i, h in enumerate(hidden)])
+        parts = [next(fresh) if on else self._text_cache[c] for c, on in zip(captions, live)]
         hidden = torch.stack([h for h, _ in parts])
         pooled = None if parts[0][1] is None else torch.stack([p for _, p in parts])  # type: ignore[misc]
         return hidden, pooled

@@ -131,8 +131,11 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         word = next((t.identifier for t in (self.prior, self.keep_base) if t is not None and t.identifier), None)
         if word is None:
             word, _ = auto_class_prompts(ctx, self.options, getattr(self.model.pipe, "tokenizer", None))
-        if self.identifier_rows.start(word, ctx, asked=bool(self.options.train_identifier)):
-            self.trains_text_encoder = True  # encodings depend on the trained vectors: no cache
+        self.identifier_rows.start(word, ctx, asked=bool(self.options.train_identifier))
+
+    def encodes_live(self, caption: str) -> bool:
+        return super().encodes_live(caption) or (self.identifier_rows is not None and
+                                                 self.identifier_rows.reads(caption))
 
     def _warn_if_rate_is_for_a_toy(self, ctx: TrainingContext) -> None:
         """The default --lr (1e-4) suits the bundled tiny model; a full fine-tune of a real UNet at that rate

@@ -64,8 +64,8 @@ class IdentifierRows:
         peak = LRSchedule.from_config(config.lr, config.lr_scheduler, config.warmup_steps, config.total_steps).peak
         return {"params": list(self.params.values()), "lr_scale": self.lr / peak, "weight_decay": 0.0}
 
-    def start(self, word: str | None, ctx: TrainingContext, *, asked: bool) -> bool:
-        """Begin training `word`'s rows; False (with a note) when there is no identifier or it is several tokens,
+    def start(self, word: str | None, ctx: TrainingContext, *, asked: bool) -> None:
+        """Begin training `word`'s rows; nothing (with a note) when there is no identifier or it is several tokens,
         an error instead when the user asked for it (`asked`)."""
         ids = {s.key: single_token_id(s.tokenizer, word) for s in self._slots} if word else {}
         if not word or any(i is None for i in ids.values()):
@@ -75,7 +75,7 @@ class IdentifierRows:
             if asked:
                 raise SdtuneError(f"--train-identifier cannot train: {why}")
             ctx.echo(f"note: the identifier's embedding is not trained: {why}")
-            return False
+            return
         self.word, self._ids = word, {k: int(i) for k, i in ids.items() if i is not None}
         with torch.no_grad():
             for s in self._slots:
@@ -85,18 +85,22 @@ class IdentifierRows:
             self._hooks.append(s.model.get_input_embeddings().register_forward_hook(self._hook(s.key)))
         ctx.echo(f"identifier {word!r}: its embedding trains with the UNet (lr {self.lr:g}) and is saved in the "
                  "checkpoint's text encoder; prompts without it are not affected by it")
-        return True
 
     def _hook(self, key: str) -> Any:
         token_id, vector = self._ids[key], self.params[key]
 
-        def put_vector(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        def put_vector(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
             mask = (args[0] == token_id).unsqueeze(-1)
-            if not bool(mask.any()):  # no identifier here (class prompts, keep-base): no graph through the vector
-                return None
             return torch.where(mask, vector.to(output.dtype), output)
 
         return put_vector
+
+    def reads(self, caption: str) -> bool:
+        """Whether encoding `caption` reads a trained row (only those captions are encoded every step; the class
+        prompts and keep-base's captions without the identifier stay cached)."""
+        return self.word is not None and any(
+            self._ids[s.key] in s.tokenizer(caption, add_special_tokens=False, verbose=False).input_ids
+            for s in self._slots)
 
     def write_rows(self) -> None:
         """The trained vectors into the token tables (what a saved checkpoint must carry)."""
