@@ -35,6 +35,14 @@ ENGINE_FLAGS = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": 
                 "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
+def launched_as_other_rank() -> bool:
+    """True in a process of a multi-process launch that is not the main one (before the accelerator exists:
+    torchrun and `accelerate launch` set RANK)."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0) != 0
+
+
 def check_launch_engine(env: Mapping[str, str] | None = None) -> None:
     """Refuse a launch that asks for DeepSpeed, FSDP or Megatron-LM. sdtune hands accelerate its optimizer only and
     all-reduces gradients itself (`Ranks.average_grads`), so such an engine would shard or offload nothing: the run

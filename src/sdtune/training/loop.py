@@ -33,7 +33,7 @@ from sdtune.models.family import KOHYA_BASE_MODEL_VERSION
 from sdtune.training.batches import BatchSource
 from sdtune.training.checkpoint import StateStore, link_or_copy
 from sdtune.training.config import TrainConfig
-from sdtune.training.distributed import SINGLE, Ranks
+from sdtune.training.distributed import SINGLE, Ranks, launched_as_other_rank
 from sdtune.training.methods import Batch, UNetConditioning, TrainingMethod
 from sdtune.training.methods.base import Diverged, TargetFn
 from sdtune.training.noise import step_generator
@@ -72,14 +72,6 @@ class TrainingDiverged(SdtuneError):
     def __init__(self, message: str, result: TrainResult | None = None) -> None:
         super().__init__(message)
         self.result = result
-
-
-def _other_rank() -> bool:
-    """True in a process of a multi-process launch that is not the main one (before the accelerator exists:
-    torchrun and `accelerate launch` set RANK)."""
-    import os
-
-    return int(os.environ.get("RANK", "0") or 0) != 0
 
 
 def _finite(tensors: Any) -> bool:
@@ -172,7 +164,7 @@ class Trainer(TrainerSetup, TrainerSampling, TrainerRecovery):
         self._precheck()
         self.out = cfg.out_dir
         self.store = StateStore(self.out / "state", keep=cfg.keep_states)
-        if not _other_rank():  # the main process holds the output folder for all of them
+        if not launched_as_other_rank():  # the main process holds the output folder for all of them
             self.store.lock()
         try:
             return self._run()
@@ -350,28 +342,7 @@ class Trainer(TrainerSetup, TrainerSampling, TrainerRecovery):
                            signal=self._signal)
 
     def _run(self) -> TrainResult:
-        state = self._find_resume()
-        if not _other_rank():
-            self.store.clean_temp()
-        if state is not None:
-            self._check_resume_config(state)
-        try:
-            self._prepare()
-            if state is not None:
-                if state.extra.get("dataset") not in (None, self.dataset.fingerprint()):
-                    self.echo("warning: the training images changed since the state was saved; the data order "
-                              "after resuming differs from the original run")
-                self._restore(state)
-        except BaseException:  # e.g. a state that does not match: the caller's model is given back as it was
-            if self._method is not None:  # None: stopped before a method was chosen (nothing to undo)
-                self._method.teardown()
-            raise
-        if state is not None:
-            self.echo(f"resuming at step {self.step} from {state.path}")
-            saved_world = int(state.extra.get("processes", 1))
-            if saved_world != self.ranks.world:
-                self.echo(f"warning: the state was saved by {saved_world} process(es), this run has "
-                          f"{self.ranks.world}: the global batch (batch_size x processes) and the data order change")
+        state = self._prepare_or_resume()
         cfg = self.config  # _prepare may have completed it (the model's path)
         if self.ranks.is_main:
             cfg.replace(resume=None).write(self.out)

@@ -20,7 +20,7 @@ from sdtune.models.bundled import is_bundled_model
 from sdtune.training.batches import BatchSource, LatentEncoder, sdxl_time_ids
 from sdtune.training.checkpoint import TrainState
 from sdtune.training.config_checks import parse_select_by
-from sdtune.training.distributed import Ranks, check_launch_engine
+from sdtune.training.distributed import Ranks, check_launch_engine, launched_as_other_rank
 from sdtune.training.ledger import CheckpointLedger
 from sdtune.training.methods import get_method
 from sdtune.training.context import TrainingContext
@@ -60,6 +60,37 @@ def _make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Any:
 
 class TrainerSetup(TrainerParts):
     """`Trainer._prepare` and what it needs (see the module docstring)."""
+
+    if TYPE_CHECKING:  # provided by TrainerRecovery
+        def _restore(self, state: TrainState, *, rng: bool = True) -> None: ...
+
+    def _prepare_or_resume(self) -> TrainState | None:
+        """Prepare the run and restore the saved state when resuming (returned; None for a new run). If either
+        fails (e.g. a state that does not match) the method is torn down, so a caller's model is given back as
+        it was."""
+        state = self._find_resume()
+        if not launched_as_other_rank():
+            self.store.clean_temp()
+        if state is not None:
+            self._check_resume_config(state)
+        try:
+            self._prepare()
+            if state is not None:
+                if state.extra.get("dataset") not in (None, self.dataset.fingerprint()):
+                    self.echo("warning: the training images changed since the state was saved; the data order "
+                              "after resuming differs from the original run")
+                self._restore(state)
+        except BaseException:
+            if self._method is not None:  # None: stopped before a method was chosen (nothing to undo)
+                self._method.teardown()
+            raise
+        if state is not None:
+            self.echo(f"resuming at step {self.step} from {state.path}")
+            saved_world = int(state.extra.get("processes", 1))
+            if saved_world != self.ranks.world:
+                self.echo(f"warning: the state was saved by {saved_world} process(es), this run has "
+                          f"{self.ranks.world}: the global batch (batch_size x processes) and the data order change")
+        return state
 
     def _find_resume(self) -> TrainState | None:
         cfg = self.config
