@@ -54,11 +54,12 @@ def test_recipe_end_to_end_and_resume(tmp_path, capsys):
     report = json.loads((out / "compare" / "report.json").read_text())
     assert list(report["variants"]) == list(VARIANTS)
     assert report["variants"]["negative LoRA"]["negative_loras"] == [str(lora)]
+    assert report["lora_weight"] == 0.5 and report["variants"]["A1111 way"]["prompt_suffix"] == " <lora:wrong:0.5>"
     assert report["held_out"] == ["a blue square on a gray background", "a yellow cross on a black background"]
     for entry in report["variants"].values():  # 2 held-out toy scenes x 1 seed, judged
         assert 0.0 <= entry["figures"]["agreement"] <= 1.0 and "blur" in entry["figures"]
     assert (out / "compare" / "grid.png").is_file()
-    assert "--negative-lora" in first.err and "base " in first.out
+    assert "--negative-lora" in first.err and ":0.5 --negative wrong" in first.err and "base " in first.out
 
     # resume: nothing redone but the comparison; a lost image is made again, bit for bit
     lost = images[1].read_bytes()

@@ -39,7 +39,8 @@ def recipe_group() -> None:
 @click.option("--compare-steps", type=int, help="Sampling steps of the comparison [default: --sampling-steps].")
 @click.option("--compare-cfg", type=float, help="CFG scale of the comparison [default: --cfg].")
 @click.option("--compare-seeds", type=int, default=4, show_default=True, help="Images per held-out subject.")
-@click.option("--lora-weight", type=float, default=1.0, show_default=True, help="LoRA weight in the comparison.")
+@click.option("--lora-weight", type=float, default=0.5, show_default=True,
+              help="LoRA weight in the comparison and the usage printed (at 1 the tiny model got worse).")
 @click.option("--train-steps", type=int, help="LoRA training steps [default: 600].")
 @click.option("--lr", type=float, help="LoRA learning rate [default: 1e-3].")
 @click.option("--rank", type=int, help="LoRA rank [default: 8].")
@@ -55,12 +56,12 @@ def wrong_lora(model: str, out: Path, subjects: Path | None, held_out: Path | No
 
     \b
     Writes OUT/wrong.safetensors (kohya format: loads in A1111, ComfyUI, kohya, diffusers) and OUT/compare/
-    (grid.png, report.json: base / `wrong` as negative word / A1111's <lora:wrong:1> + negative `wrong` /
+    (grid.png, report.json: base / `wrong` as negative word / A1111's <lora:wrong:0.5> + negative `wrong` /
     --negative-lora + negative `wrong` / the bad terms as negative, on held-out subjects at fixed seeds).
 
     \b
     Example: sdtune recipe wrong-lora --out runs/wrong
-             sdtune generate "a red circle on a white background" --negative-lora runs/wrong/wrong.safetensors \\
+             sdtune generate "a red circle on a white background" --lora runs/wrong/wrong.safetensors:0.5 \\
                  --negative wrong
     """
     from sdtune.recipes.wrong_lora import WrongLoraSettings, parse_terms, read_lines, run_wrong_lora

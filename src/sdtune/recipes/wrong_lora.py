@@ -11,7 +11,7 @@ Stages, each resumable (rerun the same command after an interruption; finished s
   2. OUT/train/                       an ordinary LoRA run (`train(...)`, resumed with resume="auto")
   3. OUT/wrong.safetensors            the kohya LoRA, copied atomically once the run finished
   4. OUT/compare/                     held-out subjects x seeds, one row per way of using it (base; `wrong` as the
-                                      negative word alone; A1111's way: `<lora:wrong:1>` + negative `wrong`; sdtune's
+                                      negative word alone; A1111's way: `<lora:wrong:0.5>` + negative `wrong`; sdtune's
                                       `--negative-lora` + negative `wrong`; the usual negative: the bad terms), a
                                       labelled grid and report.json with the evaluator's figures (the toy judge on
                                       the bundled model)
@@ -74,7 +74,9 @@ class WrongLoraSettings:
     compare_seeds: int = 4
     compare_steps: int | None = None    # default: sampling_steps
     compare_cfg: float | None = None    # default: cfg
-    lora_weight: float = 1.0        # weight of the LoRA in the comparison's A1111 and negative-LoRA rows
+    # weight of the LoRA in the comparison's A1111 and negative-LoRA rows, and in the usage printed: at 1 the toy
+    # model's images got worse in 3 of 4 comparisons, at 0.5 the A1111 way improved them (docs/recipes.md)
+    lora_weight: float = 0.5
     train: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "WrongLoraSettings":
@@ -249,10 +251,11 @@ def labelled_grid(rows: dict[str, list[Any]], label_width: int = 120) -> Any:
     return sheet
 
 
-def usage(lora: Path, trigger: str) -> str:
-    return (f"use it: sdtune generate \"PROMPT\" --negative-lora {lora} --negative {trigger}   (sdtune: the LoRA acts "
-            f"on the negative pass only)\n   or A1111: put <lora:{lora.stem}:1> in the prompt and {trigger} in the "
-            "negative prompt (A1111 applies a LoRA to both passes)")
+def usage(lora: Path, trigger: str, weight: float) -> str:
+    return (f"use it: sdtune generate \"PROMPT\" --lora {lora}:{weight:g} --negative {trigger}   (A1111: put "
+            f"<lora:{lora.stem}:{weight:g}> in the prompt and {trigger} in the negative prompt; the LoRA acts on both "
+            f"passes)\n   or on the negative pass only: sdtune generate \"PROMPT\" --negative-lora {lora}:{weight:g} "
+            f"--negative {trigger}\n   compare the rows of {lora.parent / 'compare'} for this model first")
 
 
 def run_wrong_lora(s: WrongLoraSettings, *, evaluate: Evaluate | None = None, echo: Echo = print,
@@ -288,7 +291,7 @@ def run_wrong_lora(s: WrongLoraSettings, *, evaluate: Evaluate | None = None, ec
     n = make_bad_images(generator, s, out / "bad_images", echo, stop)
     lora = train_wrong_lora(s, out / "bad_images", out, echo, stop)
     report = compare(generator, s, lora, out / "compare", evaluate, echo)
-    echo(f"wrote {lora}\n{usage(lora, s.trigger)}")
+    echo(f"wrote {lora}\n{usage(lora, s.trigger, s.lora_weight)}")
     return WrongLoraResult(out=out, lora=lora, images=n, report=report)
 
 
