@@ -44,7 +44,7 @@ def test_dreambooth_learns_the_identifiers_row_alone_and_saves_it_in_the_checkpo
     model, said = copy.deepcopy(sd1), []
     result = train(quick_config(tmp_path, sks_data, "dreambooth", options(), steps=3), model=model,
                    echo=said.append)
-    assert any(s.startswith("identifier 'sks': its embedding trains") for s in said)
+    assert any(s.startswith("identifier 'sks': its embedding starts from") for s in said)
     back = load_model(str(result.final))
     sks = single_token_id(sd1.pipe.tokenizer, "sks")
     before, after = tables(sd1)["clip_l"], tables(back)["clip_l"]
@@ -88,6 +88,53 @@ def test_every_family_learns_the_row_in_each_text_encoder(tmp_path, sks_data, fa
     assert torch.allclose(mixed, live, atol=1e-6) and (pooled is None or torch.allclose(pooled, live_pooled, atol=1e-6))
 
 
+def test_the_identifiers_vector_starts_from_the_class_noun_after_it(tmp_path, sks_data, sd1):
+    """"a red sks shape": the vector starts as "shape"'s row (a tiny rate keeps it there for one step), so sks begins
+    as a word of the right class instead of a rare token; the file says which word it started from."""
+    said: list[str] = []
+    model = copy.deepcopy(sd1)
+    result = train(quick_config(tmp_path, sks_data, "dreambooth", options(identifier_lr=1e-12), steps=1),
+                   model=model, echo=said.append)
+    assert any(s.startswith("identifier 'sks': its embedding starts from 'shape' (the word after it") for s in said)
+    tok = sd1.pipe.tokenizer
+    sks, shape = single_token_id(tok, "sks"), single_token_id(tok, "shape")
+    before, after = tables(sd1)["clip_l"], tables(model)["clip_l"]
+    assert torch.allclose(after[sks], before[shape], atol=1e-6) and not torch.allclose(after[sks], before[sks])
+    with safe_open(str(result.final), "pt") as f:
+        assert f.metadata()["sdtune_identifier_init"] == "shape"
+
+
+def test_identifier_init_names_the_start_or_keeps_the_identifiers_own_row(tmp_path, sks_data, sd1):
+    said: list[str] = []
+    model = copy.deepcopy(sd1)
+    train(quick_config(tmp_path / "a", sks_data, "dreambooth", options(identifier_lr=1e-12, identifier_init="sks"),
+                       steps=1), model=model, echo=said.append)
+    assert any(s.startswith("identifier 'sks': its embedding trains") for s in said)
+    sks = single_token_id(sd1.pipe.tokenizer, "sks")
+    assert torch.allclose(tables(model)["clip_l"][sks], tables(sd1)["clip_l"][sks], atol=1e-6)
+    model, said = copy.deepcopy(sd1), []
+    train(quick_config(tmp_path / "b", sks_data, "dreambooth", options(identifier_lr=1e-12, identifier_init="red"),
+                       steps=1), model=model, echo=said.append)
+    assert any("starts from 'red' (--identifier-init)" in s for s in said)
+    red = single_token_id(sd1.pipe.tokenizer, "red")
+    assert torch.allclose(tables(model)["clip_l"][sks], tables(sd1)["clip_l"][red], atol=1e-6)
+    assert single_token_id(sd1.pipe.tokenizer, "qzxvw") is None
+    with pytest.raises(SdtuneError, match="--identifier-init 'qzxvw' is several tokens"):
+        train(quick_config(tmp_path / "c", sks_data, "dreambooth", options(identifier_init="qzxvw"), steps=1),
+              model=copy.deepcopy(sd1))
+
+
+def test_the_class_noun_is_the_plain_word_after_the_identifier_in_most_captions():
+    from sdtune.training.identifier import class_noun
+
+    assert class_noun(["a red sks shape on a blue background", "a sks shape"], "sks") == "shape"
+    assert class_noun(["a photo of sks dog", "sks dog running", "a sks"], "sks") == "dog"  # 2 of 3
+    assert class_noun(["a photo of sks dog", "a sks", "sks"], "sks") is None  # 1 of 3: no class to start from
+    assert class_noun(["sks, 1girl, smile", "sks, 1girl"], "sks") is None  # tags: a comma, not a noun, follows
+    assert class_noun(["a photo of <sks> cat"], "<sks>") == "cat"
+    assert class_noun(["a red shape"], "sks") is None
+
+
 def test_an_identifier_of_several_tokens_is_skipped_or_refused(tmp_path, sd1):
     from sdtune.toy.testing import write_toy_dataset
 
@@ -113,7 +160,8 @@ def test_off_leaves_the_text_encoder_alone(tmp_path, sks_data, sd1):
 
 def test_bad_identifier_rates_are_one_line_errors(tmp_path, sks_data):
     for bad, match in ((options(identifier_lr=0.0), "identifier_lr 0.0 must be > 0"),
-                       (options(identifier_lr=1e-3, train_identifier=False), "identifier_lr is set but")):
+                       (options(identifier_lr=1e-3, train_identifier=False), "identifier_lr is set but"),
+                       (options(identifier_init="dog", train_identifier=False), "identifier_init is set but")):
         with pytest.raises(SdtuneError, match=match):
             quick_config(tmp_path, sks_data, "dreambooth", bad).check_values()
 

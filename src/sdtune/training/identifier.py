@@ -17,6 +17,7 @@ frequency.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterable
 
 from sdtune.errors import SdtuneError
@@ -80,16 +81,35 @@ def class_prompts(captions: Iterable[str], identifier: str) -> list[str]:
     return sorted({p for p in (without_identifier(c, identifier) for c in captions) if p})
 
 
-def auto_class_prompts(ctx: TrainingContext, options: Any, tokenizer: Any) -> tuple[str | None, list[str]]:
-    """(identifier, class prompts) for automatic prior preservation: the training captions without the identifier
-    (None, []) when there is none. An --identifier in no caption is an error."""
+def class_noun(captions: Iterable[str], identifier: str) -> str | None:
+    """The word that follows the identifier in most of the captions that use it ("shape" in "a red sks shape", "dog"
+    in "a photo of sks dog"): the class the concept belongs to. None when no plain word follows it in more than half
+    of them (tags such as "sks, 1girl, ...")."""
+    pattern = re.compile(r"(?<![\w<])" + re.escape(identifier) + r"\s+([A-Za-z]+)\b", re.IGNORECASE)
+    using = [c for c in captions if identifier in caption_words(c)]
+    follows = Counter(m.group(1).lower() for m in (pattern.search(c) for c in using) if m)
+    if not follows:
+        return None
+    word, n = follows.most_common(1)[0]
+    return word if 2 * n > len(using) else None
+
+
+def read_captions(ctx: TrainingContext) -> list[str]:
+    """The training captions as the run will use them (after --prompt); changes nothing."""
     captions: list[str] = []
 
     def keep(item: Any) -> str:
         captions.append(item.caption)
         return str(item.caption)
 
-    ctx.map_captions(keep)  # reads the captions (after --prompt), changes nothing
+    ctx.map_captions(keep)
+    return captions
+
+
+def auto_class_prompts(ctx: TrainingContext, options: Any, tokenizer: Any) -> tuple[str | None, list[str]]:
+    """(identifier, class prompts) for automatic prior preservation: the training captions without the identifier
+    (None, []) when there is none. An --identifier in no caption is an error."""
+    captions = read_captions(ctx)
     ident = (options.identifier or "").strip().lower() or detect_identifier(captions, tokenizer)
     if ident is None:
         return None, []

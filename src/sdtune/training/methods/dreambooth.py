@@ -53,6 +53,10 @@ class DreamBoothOptions(PersonalizeOptions):
                                         "word that means the concept, prompts without it do not read that row. "
                                         "Default: on when the identifier is one token (sks is).",
                                         section="dreambooth", kind="bool")
+    identifier_init: str | None = opt(None, "Word whose embedding the identifier's starts from (one token). "
+                                      "Default: the word after the identifier in most captions, its class (shape "
+                                      "in 'a red sks shape'); the identifier itself: its own.",
+                                      section="dreambooth", kind="str", metavar="WORD")
     identifier_lr: float | None = opt(None, f"Learning rate of the identifier's embedding (default "
                                       f"{IDENTIFIER_LR:g}; it follows the run's schedule).", section="dreambooth",
                                       kind="float")
@@ -83,8 +87,9 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         if options.identifier_lr is not None:
             if not options.identifier_lr > 0:
                 raise SdtuneError(f"identifier_lr {options.identifier_lr} must be > 0 (1e-3 to 5e-3 is typical)")
-            if options.train_identifier is False:
-                raise SdtuneError("identifier_lr is set but --no-train-identifier turns the identifier's training off")
+        for name in ("identifier_lr", "identifier_init"):
+            if getattr(options, name) is not None and options.train_identifier is False:
+                raise SdtuneError(f"{name} is set but --no-train-identifier turns the identifier's training off")
         check_personalize_options(options, cls.name, cls.prior_default, config.resolution)
 
     def _parts(self) -> list[tuple[str, torch.nn.Module]]:
@@ -124,14 +129,19 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
             self._start_identifier_rows(ctx)
 
     def _start_identifier_rows(self, ctx: TrainingContext) -> None:
-        """The identifier: the prior's or keep-base's, else --identifier or the one detected in the captions."""
-        from sdtune.training.identifier import auto_class_prompts
+        """The identifier: the prior's or keep-base's, else --identifier or the one detected in the captions; its
+        vectors start from --identifier-init, else from its class noun (the word after it in the captions)."""
+        from sdtune.training.identifier import auto_class_prompts, class_noun, read_captions
 
         assert self.identifier_rows is not None and self.model is not None
         word = next((t.identifier for t in (self.prior, self.keep_base) if t is not None and t.identifier), None)
         if word is None:
             word, _ = auto_class_prompts(ctx, self.options, getattr(self.model.pipe, "tokenizer", None))
-        self.identifier_rows.start(word, ctx, asked=bool(self.options.train_identifier))
+        init = self.options.identifier_init
+        if init is None and word:
+            init = class_noun(read_captions(ctx), word)
+        self.identifier_rows.start(word, ctx, asked=bool(self.options.train_identifier), init=init,
+                                   init_asked=self.options.identifier_init is not None)
 
     def encodes_live(self, caption: str) -> bool:
         return super().encodes_live(caption) or (self.identifier_rows is not None and

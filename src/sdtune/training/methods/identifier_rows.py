@@ -47,6 +47,7 @@ class IdentifierRows:
         self.lr = DEFAULT_LR if lr is None else lr
         self.params: dict[str, torch.nn.Parameter] = {}
         self.word: str | None = None
+        self.init: str | None = None  # the word whose row the vectors started from (None: the identifier's own)
         self._slots: list[Any] = []
         self._ids: dict[str, int] = {}
         self._hooks: list[Any] = []
@@ -64,9 +65,11 @@ class IdentifierRows:
         peak = LRSchedule.from_config(config.lr, config.lr_scheduler, config.warmup_steps, config.total_steps).peak
         return {"params": list(self.params.values()), "lr_scale": self.lr / peak, "weight_decay": 0.0}
 
-    def start(self, word: str | None, ctx: TrainingContext, *, asked: bool) -> None:
-        """Begin training `word`'s rows; nothing (with a note) when there is no identifier or it is several tokens,
-        an error instead when the user asked for it (`asked`)."""
+    def start(self, word: str | None, ctx: TrainingContext, *, asked: bool, init: str | None = None,
+              init_asked: bool = False) -> None:
+        """Begin training `word`'s rows, each starting from the row of `init` (the class noun) where that is one
+        token, else from its own; nothing (with a note) when there is no identifier or it is several tokens, an
+        error instead when the user asked for it (`asked`; `init_asked`: an `init` of several tokens)."""
         ids = {s.key: single_token_id(s.tokenizer, word) for s in self._slots} if word else {}
         if not word or any(i is None for i in ids.values()):
             why = ("no identifier was found in the captions (pass --identifier WORD)" if not word else
@@ -77,14 +80,21 @@ class IdentifierRows:
             ctx.echo(f"note: the identifier's embedding is not trained: {why}")
             return
         self.word, self._ids = word, {k: int(i) for k, i in ids.items() if i is not None}
+        starts = {s.key: single_token_id(s.tokenizer, init) for s in self._slots} if init else {}
+        if init_asked and None in starts.values():
+            raise SdtuneError(f"--identifier-init {init!r} is several tokens of the vocabulary; pass one word that is "
+                              "one token (the class noun, e.g. dog or shape)")
+        self.init = init if starts and None not in starts.values() and init != word else None
         with torch.no_grad():
             for s in self._slots:
-                row = s.model.get_input_embeddings().weight[self._ids[s.key]]
+                row = s.model.get_input_embeddings().weight[starts[s.key] if self.init else self._ids[s.key]]
                 self.params[s.key].copy_(row.float())
         for s in self._slots:
             self._hooks.append(s.model.get_input_embeddings().register_forward_hook(self._hook(s.key)))
-        ctx.echo(f"identifier {word!r}: its embedding trains with the UNet (lr {self.lr:g}) and is saved in the "
-                 "checkpoint's text encoder; prompts without it are not affected by it")
+        whence = "--identifier-init" if init_asked else "the word after it in the captions"
+        start = f"starts from {self.init!r} ({whence}) and " if self.init else ""
+        ctx.echo(f"identifier {word!r}: its embedding {start}trains with the UNet (lr {self.lr:g}) and is saved in "
+                 "the checkpoint's text encoder; prompts without it are not affected by it")
 
     def _hook(self, key: str) -> Any:
         token_id, vector = self._ids[key], self.params[key]
@@ -146,4 +156,5 @@ class IdentifierRows:
     def metadata(self) -> dict[str, str]:
         if self.word is None:
             return {}
-        return {"sdtune_identifier_trained": self.word, "sdtune_identifier_lr": f"{self.lr:g}"}
+        return {"sdtune_identifier_trained": self.word, "sdtune_identifier_lr": f"{self.lr:g}",
+                "sdtune_identifier_init": self.init or self.word}
