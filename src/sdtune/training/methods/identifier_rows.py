@@ -10,6 +10,12 @@ Inversion on an existing token, at its own rate) and written into the table befo
 identifier never read that row, so the row changes nothing else; A1111, ComfyUI, kohya and diffusers read the
 checkpoint's table as it is, and users keep prompting `sks`.
 
+The vector starts from the class noun's row (the word after the identifier in the captions: "shape" in "a red sks
+shape"; `--identifier-init`), as Textual Inversion starts from an initializer word: sks then begins as a word of the
+right class, and the UNet and the vector refine it, instead of the vector travelling from an unrelated rare token
+(on the toy world's diamond, context images 74/83/85/72% -> 83/91/89/91% for seeds 0-3;
+docs/lora.md).
+
 Only an identifier that is one token in every tokenizer (sks is; CLIP splits zwx into z + wx): a piece shared
 with other words would change those words too, so such an identifier is left alone (with a note, or an error when
 asked for explicitly). While training, a forward hook on each token-embedding module puts the trained vector where
