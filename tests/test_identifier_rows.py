@@ -124,6 +124,19 @@ def test_identifier_init_names_the_start_or_keeps_the_identifiers_own_row(tmp_pa
               model=copy.deepcopy(sd1))
 
 
+def test_a_class_noun_of_several_tokens_leaves_the_identifiers_own_row_with_a_note(tmp_path, sd1):
+    from sdtune.toy.testing import write_toy_dataset
+
+    data = write_toy_dataset(tmp_path / "qz", 2, size=32, shapes=("heart",), caption="a {colour} sks qzxvw")
+    said: list[str] = []
+    model = copy.deepcopy(sd1)
+    train(quick_config(tmp_path / "a", data, "dreambooth", options(identifier_lr=1e-12), steps=1), model=model,
+          echo=said.append)
+    assert any("starts from its own row (the word after it, 'qzxvw', is several tokens)" in s for s in said)
+    sks = single_token_id(sd1.pipe.tokenizer, "sks")
+    assert torch.allclose(tables(model)["clip_l"][sks], tables(sd1)["clip_l"][sks], atol=1e-6)
+
+
 def test_the_class_noun_is_the_plain_word_after_the_identifier_in_most_captions():
     from sdtune.training.identifier import class_noun
 

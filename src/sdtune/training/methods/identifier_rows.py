@@ -99,6 +99,8 @@ class IdentifierRows:
             self._hooks.append(s.model.get_input_embeddings().register_forward_hook(self._hook(s.key)))
         whence = "--identifier-init" if init_asked else "the word after it in the captions"
         start = f"starts from {self.init!r} ({whence}) and " if self.init else ""
+        if init and not self.init and init != word:
+            start = f"starts from its own row (the word after it, {init!r}, is several tokens) and "
         ctx.echo(f"identifier {word!r}: its embedding {start}trains with the UNet (lr {self.lr:g}) and is saved in "
                  "the checkpoint's text encoder; prompts without it are not affected by it")
 
