@@ -118,10 +118,17 @@ def test_identifier_init_names_the_start_or_keeps_the_identifiers_own_row(tmp_pa
     assert any("starts from 'red' (--identifier-init)" in s for s in said)
     red = single_token_id(sd1.pipe.tokenizer, "red")
     assert torch.allclose(tables(model)["clip_l"][sks], tables(sd1)["clip_l"][red], atol=1e-6)
+    model, said = copy.deepcopy(sd1), []  # the identifier itself, in any case: its own row
+    train(quick_config(tmp_path / "d", sks_data, "dreambooth", options(identifier_lr=1e-12, identifier_init=" SKS"),
+                       steps=1), model=model, echo=said.append)
+    assert any(s.startswith("identifier 'sks': its embedding trains") for s in said)
     assert single_token_id(sd1.pipe.tokenizer, "qzxvw") is None
+    said = []  # refused before the class images are made
     with pytest.raises(SdtuneError, match="--identifier-init 'qzxvw' is several tokens"):
-        train(quick_config(tmp_path / "c", sks_data, "dreambooth", options(identifier_init="qzxvw"), steps=1),
-              model=copy.deepcopy(sd1))
+        train(quick_config(tmp_path / "c", sks_data, "dreambooth",
+                           options(identifier_init="qzxvw", prior_preservation=True), steps=1),
+              model=copy.deepcopy(sd1), echo=said.append)
+    assert not any("class image" in s for s in said)
 
 
 def test_a_class_noun_of_several_tokens_leaves_the_identifiers_own_row_with_a_note(tmp_path, sd1):
@@ -146,6 +153,9 @@ def test_the_class_noun_is_the_plain_word_after_the_identifier_in_most_captions(
     assert class_noun(["sks, 1girl, smile", "sks, 1girl"], "sks") is None  # tags: a comma, not a noun, follows
     assert class_noun(["a photo of <sks> cat"], "<sks>") == "cat"
     assert class_noun(["a red shape"], "sks") is None
+    assert class_noun(["a photo of sks in a garden", "sks in the snow"], "sks") is None  # not a class: "in"
+    assert class_noun(["sks wearing a hat", "sks is smiling"], "sks") is None
+    assert class_noun(["a x-sks cat, sks dog", "sks dog"], "sks") == "dog"  # x-sks is another word
 
 
 def test_an_identifier_of_several_tokens_is_skipped_or_refused(tmp_path, sd1):
@@ -174,7 +184,9 @@ def test_off_leaves_the_text_encoder_alone(tmp_path, sks_data, sd1):
 def test_bad_identifier_rates_are_one_line_errors(tmp_path, sks_data):
     for bad, match in ((options(identifier_lr=0.0), "identifier_lr 0.0 must be > 0"),
                        (options(identifier_lr=1e-3, train_identifier=False), "identifier_lr is set but"),
-                       (options(identifier_init="dog", train_identifier=False), "identifier_init is set but")):
+                       (options(identifier_init="dog", train_identifier=False), "identifier_init is set but"),
+                       (options(identifier_init=" "), "identifier_init ' ' must be one word"),
+                       (options(identifier_init="a dog"), "identifier_init 'a dog' must be one word")):
         with pytest.raises(SdtuneError, match=match):
             quick_config(tmp_path, sks_data, "dreambooth", bad).check_values()
 
@@ -195,9 +207,13 @@ def test_resume_repeats_the_uninterrupted_run_and_an_older_state_says_how_to_res
     first = train(cfg("part"), model=copy.deepcopy(sd1), on_step=stop_after_1, **quiet)
     assert len(first.losses) == 1
     part_model = copy.deepcopy(sd1)
-    rest = train(cfg("part").replace(resume="auto"), model=part_model, **quiet)
+    said: list[str] = []  # resumed with another --identifier-init: the saved vectors (from shape) go on
+    rest = train(cfg("part", identifier_init="red").replace(resume="auto"), model=part_model, echo=said.append)
     assert rest.losses == full.losses[1:]
     assert torch.equal(tables(part_model)["clip_l"], tables(full_model)["clip_l"])
+    assert not any("changed settings" in s for s in said)
+    with safe_open(str(rest.final), "pt") as f:
+        assert f.metadata()["sdtune_identifier_init"] == "shape"  # what the vectors started from
     # the same state resumed with another identifier ("shape" is in every caption too): its vectors are sks's
     with pytest.raises(SdtuneError, match="belong to another word than 'shape'"):
         train(cfg("part", identifier="shape").replace(resume="auto", steps=4), model=copy.deepcopy(sd1), **quiet)

@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 # identifiers the DreamBooth / kohya guides use; a caption word equal to one of these is taken as the identifier
 CONVENTIONAL = ("sks", "ohwx", "zwx", "zxc", "xjy", "pll")
 _WORD = re.compile(r"[^\s,.;:!?()\[\]{}\"]+")
+_EDGE_BEFORE = r"(?<![^\s,.;:!?()\[\]{}\"])"  # a word starts here (as `caption_words` splits)
+# words that follow an identifier without being its class ("sks in a garden", "sks wearing a hat")
+FUNCTION_WORDS = frozenset("a an the in on at of with and or but is are was were be been being has have had by for "
+                           "from to as near under over into onto inside outside behind beside next against during "
+                           "without through wearing holding sitting standing lying looking posing smiling while that "
+                           "which who whose his her its their my your our this these those".split())
 
 
 def caption_words(caption: str) -> list[str]:
@@ -67,8 +73,7 @@ def detect_identifier(captions: Iterable[str], tokenizer: Any = None) -> str | N
 
 def without_identifier(caption: str, identifier: str) -> str:
     """The caption with every occurrence of the identifier word removed, spaces and commas tidied."""
-    pattern = re.compile(r"(?<![^\s,.;:!?()\[\]{}\"])" + re.escape(identifier) + r"(?![^\s,.;:!?()\[\]{}\"])",
-                         re.IGNORECASE)
+    pattern = re.compile(_EDGE_BEFORE + re.escape(identifier) + r"(?![^\s,.;:!?()\[\]{}\"])", re.IGNORECASE)
     text = pattern.sub(" ", caption)
     text = re.sub(r"\s+", " ", text)
     text = re.sub(r"\s+([,.;:!?])", r"\1", text)
@@ -84,10 +89,11 @@ def class_prompts(captions: Iterable[str], identifier: str) -> list[str]:
 def class_noun(captions: Iterable[str], identifier: str) -> str | None:
     """The word that follows the identifier in most of the captions that use it ("shape" in "a red sks shape", "dog"
     in "a photo of sks dog"): the class the concept belongs to. None when no plain word follows it in more than half
-    of them (tags such as "sks, 1girl, ...")."""
-    pattern = re.compile(r"(?<![\w<])" + re.escape(identifier) + r"\s+([A-Za-z]+)\b", re.IGNORECASE)
+    of them (tags such as "sks, 1girl, ...") or what follows is a function word ("sks in a garden", "sks is ...")."""
+    pattern = re.compile(_EDGE_BEFORE + re.escape(identifier) + r"\s+([A-Za-z]+)\b", re.IGNORECASE)
     using = [c for c in captions if identifier in caption_words(c)]
-    follows = Counter(m.group(1).lower() for m in (pattern.search(c) for c in using) if m)
+    found = (m.group(1).lower() for m in (pattern.search(c) for c in using) if m)
+    follows = Counter(w for w in found if w not in FUNCTION_WORDS)
     if not follows:
         return None
     word, n = follows.most_common(1)[0]

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 RESUME_FREE = {"steps", "save_every", "keep_checkpoints", "keep_states", "resume", "sample_every", "sample_prompts",
                "sample_seeds", "sample_negative", "sample_steps", "sample_cfg", "sample_sampler", "early_stop",
                "select_by", "progress", "tensorboard", "out", "device", "judge", "judge_term", "judge_seeds",
-               "judge_any_model", "compile", "channels_last", "latent_cache"}
+               "judge_any_model", "compile", "channels_last", "latent_cache",
+               "identifier_init"}  # restored with the identifier's vectors
 
 
 def _make_accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Any:

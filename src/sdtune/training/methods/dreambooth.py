@@ -87,6 +87,9 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         if options.identifier_lr is not None:
             if not options.identifier_lr > 0:
                 raise SdtuneError(f"identifier_lr {options.identifier_lr} must be > 0 (1e-3 to 5e-3 is typical)")
+        init = options.identifier_init
+        if init is not None and (not init.strip() or any(c.isspace() or c == "," for c in init.strip())):
+            raise SdtuneError(f"identifier_init {init!r} must be one word, the class noun (e.g. dog or shape)")
         for name in ("identifier_lr", "identifier_init"):
             if getattr(options, name) is not None and options.train_identifier is False:
                 raise SdtuneError(f"{name} is set but --no-train-identifier turns the identifier's training off")
@@ -124,6 +127,9 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         self._warn_if_rate_is_for_a_toy(ctx)
         if self.options.keep_base:
             self.remember_base()
+        init = self._identifier_init()
+        if self.identifier_rows is not None and init:
+            self.identifier_rows.check_init(init)  # before class images take their time
         self.personalize_prepare(ctx)
         if self.identifier_rows is not None:
             self._start_identifier_rows(ctx)
@@ -137,11 +143,15 @@ class DreamBoothMethod(PersonalizeMixin, TrainingMethod):
         word = next((t.identifier for t in (self.prior, self.keep_base) if t is not None and t.identifier), None)
         if word is None:
             word, _ = auto_class_prompts(ctx, self.options, getattr(self.model.pipe, "tokenizer", None))
-        init = self.options.identifier_init
+        init = self._identifier_init()
         if init is None and word:
             init = class_noun(read_captions(ctx), word)
         self.identifier_rows.start(word, ctx, asked=bool(self.options.train_identifier), init=init,
                                    init_asked=self.options.identifier_init is not None)
+
+    def _identifier_init(self) -> str | None:
+        init = self.options.identifier_init
+        return init.strip().lower() if init is not None else None
 
     def encodes_live(self, caption: str) -> bool:
         return super().encodes_live(caption) or (self.identifier_rows is not None and

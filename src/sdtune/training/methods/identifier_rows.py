@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 DEFAULT_LR = 5e-3  # as pivotal tuning's word (training.methods.pivotal)
 STATE_PREFIX = "identifier."
+START_IDS = "start_ids"
 
 
 def single_token_id(tokenizer: Any, word: str) -> int | None:
@@ -56,6 +57,7 @@ class IdentifierRows:
         self.init: str | None = None  # the word whose row the vectors started from (None: the identifier's own)
         self._slots: list[Any] = []
         self._ids: dict[str, int] = {}
+        self._start_ids: dict[str, int] = {}  # the rows the vectors started from (recorded in the state)
         self._hooks: list[Any] = []
 
     def setup(self, model: LoadedModel, config: TrainConfig) -> dict[str, Any]:
@@ -86,23 +88,30 @@ class IdentifierRows:
             ctx.echo(f"note: the identifier's embedding is not trained: {why}")
             return
         self.word, self._ids = word, {k: int(i) for k, i in ids.items() if i is not None}
+        if init_asked and init:
+            self.check_init(init)
         starts = {s.key: single_token_id(s.tokenizer, init) for s in self._slots} if init else {}
-        if init_asked and None in starts.values():
-            raise SdtuneError(f"--identifier-init {init!r} is several tokens of the vocabulary; pass one word that is "
-                              "one token (the class noun, e.g. dog or shape)")
-        self.init = init if starts and None not in starts.values() and init != word else None
+        usable = bool(starts) and None not in starts.values()
+        self._start_ids = {k: int(i) for k, i in starts.items() if i is not None} if usable else dict(self._ids)
+        self.init = init if self._start_ids != self._ids else None
         with torch.no_grad():
             for s in self._slots:
-                row = s.model.get_input_embeddings().weight[starts[s.key] if self.init else self._ids[s.key]]
+                row = s.model.get_input_embeddings().weight[self._start_ids[s.key]]
                 self.params[s.key].copy_(row.float())
         for s in self._slots:
             self._hooks.append(s.model.get_input_embeddings().register_forward_hook(self._hook(s.key)))
         whence = "--identifier-init" if init_asked else "the word after it in the captions"
         start = f"starts from {self.init!r} ({whence}) and " if self.init else ""
-        if init and not self.init and init != word:
+        if init and not usable:
             start = f"starts from its own row (the word after it, {init!r}, is several tokens) and "
         ctx.echo(f"identifier {word!r}: its embedding {start}trains with the UNet (lr {self.lr:g}) and is saved in "
                  "the checkpoint's text encoder; prompts without it are not affected by it")
+
+    def check_init(self, init: str) -> None:
+        """--identifier-init must be one token in every tokenizer (checked before class images are made)."""
+        if any(single_token_id(s.tokenizer, init) is None for s in self._slots):
+            raise SdtuneError(f"--identifier-init {init!r} is several tokens of the vocabulary; pass one word that is "
+                              "one token (the class noun, e.g. dog or shape)")
 
     def _hook(self, key: str) -> Any:
         token_id, vector = self._ids[key], self.params[key]
@@ -143,11 +152,15 @@ class IdentifierRows:
         return torch.tensor([self._ids.get(s.key, -1) for s in self._slots], dtype=torch.int64)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        starts = torch.tensor([self._start_ids.get(s.key, -1) for s in self._slots], dtype=torch.int64)
         return {**{STATE_PREFIX + k: p.detach() for k, p in self.params.items()},
-                STATE_PREFIX + "token_ids": self._token_ids()}
+                STATE_PREFIX + "token_ids": self._token_ids(), STATE_PREFIX + START_IDS: starts}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         want = self.state_dict()
+        starts = state.get(STATE_PREFIX + START_IDS)  # absent: saved when every vector started from its own row
+        state = {k: v for k, v in state.items() if k != STATE_PREFIX + START_IDS}
+        want.pop(STATE_PREFIX + START_IDS)
         if set(state) != set(want) or any(state[k].shape != want[k].shape for k in state):
             raise SdtuneError("saved identifier vectors do not match this run; was --train-identifier or the model "
                               "changed? (a run saved before --train-identifier existed resumes with "
@@ -160,6 +173,12 @@ class IdentifierRows:
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(state[STATE_PREFIX + k].to(p.device, p.dtype))
+        if self.word is not None:  # what the file's metadata says the vectors started from: the saved run's start
+            ids = dict(self._ids) if starts is None else {s.key: int(i) for s, i in zip(self._slots, starts.tolist())}
+            self._start_ids = ids
+            first = self._slots[0]
+            token = str(first.tokenizer.convert_ids_to_tokens(ids[first.key]))
+            self.init = None if ids == self._ids else token.removesuffix("</w>")
 
     def metadata(self) -> dict[str, str]:
         if self.word is None:
