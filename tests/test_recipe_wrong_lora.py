@@ -84,7 +84,9 @@ def test_recipe_refuses_bad_input_before_work(tmp_path, capsys):
                         (["--out", str(tmp_path / "o"), "--images", "0"], "--images"),
                         (["--out", str(tmp_path / "o"), "--cfg", "1"], "needs guidance"),
                         (["--out", str(tmp_path / "o"), "--subjects", str(tmp_path / "none.txt")], "no such file"),
-                        (["--out", str(tmp_path / "o"), "--trigger", "a b"], "--trigger")):
+                        (["--out", str(tmp_path / "o"), "--trigger", "a b"], "--trigger"),
+                        (["--out", str(tmp_path / "o"), "--lora-weight", "0"], "--lora-weight 0.0 is out of range"),
+                        (["--out", str(tmp_path / "o"), "--lora-weight", "nan"], "--lora-weight nan is out")):
         res = run_cli(["recipe", "wrong-lora", *args], capsys)
         assert res.code == 2 and words in res.err and res.err.count("\n") == 1, (args, res.err)
     assert not (tmp_path / "o").exists()

@@ -52,7 +52,7 @@ def wrong_lora(model: str, out: Path, subjects: Path | None, held_out: Path | No
                train_steps: int | None, lr: float | None, rank: int | None, alpha: float | None,
                batch_size: int | None, text_encoder: bool | None, **settings: Any) -> None:
     """The negative "wrong" LoRA: the base model makes bad images, a LoRA learns them under the trigger `wrong`,
-    and it is used on the negative side.
+    and it is used with `wrong` in the negative prompt.
 
     \b
     Writes OUT/wrong.safetensors (kohya format: loads in A1111, ComfyUI, kohya, diffusers) and OUT/compare/

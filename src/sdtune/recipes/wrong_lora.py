@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shlex
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ class WrongLoraSettings:
     compare_steps: int | None = None    # default: sampling_steps
     compare_cfg: float | None = None    # default: cfg
     # weight of the LoRA in the comparison's A1111 and negative-LoRA rows, and in the usage printed: at 1 the toy
-    # model's images got worse in 3 of 4 comparisons, at 0.5 the A1111 way improved them (docs/recipes.md)
+    # model's images got worse in 3 of 4 comparisons, at 0.5 more of them showed what was asked (docs/recipes.md)
     lora_weight: float = 0.5
     train: dict[str, Any] = field(default_factory=dict)
 
@@ -88,6 +89,9 @@ class WrongLoraSettings:
                                        ("--compare-steps", self.compare_steps or 1, 1, 1000)):
             if not low <= value <= high:
                 raise SdtuneError(f"{name} {value} is out of range; use {low}..{high}")
+        if not 0.0 < self.lora_weight <= 2.0:  # also refuses NaN
+            raise SdtuneError(f"--lora-weight {self.lora_weight} is out of range; use 0 < weight <= 2 (0.5 measured "
+                              "best on the tiny model)")
         if not 0.1 <= self.bad_weight <= 3.0:
             raise SdtuneError(f"--bad-weight {self.bad_weight} is out of range; use 0.1..3 (1.4 = A1111's ((term)))")
         for name, cfg in (("--cfg", self.cfg), ("--compare-cfg", self.compare_cfg or self.cfg)):
@@ -252,9 +256,10 @@ def labelled_grid(rows: dict[str, list[Any]], label_width: int = 120) -> Any:
 
 
 def usage(lora: Path, trigger: str, weight: float) -> str:
-    return (f"use it: sdtune generate \"PROMPT\" --lora {lora}:{weight:g} --negative {trigger}   (A1111: put "
+    spec = shlex.quote(f"{lora}:{weight:g}")
+    return (f"use it: sdtune generate \"PROMPT\" --lora {spec} --negative {trigger}   (A1111: put "
             f"<lora:{lora.stem}:{weight:g}> in the prompt and {trigger} in the negative prompt; the LoRA acts on both "
-            f"passes)\n   or on the negative pass only: sdtune generate \"PROMPT\" --negative-lora {lora}:{weight:g} "
+            f"passes)\n   or on the negative pass only: sdtune generate \"PROMPT\" --negative-lora {spec} "
             f"--negative {trigger}\n   compare the rows of {lora.parent / 'compare'} for this model first")
 
 
