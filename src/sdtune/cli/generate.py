@@ -206,8 +206,8 @@ def register(cli: click.Group) -> None:
                   "diffusers file) with weight W [default: 1]; repeat for several.")
     @click.option("--negative-lora", "negative_loras", multiple=True, metavar="FILE[:W]", help="Apply a LoRA to "
                   "the unconditional (negative) pass only, so images move away from what it learned (the 'wrong' "
-                  "LoRA recipe: --negative-lora wrong.safetensors:0.5 --negative wrong; compare it with --lora, docs/recipes.md); "
-                  "repeatable; needs --cfg > 1.")
+                  "LoRA recipe: --negative-lora wrong.safetensors:0.5 --negative wrong; compare it with --lora, "
+                  "docs/recipes.md); repeatable; needs --cfg > 1.")
     @click.option("--lora-dir", "lora_dirs", multiple=True, metavar="DIR", help="Folder searched (recursively) for "
                   "<lora:name:weight> prompt tags; repeatable; the folders of --lora files are searched too.")
     @click.option("--hypernetwork", "hypernetworks", multiple=True, metavar="FILE[:S]", help="Apply a hypernetwork "

@@ -53,9 +53,9 @@ class DreamBoothOptions(PersonalizeOptions):
                                         "word that means the concept, prompts without it do not read that row. "
                                         "Default: on when the identifier is one token (sks is).",
                                         section="dreambooth", kind="bool")
-    identifier_init: str | None = opt(None, "Word whose embedding the identifier's starts from (one token). "
-                                      "Default: the word after the identifier in most captions, its class (shape "
-                                      "in 'a red sks shape'); the identifier itself: its own.",
+    identifier_init: str | None = opt(None, "Word whose embedding the identifier's trained one starts from (one "
+                                      "token). Default: the word after the identifier in most captions, its class "
+                                      "(shape in 'a red sks shape'); the identifier itself: its own.",
                                       section="dreambooth", kind="str", metavar="WORD")
     identifier_lr: float | None = opt(None, f"Learning rate of the identifier's embedding (default "
                                       f"{IDENTIFIER_LR:g}; it follows the run's schedule).", section="dreambooth",
