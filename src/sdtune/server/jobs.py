@@ -145,18 +145,23 @@ class JobQueue:
             self.current = job
             job.status = "running"
             job.progress.started = time.time()
+            result: Any = None
+            failure: BaseException | None = None
             try:
                 result = job.run(job)
             except BaseException as exc:  # noqa: BLE001 - reported to whoever waits on the job
+                failure = exc
                 job.status = "failed"
                 job.error = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
-                job.future.set_exception(exc)
             else:
                 job.status = "interrupted" if job.control.interrupted else "done"
+            # the job's record is complete before its waiter wakes (a request that returns sees it finished)
+            job.finished = time.time()
+            self.current = None
+            if failure is not None:
+                job.future.set_exception(failure)
+            else:
                 job.future.set_result(result)
-            finally:
-                job.finished = time.time()
-                self.current = None
 
     async def run(self, kind: str, title: str, fn: Callable[[Job], Any]) -> Any:
         """Queue `fn` as a job and wait for its result without holding a thread (for request handlers)."""
