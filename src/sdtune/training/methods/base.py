@@ -231,6 +231,18 @@ class TrainingMethod:
                 m.train(was)
 
 
+def same_layout(state: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a saved state has exactly the keys and shapes of `want` (the method's own state_dict)."""
+    return set(state) == set(want) and all(state[k].shape == want[k].shape for k in state)
+
+
+def copy_saved(params: Mapping[str, torch.nn.Parameter], state: Mapping[str, torch.Tensor], prefix: str) -> None:
+    """Each parameter `name` takes the saved tensor `prefix + name` (on its own device and dtype)."""
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[prefix + k].to(p.device, p.dtype))
+
+
 def trainable(params: Any) -> list[torch.nn.Parameter]:
     """The parameters that require grad, made float32 (trained weights stay fp32 under mixed precision)."""
     out = []

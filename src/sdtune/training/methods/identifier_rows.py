@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from sdtune.errors import SdtuneError
+from sdtune.training.methods.base import copy_saved, same_layout
 
 if TYPE_CHECKING:
     from sdtune.models.loading import LoadedModel
@@ -161,7 +162,7 @@ class IdentifierRows:
         starts = state.get(STATE_PREFIX + START_IDS)  # absent: saved when every vector started from its own row
         state = {k: v for k, v in state.items() if k != STATE_PREFIX + START_IDS}
         want.pop(STATE_PREFIX + START_IDS)
-        if set(state) != set(want) or any(state[k].shape != want[k].shape for k in state):
+        if not same_layout(state, want):
             raise SdtuneError("saved identifier vectors do not match this run; was --train-identifier or the model "
                               "changed? (a run saved before --train-identifier existed resumes with "
                               "--no-train-identifier)")
@@ -170,9 +171,7 @@ class IdentifierRows:
             raise SdtuneError(f"the saved identifier vectors belong to another word than {self.word!r} (token ids "
                               f"{saved.tolist()}, now {self._token_ids().tolist()}); resume with the captions and "
                               "--identifier of the saved run, or start a new --out")
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(state[STATE_PREFIX + k].to(p.device, p.dtype))
+        copy_saved(self.params, state, STATE_PREFIX)
         if self.word is not None:  # what the file's metadata says the vectors started from: the saved run's start
             ids = dict(self._ids) if starts is None else {s.key: int(i) for s, i in zip(self._slots, starts.tolist())}
             self._start_ids = ids

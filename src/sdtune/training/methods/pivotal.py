@@ -35,6 +35,7 @@ import torch
 
 from sdtune.errors import SdtuneError
 from sdtune.prompts.embeddings import EmbeddingRegistry
+from sdtune.training.methods.base import copy_saved, same_layout
 from sdtune.training.options import opt
 
 if TYPE_CHECKING:
@@ -203,14 +204,12 @@ class PivotalWord:
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         want = self.state_dict()
-        if set(state) != set(want) or any(state[k].shape != want[k].shape for k in state):
+        if not same_layout(state, want):
             have = ", ".join(f"{k} {list(v.shape)}" for k, v in state.items()) or "none"
             raise SdtuneError(f"saved pivotal vectors ({have}) do not match this run "
                               f"({', '.join(f'{k} {list(v.shape)}' for k, v in want.items())}); were --pivotal or "
                               "--pivotal-tokens changed?")
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(state[STATE_PREFIX + k].to(p.device, p.dtype))
+        copy_saved(self.params, state, STATE_PREFIX)
 
     def bundle(self) -> dict[str, dict[str, torch.Tensor]]:
         """{word: vectors} as the LoRA file bundles them: one encoder -> "*" (A1111's string_to_param.*)."""
