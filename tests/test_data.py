@@ -13,7 +13,8 @@ from PIL import Image
 from sdtune.errors import SdtuneError
 from sdtune.training import captions as cap
 from sdtune.training import images as imgs
-from sdtune.training.data import Augment, bucket_batches, example_rng, make_example, scan_dataset
+from sdtune.training.data import scan_dataset
+from sdtune.training.examples import Augment, bucket_batches, example_rng, make_example
 
 
 def photo(seed: int, size=(48, 40)) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Training: the data layer every trainer shares (`data`, `images`, `captions`, `latents`), the one training loop
+"""Training: the data layer every trainer shares (`data`, `examples`, `images`, `captions`, `latents`), the one training loop
 (`loop`: `train`, `Trainer`) with its config (`config.TrainConfig`), and the method plug-ins (`methods`)."""
 
 from __future__ import annotations

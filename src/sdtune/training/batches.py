@@ -137,7 +137,7 @@ class BatchSource:
 
     def _epoch(self, epoch: int) -> tuple[list[int], list[list[int]]]:
         """(item order, batches of positions in that order) of one epoch."""
-        from sdtune.training.data import bucket_batches
+        from sdtune.training.examples import bucket_batches
 
         if self._order is None or self._order[0] != epoch:
             order = self.dataset.epoch_order(self.seed, epoch)
@@ -157,7 +157,7 @@ class BatchSource:
                 torch.randn(like.mean.shape, generator=gen, dtype=like.mean.dtype)
 
     def next(self, step: int, gen: torch.Generator) -> Batch:
-        from sdtune.training.data import example_rng, make_example
+        from sdtune.training.examples import example_rng, make_example
 
         order, batches = self._epoch(self.epoch)
         if self.cursor >= len(batches):

@@ -3,7 +3,7 @@
 The cache keeps the VAE's posterior mean *and* standard deviation, already shifted and scaled into the UNet's
 latent space (`(z - shift_factor) * scaling_factor`), so a trainer can either use the mean (deterministic) or draw
 a fresh sample every step (`get(generator=...)`), which is what encoding on the fly would do, at no extra VAE cost.
-Caching requires a fixed image side (centre crop, no colour jitter): see `data.Augment.cacheable`.
+Caching requires a fixed image side (centre crop, no colour jitter): see `examples.Augment.cacheable`.
 """
 
 from __future__ import annotations

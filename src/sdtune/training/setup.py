@@ -243,7 +243,7 @@ class TrainerSetup(TrainerParts):
         return multiple
 
     def _prepare_data(self, multiple: int) -> None:
-        from sdtune.training.data import Augment
+        from sdtune.training.examples import Augment
         from sdtune.training.latents import resolve_latents_mode
 
         cfg, model, pipe = self.config, self.model, self.model.pipe
