@@ -95,6 +95,21 @@ def test_unknown_tag_names_near_files(gen):
         image(gen, "a red circle <lora:inc:1>")
 
 
+@pytest.mark.parametrize("tag", ["<lora:ink:0:1>", "<lora:ink:1:0>", "<lora:ink:te=0.5>", "<lora:ink:1:unet=0>",
+                                 "<lora:ink:1:1:8>"])
+def test_separate_text_encoder_and_unet_weights_are_refused_not_ignored(gen, tag):
+    """A1111 reads <lora:name:te:unet>; sdtune applies one weight to both, so such a tag is an error that names it
+    (it used to be read as its first number, a different image from A1111's)."""
+    with pytest.raises(SdtuneError, match="separate text-encoder and UNet weights"):
+        image(gen, f"a red circle {tag}")
+
+
+def test_the_same_weight_twice_is_one_weight(gen):
+    one, _ = image(gen, "a red circle <lora:ink:0.5>")
+    twice, _ = image(gen, "a red circle <lora:ink:0.5:0.5>")
+    assert np.array_equal(one, twice)
+
+
 def test_no_folder_given(setup):
     from sdtune.generate import Generator
 

@@ -169,6 +169,58 @@ def test_png_info_round_trip(client):
     assert r["info"].startswith(QUICK["prompt"]) and r["items"]["parameters"] == r["info"]
     bad = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(b"not an image").decode()})
     assert bad.status_code == 422
+    w, h = decode(image).size  # A1111's parse_generation_parameters splits "Size: WxH" into Size-1 / Size-2
+    assert (r["parameters"]["Size-1"], r["parameters"]["Size-2"]) == (str(w), str(h)) and "Size" not in r["parameters"]
+
+
+@pytest.mark.parametrize("path,kind", [("/sdapi/v1/txt2img", "application/x-www-form-urlencoded"),
+                                       ("/sdapi/v1/png-info", "text/plain"), ("/sdapi/v1/options", None)])
+def test_a_body_not_sent_as_json_is_a_422_that_says_so(client, path, kind):
+    """curl -d sends a form type by default: FastAPI then reads raw bytes, which the error handler must not choke on."""
+    headers = {"content-type": kind} if kind else {}
+    r = client.post(path, content=b'{"prompt": "x"}', headers=headers)
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["errors"], r.text
+    assert "Traceback" not in r.text
+
+
+def test_framework_refusals_have_a1111_error_shape(client):
+    r = client.get("/sdapi/v1/no-such-endpoint")
+    assert r.status_code == 404 and r.json()["error"] == "HTTPException" and r.json()["errors"]
+    r = client.post("/sdapi/v1/txt2img", content=b'{"prompt": "' + bytes([0xFF]) + b'"}',
+                    headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500 and r.json()["error"] in ("HTTPException", "ValidationError"), r.text
+
+
+@pytest.mark.parametrize("where,settings", [
+    ("override", {"eta_noise_seed_delta": 31337}), ("override", {"eta_ancestral": 0.5}),
+    ("override", {"randn_source": "NV"}), ("options", {"samples_format": "jpg"}), ("options", {"s_noise": 0.9}),
+])
+def test_options_that_change_the_pixels_are_refused_unless_at_sdtunes_value(client, where, settings):
+    if where == "override":
+        r = client.post("/sdapi/v1/txt2img", json={**QUICK, "override_settings": settings})
+    else:
+        r = client.post("/sdapi/v1/options", json=settings)
+    key = next(iter(settings))
+    assert r.status_code == 422 and key in r.json()["errors"], r.text
+    current = client.get("/sdapi/v1/options").json()
+    assert current[key] != settings[key]  # nothing was applied; and sending back what GET says is accepted
+    assert client.post("/sdapi/v1/txt2img", json={**QUICK, "override_settings": {key: current[key]}}).status_code == 200
+
+
+def test_start_up_listings_a1111_clients_read_are_answered_empty(client):
+    for path in ("prompt-styles", "upscalers", "latent-upscale-modes", "face-restorers", "extensions"):
+        r = client.get(f"/sdapi/v1/{path}")
+        assert r.status_code == 200 and r.json() == [], path
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+
+
+def test_samplers_listed_are_the_ones_that_run_and_karras_needs_a_karras_variant(client):
+    from sdtune.generate.samplers import get_sampler, usable
+
+    names = [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
+    assert all(usable(get_sampler(n)) for n in names)
+    r = client.post("/sdapi/v1/txt2img", json={**QUICK, "sampler_name": "Euler", "scheduler": "karras"})
+    assert r.status_code == 422 and "'Euler' has no" in r.json()["errors"] and "DPM++ 2M" in r.json()["errors"]
 
 
 def test_progress_idle_shape_and_interrupt_skip_answer(client):

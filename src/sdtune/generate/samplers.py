@@ -102,10 +102,15 @@ def _available(package: str) -> bool:
     return {"scipy": is_scipy_available, "torchsde": is_torchsde_available}[package]()
 
 
+def usable(sampler: Sampler) -> bool:
+    """Whether `sampler` runs here: its optional package is installed (torchsde has a fallback, scipy has none)."""
+    return sampler.needs != "scipy" or _available("scipy")
+
+
 def check_sampler(name: str) -> Sampler:
     """Resolve `name` and fail early (before any model is loaded) if it needs a package that has no fallback."""
     sampler = get_sampler(name)
-    if sampler.needs == "scipy" and not _available("scipy"):
+    if not usable(sampler):
         raise SdtuneError(f"sampler {sampler.name!r} needs scipy, which is not installed: "
                           "`pip install scipy`, or choose another sampler such as Euler")
     return sampler

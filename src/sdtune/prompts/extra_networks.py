@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 KNOWN = ("lora", "lyco", "hypernet")
 _TAG = re.compile(r"<(\w+):([^>]+)>")
@@ -31,7 +31,8 @@ class ExtraNetwork:
     kind: str
     name: str
     weight: float = 1.0
-    args: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()    # the arguments after the weight, as written
+    weight_text: str = field(default="", compare=False)  # the weight as written (a named `te=0.5` reads as 1.0)
 
     @property
     def known(self) -> bool:
@@ -53,7 +54,8 @@ def _spans(text: str, tags: bool, calls: bool) -> list[tuple[int, int, ExtraNetw
         for m in _TAG.finditer(text, 0, end):
             items = m.group(2).split(":")
             weight = _weight(items[1]) if len(items) > 1 else 1.0
-            found.append((m.start(), m.end(), ExtraNetwork(m.group(1), items[0], weight, tuple(items[2:]))))
+            found.append((m.start(), m.end(), ExtraNetwork(m.group(1), items[0], weight, tuple(items[2:]),
+                                                            items[1] if len(items) > 1 else "")))
     if calls:
         starts = [a for a, _, _ in found]
         for m in _LORA_CALL.finditer(text):

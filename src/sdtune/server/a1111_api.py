@@ -9,13 +9,21 @@ import base64
 import binascii
 import io
 import json
+import re
 import time
 from typing import Any
 
 from fastapi import APIRouter
 
 from sdtune.errors import SdtuneError
-from sdtune.server.a1111_models import OptionsUpdate, PngInfoRequest, Txt2ImgRequest, to_params
+from sdtune.server.a1111_models import (
+    PIXEL_OPTIONS,
+    OptionsUpdate,
+    PngInfoRequest,
+    Txt2ImgRequest,
+    check_pixel_options,
+    to_params,
+)
 from sdtune.server.engine import Generation, b64_png
 from sdtune.server.jobs import Job
 from sdtune.version import __version__
@@ -62,6 +70,7 @@ def a1111_router(state: Any) -> APIRouter:
     @api.post("/txt2img")
     async def txt2img(req: Txt2ImgRequest) -> dict[str, Any]:
         override = dict(req.override_settings or {})
+        check_pixel_options(override, "override_settings")
         clip_skip = int(override.get("CLIP_stop_at_last_layers", engine.options["CLIP_stop_at_last_layers"]))
         params = to_params(req, clip_skip)  # a bad request is refused before it waits in the queue
         checkpoint = override.get("sd_model_checkpoint")
@@ -119,9 +128,10 @@ def a1111_router(state: Any) -> APIRouter:
 
     @api.get("/samplers")
     def samplers() -> list[dict[str, Any]]:
-        from sdtune.generate.samplers import get_sampler, sampler_names
+        from sdtune.generate.samplers import get_sampler, sampler_names, usable
 
-        return [{"name": n, "aliases": list(get_sampler(n).aliases), "options": {}} for n in sampler_names()]
+        found = [get_sampler(n) for n in sampler_names()]  # only those that run here (LMS needs scipy)
+        return [{"name": s.name, "aliases": list(s.aliases), "options": {}} for s in found if usable(s)]
 
     @api.get("/schedulers")
     def schedulers() -> list[dict[str, Any]]:
@@ -158,6 +168,18 @@ def a1111_router(state: Any) -> APIRouter:
     async def embeddings() -> dict[str, Any]:
         return await jobs.run("embeddings", "list embeddings", lambda job: state.embedding_listing())
 
+    @api.get("/prompt-styles")
+    @api.get("/upscalers")
+    @api.get("/latent-upscale-modes")
+    @api.get("/face-restorers")
+    @api.get("/extensions")
+    def none_here() -> list[Any]:
+        return []  # clients list these at start-up; sdtune has none (hires fix, styles, ... are refused in txt2img)
+
+    @api.get("/scripts")
+    def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}
+
     @api.post("/refresh-checkpoints")
     def refresh_checkpoints() -> dict[str, Any]:
         return {}  # listings are read from disk on every request
@@ -172,11 +194,12 @@ def a1111_router(state: Any) -> APIRouter:
 
     @api.get("/options")
     def get_options() -> dict[str, Any]:
-        return dict(engine.options)
+        return {**{key: accepted[0] for key, accepted in PIXEL_OPTIONS.items()}, **engine.options}
 
     @api.post("/options")
     async def set_options(update: OptionsUpdate) -> dict[str, Any]:
         values = update.model_dump()
+        check_pixel_options(values, "options")
         if "sd_model_checkpoint" in values:
             values["sd_model_checkpoint"] = engine.resolve_checkpoint(str(values["sd_model_checkpoint"]))[0]
         if "sd_vae" in values:
@@ -209,7 +232,13 @@ def a1111_router(state: Any) -> APIRouter:
         parsed = parse_infotext(text) if text else None
         parameters: dict[str, Any] = {}
         if parsed is not None:
-            parameters = {"Prompt": parsed.prompt, "Negative prompt": parsed.negative_prompt, **parsed.fields}
+            for key, value in {"Prompt": parsed.prompt, "Negative prompt": parsed.negative_prompt,
+                               **parsed.fields}.items():
+                size = re.fullmatch(r"(\d+)x(\d+)", str(value))
+                if size:  # A1111 splits "Size: 512x768" (and "Hires resize") into "Size-1" / "Size-2"
+                    parameters[f"{key}-1"], parameters[f"{key}-2"] = size.group(1), size.group(2)
+                else:
+                    parameters[key] = value
         return {"info": text, "items": items, "parameters": parameters}
 
     return api

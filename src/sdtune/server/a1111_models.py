@@ -7,7 +7,7 @@ scripts, styles, variation seeds, ...) is refused with a 422 that names it, inst
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +23,12 @@ SCHEDULERS = {"automatic": "", "karras": " Karras"}  # A1111 >= 1.9 schedule nam
 # values of A1111's sampler noise settings that give its default behaviour (clients often send them explicitly)
 SAMPLER_DEFAULTS = {"eta": (0.0, 1.0), "s_churn": (0.0,), "s_tmax": (0.0, float("inf")), "s_tmin": (0.0,),
                     "s_noise": (1.0,), "s_min_uncond": (0.0,)}
+# A1111 options (POST /options, override_settings) that change the pixels, with the value(s) sdtune's images match;
+# the first is what GET /options reports. sdtune draws the starting noise from per-image CPU generators.
+PIXEL_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "eta_noise_seed_delta": (0,), "eta_ancestral": (1.0,), "eta_ddim": (0.0,), "randn_source": ("CPU",),
+    "s_churn": (0.0,), "s_tmin": (0.0,), "s_noise": (1.0,), "s_min_uncond": (0.0,),
+    "always_discard_next_to_last_sigma": (False,), "sgm_noise_multiplier": (False,), "samples_format": ("png",)}
 
 
 class Txt2ImgRequest(BaseModel):
@@ -99,6 +105,15 @@ def _refuse(field: str, why: str) -> SdtuneError:
     return SdtuneError(f"{field}: {why}; leave it out (sdtune cannot reproduce what A1111 would make)")
 
 
+def check_pixel_options(values: Mapping[str, Any], where: str) -> None:
+    """Refuse an option value whose images sdtune would not make (`PIXEL_OPTIONS`); other options pass."""
+    for key, value in values.items():
+        accepted = PIXEL_OPTIONS.get(key)
+        if accepted is not None and (isinstance(value, bool) != isinstance(accepted[0], bool) or value not in accepted):
+            raise SdtuneError(f"{where} {key}={value!r}: sdtune makes images only as A1111 does with {key}="
+                              f"{accepted[0]!r}; leave it out or send that value")
+
+
 def unsupported_fields(req: Txt2ImgRequest) -> None:
     """Refuse fields that would make A1111 produce a different image than sdtune would."""
     for name, why in REFUSED:
@@ -115,14 +130,19 @@ def unsupported_fields(req: Txt2ImgRequest) -> None:
 def sampler_for(req: Txt2ImgRequest) -> str:
     """A1111's sampler_name (or sampler_index) plus its scheduler (1.9+) -> an sdtune sampler name. A1111's API
     default is Euler."""
-    from sdtune.generate.samplers import check_sampler
+    from sdtune.generate.samplers import check_sampler, sampler_names
 
     name = req.sampler_name or req.sampler_index or "Euler"
     scheduler = (req.scheduler or "automatic").strip().lower()
     if scheduler not in SCHEDULERS:
         raise SdtuneError(f"scheduler {req.scheduler!r} is not supported; use Automatic or Karras")
     if SCHEDULERS[scheduler] and not name.endswith(SCHEDULERS[scheduler]):
-        name += SCHEDULERS[scheduler]
+        base = check_sampler(name).name  # an unknown sampler is named as the client sent it
+        if base + SCHEDULERS[scheduler] not in sampler_names():
+            with_it = [n[:-len(SCHEDULERS[scheduler])] for n in sampler_names() if n.endswith(SCHEDULERS[scheduler])]
+            raise SdtuneError(f"sampler {base!r} has no {req.scheduler} schedule in sdtune; use scheduler Automatic, "
+                              f"or one of: {', '.join(with_it)}")
+        name = base + SCHEDULERS[scheduler]
     return check_sampler(name).name
 
 

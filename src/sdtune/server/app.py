@@ -19,9 +19,11 @@ from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdtune.errors import SdtuneError
 from sdtune.server.engine import GenerationService
@@ -131,6 +133,9 @@ class ServerState:
                 for n, v in sorted(self.embedding_listing()["loaded"].items())]
 
 
+_BYTES_AS_TEXT: dict[Any, Callable[[Any], Any]] = {bytes: lambda b: b.decode("utf-8", "replace")}
+
+
 def _error(status: int, message: str, kind: str) -> JSONResponse:
     """A1111's error shape ({error, detail, body, errors}) with one line."""
     return JSONResponse({"error": kind, "detail": message, "body": "", "errors": message}, status_code=status)
@@ -201,11 +206,23 @@ def create_app(settings: Settings) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if isinstance(first.get("input"), (bytes, bytearray)):  # FastAPI read a body that was not sent as JSON
+            kind = request.headers.get("content-type") or "none"
+            return _error(422, f"the request body must be JSON: send it with Content-Type: application/json "
+                               f"(got {kind})", "ValidationError")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(first.get("msg", "invalid"))
-        return JSONResponse({"error": "ValidationError", "detail": [{k: v for k, v in e.items() if k != "ctx"}
-                                                                   for e in errors],
-                             "errors": message, "body": ""}, status_code=422)
+        return JSONResponse({"error": "ValidationError", "detail": jsonable_encoder(
+            [{k: v for k, v in e.items() if k != "ctx"} for e in errors], custom_encoder=_BYTES_AS_TEXT),
+            "errors": message, "body": ""}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """FastAPI's own refusals (no such route, a body that does not parse) in A1111's error shape, as A1111's
+        API middleware answers them."""
+        if exc.status_code < 400:
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return _error(exc.status_code, str(exc.detail), "HTTPException")
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Sequence
 
 from sdtune.adapters.args import parse_file_weight
 from sdtune.adapters.tags import TagKind, resolve_tags
+from sdtune.errors import SdtuneError
 from sdtune.models.hashing import memo_sha256
 
 LORA_TAGS = TagKind(tag="lora", kinds=("lora", "lyco"), noun="LoRA", dir_option="--lora-dir",
@@ -36,6 +37,29 @@ def parse_lora_arg(text: str, option: str = "--lora") -> tuple[str, float]:
     return parse_file_weight(text, option, "weight")
 
 
+def check_one_weight(tag: Any) -> None:
+    """Refuse A1111's separate weights, `<lora:name:te:unet[:dyn]>` or `te=`/`unet=`/`dyn=`: sdtune applies one
+    weight to the text encoder and the UNet, so such a tag would silently give another image than A1111's.
+    `<lora:name:w:w>` (both the same) means one weight and passes."""
+    args = list(getattr(tag, "args", ()))
+    written = [getattr(tag, "weight_text", "")] + args
+    named = any("=" in a for a in written)
+    if named or len(args) > 1 or (args and _number(args[0]) != tag.weight):
+        raise SdtuneError(f"<{tag.kind}:{tag.name}:{':'.join(written)}>: separate text-encoder and UNet weights "
+                          f"(A1111's <lora:name:te:unet>, te=, unet=, dyn=) are not supported; use one weight for "
+                          f"both, e.g. <{tag.kind}:{tag.name}:{tag.weight:g}>")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def resolve_lora_tags(tags: Iterable[Any], search_dirs: Sequence[str | Path]) -> list[tuple[Path, float]]:
     """`<lora:name:weight>` (and `<lyco:...>`) tags -> [(file, weight)], in tag order (`adapters.tags`)."""
+    tags = list(tags)
+    for tag in tags:
+        check_one_weight(tag)
     return resolve_tags(LORA_TAGS, tags, search_dirs)

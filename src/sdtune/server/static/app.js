@@ -223,7 +223,7 @@ $("pnginfo-send").addEventListener("click", () => {
   if (p["CFG scale"]) $("cfg").value = p["CFG scale"];
   if (p.Seed) $("seed").value = p.Seed;
   if (p.Sampler && [...$("sampler").options].some((o) => o.value === p.Sampler)) $("sampler").value = p.Sampler;
-  if (p.Size) { const [w, h] = p.Size.split("x"); $("width").value = w; $("height").value = h; }
+  if (p["Size-1"] && p["Size-2"]) { $("width").value = p["Size-1"]; $("height").value = p["Size-2"]; }
   showTab("generate");
   countTokens("prompt", "prompt-tokens");
 });
