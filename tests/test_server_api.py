@@ -207,6 +207,12 @@ def test_options_that_change_the_pixels_are_refused_unless_at_sdtunes_value(clie
     assert client.post("/sdapi/v1/txt2img", json={**QUICK, "override_settings": {key: current[key]}}).status_code == 200
 
 
+def test_a_run_or_file_that_does_not_exist_is_a_404(client):
+    r = client.get("/sdtune/v1/runs/nope")
+    assert r.status_code == 404 and r.json()["errors"] == "no run 'nope'"
+    assert client.get("/sdtune/v1/runs/nope/file", params={"path": "x.png"}).status_code == 404
+
+
 def test_start_up_listings_a1111_clients_read_are_answered_empty(client):
     for path in ("prompt-styles", "upscalers", "latent-upscale-modes", "face-restorers", "extensions"):
         r = client.get(f"/sdapi/v1/{path}")
@@ -246,7 +252,8 @@ def test_interrupt_during_a_queue_leaves_the_server_usable(world, tmp_path):
         if seen["state"]["sampling_step"] > 100:  # past the first live preview (every steps / 5)
             break
         time.sleep(0.05)
-    assert seen["progress"] > 0 and seen["eta_relative"] > 0 and seen["state"]["sampling_steps"] == 1200
+    assert seen["progress"] > 0 and seen["eta_relative"] > 0 and seen["state"]["sampling_steps"] == 400
+    assert seen["state"]["job_count"] == 3 and seen["state"]["job_no"] == 0  # A1111: n_iter batches are its jobs
     assert decode(seen["current_image"]).format == "PNG"  # the live preview
     assert c.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
     c.post("/sdapi/v1/interrupt")

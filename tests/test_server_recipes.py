@@ -94,7 +94,7 @@ def test_bad_recipe_settings_are_refused_before_queueing(client: TestClient, tmp
     r = client.post("/sdtune/v1/recipes/wrong-lora", json=body)
     assert r.status_code == 422 and says in r.json()["errors"], r.text
     assert client.get("/sdtune/v1/jobs").json()["recent"] == [] and not (tmp_path / "runs" / "x").exists()
-    assert client.get("/sdtune/v1/recipes/wrong-lora/x").status_code == 422
+    assert client.get("/sdtune/v1/recipes/wrong-lora/x").status_code == 404  # no such recipe
 
 
 def test_the_status_message_is_the_whole_last_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -102,19 +102,24 @@ def a1111_router(state: Any) -> APIRouter:
         if job is None:
             return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
                     "current_task": None,
-                    "state": {"skipped": False, "interrupted": False, "job": "", "job_count": queued,
+                    "state": {"skipped": False, "interrupted": False, "job": "", "job_count": 0, "queued": queued,
                               "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
         pr = job.progress
         image = None
         png = None if skip_current_image else pr.preview_png()
         if png is not None:
             image = base64.b64encode(png).decode("ascii")
+        # A1111 counts a request's batches (n_iter) as jobs and steps within the current one
+        batches = max(1, pr.batches)
+        per_batch = max(1, pr.total // batches)
+        job_no = min(pr.step // per_batch, batches - 1)
         return {"progress": round(pr.fraction, 4), "eta_relative": round(pr.eta, 2), "current_image": image,
                 "textinfo": pr.text or None, "current_task": job.id,
                 "state": {"skipped": job.control.skipped, "interrupted": job.control.interrupted, "job": job.title,
-                          "job_count": queued + 1, "job_timestamp": time.strftime(
+                          "job_count": batches, "job_timestamp": time.strftime(
                               "%Y%m%d%H%M%S", time.localtime(pr.started or job.created)),
-                          "job_no": 0, "sampling_step": pr.step, "sampling_steps": pr.total}}
+                          "job_no": job_no, "sampling_step": pr.step - job_no * per_batch,
+                          "sampling_steps": per_batch if pr.total else 0, "queued": queued}}
 
     @api.post("/interrupt")
     def interrupt() -> dict[str, Any]:

@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import NotFound, SdtuneError
 from sdtune.server.engine import GenerationService
 from sdtune.server.folders import ModelFolders, PathRefused
 from sdtune.server.jobs import JobQueue, QueueFull
@@ -197,6 +197,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(QueueFull)
     async def full(request: Request, exc: QueueFull) -> JSONResponse:
         return _error(503, str(exc), "QueueFull")
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return _error(404, str(exc).strip().splitlines()[0] if str(exc).strip() else "not found", "NotFound")
 
     @app.exception_handler(SdtuneError)
     async def bad_input(request: Request, exc: SdtuneError) -> JSONResponse:

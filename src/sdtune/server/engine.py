@@ -107,6 +107,7 @@ class GenerationService:
         job.progress.total = params.steps * params.batch_count
         job.progress.preview_decoder = lambda source: _preview_png(*source)
         job.title = params.prompt[:80]
+        job.progress.batches = params.batch_count
         every = max(1, params.steps // PREVIEWS_PER_RUN)
         count = {"step": 0}
 

@@ -52,6 +52,7 @@ class JobControl:
 class JobProgress:
     step: int = 0
     total: int = 0
+    batches: int = 1  # a txt2img job's n_iter: `total` spans them all (A1111 reports job_no of job_count)
     started: float | None = None
     text: str = ""
     # the latest intermediate state and how to turn it into a PNG; decoded only when someone asks (/progress),

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import NotFound, SdtuneError
 from sdtune.server.folders import ModelFolders, confine
 from sdtune.server.jobs import Job, JobQueue
 from sdtune.server.runs import check_run_name
@@ -105,7 +105,7 @@ class RecipeRegistry:
         folder = confine(runs, check_run_name(name))
         job = self.job_of.get(name)
         if job is None and not (folder / "recipe.json").is_file():
-            raise SdtuneError(f"no wrong-lora recipe {name!r}")
+            raise NotFound(f"no wrong-lora recipe {name!r}")
         report = _read_json(folder / "compare" / "report.json")
         files = {key: rel for key, rel in (("lora", _lora_name(folder)), ("grid", "compare/grid.png"),
                                            ("report", "compare/report.json")) if rel and (folder / rel).is_file()}

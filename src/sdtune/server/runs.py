@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import NotFound, SdtuneError
 from sdtune.server.folders import ModelFolders, PathRefused
 from sdtune.server.jobs import Job, JobQueue
 
@@ -238,7 +238,7 @@ def _on_step(job: Job, step: int, total: int) -> None:
 def read_run(folder: Path, started: bool = False) -> dict[str, Any]:
     """Everything the run page shows, read from the files the loop writes (none yet for a `started` run)."""
     if not folder.is_dir() and not started:
-        raise SdtuneError(f"no run {folder.name!r}")
+        raise NotFound(f"no run {folder.name!r}")
     config = _read_json(folder / "config.json")
     summary = _read_json(folder / "summary.json")
     losses: list[list[float]] = []

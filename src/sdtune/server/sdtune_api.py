@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import NotFound, SdtuneError
 from sdtune.server.folders import confine
 from sdtune.server.runs import (
     METHOD_GUIDANCE,
@@ -149,7 +149,7 @@ def sdtune_router(state: Any) -> APIRouter:
         folder = confine(folders.runs, check_run_name(name))
         target = confine(folder, path)
         if not target.is_file():
-            raise SdtuneError(f"{path}: no such file in run {name}")
+            raise NotFound(f"{path}: no such file in run {name}")
         return FileResponse(target)
 
     @api.post("/runs/{name}/stop")

@@ -105,9 +105,10 @@ async function pollProgress() {
     const p = await api("/sdapi/v1/progress");
     $("progress-bar").style.width = `${Math.round(p.progress * 100)}%`;
     const s = p.state;
-    const waiting = s.job_count > 1 ? ` (${s.job_count - 1} waiting)` : "";
+    const waiting = s.queued ? ` (${s.queued} waiting)` : "";
+    const batch = s.job_count > 1 ? `batch ${s.job_no + 1} of ${s.job_count}, ` : "";
     $("progress-text").textContent = s.sampling_steps
-      ? `step ${s.sampling_step} of ${s.sampling_steps}, ETA ${p.eta_relative.toFixed(1)} s${waiting}` : `queued${waiting}`;
+      ? `${batch}step ${s.sampling_step} of ${s.sampling_steps}, ETA ${p.eta_relative.toFixed(1)} s${waiting}` : `queued${waiting}`;
     if (p.current_image) { $("preview").src = `data:image/png;base64,${p.current_image}`; $("preview").hidden = false; }
   } catch (e) { /* the next poll tries again */ }
 }
