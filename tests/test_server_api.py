@@ -138,6 +138,9 @@ def test_listings_in_a1111_shapes(client, world):
     assert client.get("/sdapi/v1/sd-vae").json() == []
     loras = client.get("/sdapi/v1/loras").json()
     assert [(x["name"], x["alias"]) for x in loras] == [("ink", "ink")]
+    from sdtune.formats.safe_io import read_safetensors_metadata
+    on_disk = read_safetensors_metadata(loras[0]["path"])  # A1111 gives the file's metadata (ss_* keys, ...)
+    assert on_disk and set(loras[0]["metadata"]) == set(on_disk)
     assert [x["name"] for x in client.get("/sdapi/v1/hypernetworks").json()] == ["sketch"]
     emb = client.get("/sdapi/v1/embeddings").json()
     assert set(emb) == {"loaded", "skipped"} and emb["loaded"]["shiny"]["vectors"] == 2

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -60,6 +62,24 @@ def decode_image_b64(text: str) -> bytes:
         return base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError):
         raise SdtuneError("image is not valid base64; send the PNG file's bytes base64-encoded") from None
+
+
+def _lora_metadata(path: Path) -> dict[str, Any]:
+    """A .safetensors file's metadata as A1111's /loras gives it (values that hold JSON objects parsed); other
+    files and unreadable headers: {}."""
+    from sdtune.formats.safe_io import read_safetensors_metadata
+
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        meta: dict[str, Any] = dict(read_safetensors_metadata(path))
+    except (SdtuneError, OSError, ValueError):
+        return {}
+    for key, value in meta.items():
+        if isinstance(value, str) and value.startswith("{"):
+            with contextlib.suppress(ValueError):
+                meta[key] = json.loads(value)
+    return meta
 
 
 def a1111_router(state: Any) -> APIRouter:
@@ -162,7 +182,7 @@ def a1111_router(state: Any) -> APIRouter:
 
     @api.get("/loras")
     def loras() -> list[dict[str, Any]]:
-        return [{"name": f.path.stem, "alias": f.path.stem, "path": str(f.path), "metadata": {}}
+        return [{"name": f.path.stem, "alias": f.path.stem, "path": str(f.path), "metadata": _lora_metadata(f.path)}
                 for f in folders.loras()]
 
     @api.get("/hypernetworks")
