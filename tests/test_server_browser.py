@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and DRIVER):
@@ -171,10 +172,14 @@ def test_png_info_round_trip(browser, server, shots):
     text = wait(browser, lambda d: d.find_element(By.ID, "pnginfo-text").text, 30)
     assert "Seed: 42" in text
     shots(browser, "pnginfo")
+    browser.execute_script('document.getElementById("width").value = "8"; document.getElementById("height").value = "8";')
     wait(browser, EC.element_to_be_clickable((By.ID, "pnginfo-send"))).click()
     assert browser.find_element(By.ID, "prompt").get_attribute("value") == "a blue square on a black background"
     assert browser.find_element(By.ID, "seed").get_attribute("value") == "42"
     assert browser.find_element(By.ID, "steps").get_attribute("value") == "8"
+    w, h = Image.open(image).size  # the size comes back too (A1111's Size-1 / Size-2)
+    assert (browser.find_element(By.ID, "width").get_attribute("value"),
+            browser.find_element(By.ID, "height").get_attribute("value")) == (str(w), str(h))
 
 
 def test_a_textual_inversion_run_from_the_train_page(browser, server, shots):
