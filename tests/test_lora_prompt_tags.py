@@ -95,19 +95,46 @@ def test_unknown_tag_names_near_files(gen):
         image(gen, "a red circle <lora:inc:1>")
 
 
-@pytest.mark.parametrize("tag", ["<lora:ink:0:1>", "<lora:ink:1:0>", "<lora:ink:te=0.5>", "<lora:ink:1:unet=0>",
-                                 "<lora:ink:1:1:8>"])
-def test_separate_text_encoder_and_unet_weights_are_refused_not_ignored(gen, tag):
-    """A1111 reads <lora:name:te:unet>; sdtune applies one weight to both, so such a tag is an error that names it
-    (it used to be read as its first number, a different image from A1111's)."""
-    with pytest.raises(SdtuneError, match="separate text-encoder and UNet weights"):
+@pytest.fixture(scope="module")
+def ink_parts(setup):
+    """The ink LoRA split in two files: its text-encoder modules only, and its UNet modules only."""
+    from safetensors.torch import load_file, save_file
+
+    from sdtune.formats.safe_io import read_safetensors_metadata
+
+    tensors, meta = load_file(str(setup["style"])), read_safetensors_metadata(setup["style"])
+    parts = setup["dir"] / "loras" / "parts"
+    parts.mkdir(exist_ok=True)
+    for part, prefix in (("te", "lora_te"), ("unet", "lora_unet")):
+        mine = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+        assert mine and len(mine) < len(tensors)
+        save_file(mine, str(parts / f"ink_{part}.safetensors"), metadata=meta)
+
+
+@pytest.mark.parametrize("split,same_as", [
+    ("0:1", "<lora:ink_unet:1>"), ("1:0", "<lora:ink_te:1>"), ("te=0:unet=1", "<lora:ink_unet:1>"),
+    ("0.5:0.5", "<lora:ink:0.5>"), ("0:0", ""), ("0.7:unet=0", "<lora:ink_te:0.7>"),
+])
+def test_separate_text_encoder_and_unet_weights_as_a1111_reads_them(gen, ink_parts, split, same_as):
+    """<lora:name:te:unet>: each component at its own weight, bit for bit the same as a file holding only that
+    component's modules (weight 0: that component's base layers)."""
+    split_image, info = image(gen, f"a red circle <lora:ink:{split}>")
+    expected, _ = image(gen, f"a red circle {same_as}")
+    assert np.array_equal(split_image, expected)
+    assert f"<lora:ink:{split}>" in info.splitlines()[0]  # the infotext keeps the tag as written
+
+
+def test_each_part_of_the_split_file_changes_the_image(gen, ink_parts):
+    """What makes the comparisons above mean something: base, text-encoder part, UNet part and both all differ."""
+    images = [image(gen, f"a red circle {t}")[0] for t in ("", "<lora:ink_te:1>", "<lora:ink_unet:1>", "<lora:ink:1>")]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])
+
+
+@pytest.mark.parametrize("tag,says", [("<lora:ink:1:1:8>", "third number"), ("<lora:ink:1:dyn=8>", "dyn="),
+                                      ("<lora:ink:1:unet=abc>", "not a number"), ("<lora:ink:1:foo=2>", "names")])
+def test_lora_tag_arguments_sdtune_cannot_apply_are_refused(gen, tag, says):
+    with pytest.raises(SdtuneError, match=says):
         image(gen, f"a red circle {tag}")
-
-
-def test_the_same_weight_twice_is_one_weight(gen):
-    one, _ = image(gen, "a red circle <lora:ink:0.5>")
-    twice, _ = image(gen, "a red circle <lora:ink:0.5:0.5>")
-    assert np.array_equal(one, twice)
 
 
 def test_no_folder_given(setup):

@@ -130,6 +130,42 @@ def parse_lora_specs(loras: Iterable[LoraSpec] | None) -> list[tuple[Any, float]
     return parse_weighted_specs(loras, LoraNetwork, "LoRA", "weight")
 
 
+@dataclass(frozen=True)
+class LoraWeight:
+    """A LoRA's multipliers on the text encoder(s) and on the UNet: A1111's `<lora:name:te:unet>` (one number is
+    both). Each component whose multiplier is 0 runs its base layers, bit for bit."""
+
+    te: float
+    unet: float
+
+    @classmethod
+    def of(cls, weight: "float | LoraWeight") -> "LoraWeight":
+        return weight if isinstance(weight, LoraWeight) else cls(float(weight), float(weight))
+
+    def on(self, component: str) -> float:
+        """The multiplier of `component` ("unet", "text_encoder", "text_encoder_2")."""
+        return self.unet if component == "unet" else self.te
+
+    def __add__(self, other: "LoraWeight") -> "LoraWeight":  # one file twice: the weights add up, as in A1111
+        return LoraWeight(self.te + other.te, self.unet + other.unet)
+
+    def __bool__(self) -> bool:
+        return self.te != 0 or self.unet != 0
+
+    def __format__(self, spec: str) -> str:
+        one = format(self.te, spec or "g")
+        return one if self.te == self.unet else f"{one}:{format(self.unet, spec or 'g')}"
+
+
+def _weighted(loras: Iterable[LoraSpec] | None) -> list[tuple[Any, LoraWeight]]:
+    """`parse_lora_specs`, where a weight may also be a LoraWeight (a tag's separate text-encoder/UNet weights)."""
+    items = list(loras or [])
+    split = {i: item[1] for i, item in enumerate(items)
+             if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], LoraWeight)}
+    plain = parse_lora_specs([(item[0], 1.0) if i in split else item for i, item in enumerate(items)])
+    return [(src, split.get(i) or LoraWeight.of(w)) for i, (src, w) in enumerate(plain)]
+
+
 class PipelineLoras:
     """LoRAs of one pipeline. `set([(path, 0.8), (path2, 0.5)])` loads what is new (each file once), sets the
     weights, and switches everything else off; `set([])` returns to the base model. LoRAs stay loaded (inactive)
@@ -142,7 +178,7 @@ class PipelineLoras:
         self.family = family or guess_family(pipe_or_loaded)
         self.model_name = model_name or getattr(pipe_or_loaded, "name", None) or "the model"
         self.loaded: dict[str, LoadedLora] = {}  # adapter -> LoadedLora
-        self.active: list[tuple[LoadedLora, float]] = []
+        self.active: list[tuple[LoadedLora, LoraWeight]] = []
         self._by_key: dict[tuple, str] = {}
         self._count = 0
         from sdtune.adapters.lora.lycoris_hooks import LycorisHooks
@@ -254,12 +290,13 @@ class PipelineLoras:
 
     # -- weights ----------------------------------------------------------------------------------------------
 
-    def set(self, loras: Iterable[LoraSpec] | None) -> list[tuple[LoadedLora, float]]:
-        """Make exactly these LoRAs active with these weights (a weight of 0 keeps a LoRA loaded but off)."""
-        specs = parse_lora_specs(loras)
+    def set(self, loras: Iterable[LoraSpec] | None) -> list[tuple[LoadedLora, LoraWeight]]:
+        """Make exactly these LoRAs active with these weights (a weight of 0 keeps a LoRA loaded but off); a weight
+        is a number or a LoraWeight (separate text-encoder and UNet multipliers)."""
+        specs = _weighted(loras)
         entries = [(self.load(src), w) for src, w in specs]
         seen: dict[str, int] = {}
-        merged: list[tuple[LoadedLora, float]] = []
+        merged: list[tuple[LoadedLora, LoraWeight]] = []
         for lora, w in entries:  # the same file twice: weights add up, as two A1111 tags would
             if lora.adapter in seen:
                 i = seen[lora.adapter]
@@ -283,38 +320,37 @@ class PipelineLoras:
         self._by_key.clear()
         self.active = []
 
-    def _on(self) -> list[tuple[str, float]]:
+    def _on(self) -> list[tuple[str, LoraWeight]]:
         """(adapter, weight) of the active LoRAs with a non-zero weight, in a fixed order (by file hash, then
         name), so the same LoRAs and weights give the same bits however they were listed or loaded (float addition
         is not associative)."""
         ordered = sorted(self.active, key=lambda e: (e[0].hash or "", e[0].name, e[0].adapter))
-        return [(lora.adapter, w) for lora, w in ordered if w != 0]
+        return [(lora.adapter, w) for lora, w in ordered if w]
 
     def _apply(self) -> None:
         from peft.tuners.lora import LoraLayer
 
         on = self._on()
         self.lycoris.set_active(on)
-        names = [a for a, _ in on]
-        for model in components_of(self.pipe).values():
+        for component, model in components_of(self.pipe).items():
+            weights = [(a, w.on(component)) for a, w in on if w.on(component) != 0]
             for mod in model.modules():
                 if not isinstance(mod, LoraLayer):
                     continue
-                here = [a for a in names if a in mod.lora_A]
+                here = [(a, w) for a, w in weights if a in mod.lora_A]
                 if not here:
                     mod.enable_adapters(False)
                     continue
                 mod.enable_adapters(True)
-                mod.set_adapter(here, inference_mode=True)
-                for a, w in on:
-                    if a in mod.lora_A:
-                        mod.set_scale(a, w)
+                mod.set_adapter([a for a, _ in here], inference_mode=True)
+                for a, w in here:
+                    mod.set_scale(a, w)
 
     # -- reporting --------------------------------------------------------------------------------------------
 
     def infotext_entries(self) -> list[tuple[str, str]]:
         """(name, short hash) of the active LoRAs with a non-zero weight, for A1111's `Lora hashes` field."""
-        return [(lora.name, lora.hash) for lora, w in self.active if w != 0 and lora.hash]
+        return [(lora.name, lora.hash) for lora, w in self.active if w and lora.hash]
 
     def describe(self) -> str:
         return ", ".join(f"{lora.name}:{w:g}" for lora, w in self.active) or "none"

@@ -84,7 +84,7 @@ class LoraExtraNetwork:
 
     def _sync_bundled(self) -> None:
         """Embeddings bundled in the active LoRA files usable by name; those of inactive ones removed."""
-        active = {name: vecs for lora, w in (self.stack.active if self.stack else []) if w != 0
+        active = {name: vecs for lora, w in (self.stack.active if self.stack else []) if w
                   for name, vecs in lora.embeddings.items()}
         if not active and not self._bundled:
             return

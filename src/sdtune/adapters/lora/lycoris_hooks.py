@@ -16,7 +16,7 @@ are the base model bit for bit.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +47,16 @@ class LycorisHooks:
     def remove(self, adapter: str) -> None:
         self.loaded.pop(adapter, None)
 
-    def set_active(self, adapters: list[tuple[str, float]]) -> None:
-        """Exactly these adapters with these (non-zero) weights, in this order; every other hook is removed."""
+    def set_active(self, adapters: Sequence[tuple[str, Any]]) -> None:
+        """Exactly these adapters with these weights, in this order; every other hook is removed. A weight is a
+        number or has `.on(component)` (apply.LoraWeight: the module's component is its canonical name's first
+        part); a module whose weight is 0 gets no hook."""
         active: dict[str, list[tuple[LycorisModule, float]]] = {}
         for adapter, weight in adapters:
             for name, m in self.loaded.get(adapter, {}).items():
-                active.setdefault(name, []).append((m, float(weight)))
+                w = float(weight.on(name.split(".", 1)[0]) if hasattr(weight, "on") else weight)
+                if w != 0:
+                    active.setdefault(name, []).append((m, w))
         self.active = active
         for name in [n for n in self._handles if n not in active]:
             self._handles.pop(name).remove()

@@ -6,12 +6,15 @@ change it; other files: sha256 of the whole file)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from sdtune.adapters.args import parse_file_weight
 from sdtune.adapters.tags import TagKind, resolve_tags
 from sdtune.errors import SdtuneError
 from sdtune.models.hashing import memo_sha256
+
+if TYPE_CHECKING:
+    from sdtune.adapters.lora.apply import LoraWeight
 
 LORA_TAGS = TagKind(tag="lora", kinds=("lora", "lyco"), noun="LoRA", dir_option="--lora-dir",
                     exts=(".safetensors", ".pt", ".ckpt", ".bin"))
@@ -37,17 +40,36 @@ def parse_lora_arg(text: str, option: str = "--lora") -> tuple[str, float]:
     return parse_file_weight(text, option, "weight")
 
 
-def check_one_weight(tag: Any) -> None:
-    """Refuse A1111's separate weights, `<lora:name:te:unet[:dyn]>` or `te=`/`unet=`/`dyn=`: sdtune applies one
-    weight to the text encoder and the UNet, so such a tag would silently give another image than A1111's.
-    `<lora:name:w:w>` (both the same) means one weight and passes."""
-    args = list(getattr(tag, "args", ()))
-    written = [getattr(tag, "weight_text", "")] + args
-    named = any("=" in a for a in written)
-    if named or len(args) > 1 or (args and _number(args[0]) != tag.weight):
-        raise SdtuneError(f"<{tag.kind}:{tag.name}:{':'.join(written)}>: separate text-encoder and UNet weights "
-                          f"(A1111's <lora:name:te:unet>, te=, unet=, dyn=) are not supported; use one weight for "
-                          f"both, e.g. <{tag.kind}:{tag.name}:{tag.weight:g}>")
+def tag_weight(tag: Any) -> "float | LoraWeight":
+    """A1111's reading of a LoRA tag's arguments: `<lora:name:te:unet>` positionally or `te=`/`unet=` by name; the
+    UNet's weight is the text encoder's unless given; one weight -> a number. `dyn` (a rank cut) is refused."""
+    from sdtune.adapters.lora.apply import LoraWeight
+
+    if isinstance(tag, (tuple, list)):  # (name, weight) pairs
+        return float(tag[1]) if len(tag) > 1 else 1.0
+    written = [getattr(tag, "weight_text", "")] + list(getattr(tag, "args", ()))
+    if len(written) == 1 and "=" not in written[0]:
+        return float(tag.weight)
+    positional = [a for a in written if "=" not in a]
+    named = dict(a.split("=", 1) for a in written if "=" in a)
+    unknown = sorted(set(named) - {"te", "unet", "dyn"})
+    label = f"<{tag.kind}:{tag.name}:{':'.join(written)}>"
+    if unknown or "dyn" in named or len(positional) > 2:
+        raise SdtuneError(f"{label}: sdtune reads <{tag.kind}:name:weight> or <{tag.kind}:name:te:unet> (also "
+                          "te=, unet=); a third number or dyn= (A1111's rank cut) and other names are not supported")
+
+    def number(text: str, what: str) -> float:
+        value = _number(text.strip())
+        if value is None or value != value or value in (float("inf"), float("-inf")):
+            raise SdtuneError(f"{label}: the {what} weight {text!r} is not a number")
+        return value
+
+    first = _number(positional[0]) if positional else None  # unreadable: 1, as a one-weight tag's (prompt layer)
+    te = first if first is not None and first == first and abs(first) != float("inf") else 1.0
+    te = number(named["te"], "text-encoder") if "te" in named else te
+    unet = number(positional[1], "UNet") if len(positional) > 1 else te
+    unet = number(named["unet"], "UNet") if "unet" in named else unet
+    return te if te == unet else LoraWeight(te, unet)
 
 
 def _number(text: str) -> float | None:
@@ -57,9 +79,9 @@ def _number(text: str) -> float | None:
         return None
 
 
-def resolve_lora_tags(tags: Iterable[Any], search_dirs: Sequence[str | Path]) -> list[tuple[Path, float]]:
-    """`<lora:name:weight>` (and `<lyco:...>`) tags -> [(file, weight)], in tag order (`adapters.tags`)."""
-    tags = list(tags)
-    for tag in tags:
-        check_one_weight(tag)
-    return resolve_tags(LORA_TAGS, tags, search_dirs)
+def resolve_lora_tags(tags: Iterable[Any], search_dirs: Sequence[str | Path]) -> list[tuple[Path, Any]]:
+    """`<lora:name:weight>` (and `<lyco:...>`) tags -> [(file, weight)], in tag order (`adapters.tags`); a tag
+    with separate text-encoder and UNet weights gives an `apply.LoraWeight`."""
+    tags = [t for t in tags if isinstance(t, (tuple, list)) or getattr(t, "kind", "lora") in LORA_TAGS.kinds]
+    weights = [tag_weight(t) for t in tags]  # bad arguments are refused before any file is looked up
+    return [(path, w) for (path, _), w in zip(resolve_tags(LORA_TAGS, tags, search_dirs), weights)]
