@@ -42,6 +42,7 @@ from sdtune.adapters.lora.models import (
 )
 from sdtune.adapters.lora.loha_lokr import LycorisModule
 from sdtune.adapters.lora.network import LoraNetwork, check_family
+from sdtune.adapters.lora.weight import LoraWeight
 from sdtune.adapters.stack import parse_weighted_specs
 from sdtune.adapters.stack import per_pipeline
 from sdtune.errors import SdtuneError
@@ -128,33 +129,6 @@ def _inject_text_encoder(model: torch.nn.Module, comp: str, sd: Mapping[str, tor
 
 def parse_lora_specs(loras: Iterable[LoraSpec] | None) -> list[tuple[Any, float]]:
     return parse_weighted_specs(loras, LoraNetwork, "LoRA", "weight")
-
-
-@dataclass(frozen=True)
-class LoraWeight:
-    """A LoRA's multipliers on the text encoder(s) and on the UNet: A1111's `<lora:name:te:unet>` (one number is
-    both). Each component whose multiplier is 0 runs its base layers, bit for bit."""
-
-    te: float
-    unet: float
-
-    @classmethod
-    def of(cls, weight: "float | LoraWeight") -> "LoraWeight":
-        return weight if isinstance(weight, LoraWeight) else cls(float(weight), float(weight))
-
-    def on(self, component: str) -> float:
-        """The multiplier of `component` ("unet", "text_encoder", "text_encoder_2")."""
-        return self.unet if component == "unet" else self.te
-
-    def __add__(self, other: "LoraWeight") -> "LoraWeight":  # one file twice: the weights add up, as in A1111
-        return LoraWeight(self.te + other.te, self.unet + other.unet)
-
-    def __bool__(self) -> bool:
-        return self.te != 0 or self.unet != 0
-
-    def __format__(self, spec: str) -> str:
-        one = format(self.te, spec or "g")
-        return one if self.te == self.unet else f"{one}:{format(self.unet, spec or 'g')}"
 
 
 def _weighted(loras: Iterable[LoraSpec] | None) -> list[tuple[Any, LoraWeight]]:

@@ -6,15 +6,13 @@ change it; other files: sha256 of the whole file)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from sdtune.adapters.args import parse_file_weight
+from sdtune.adapters.lora.weight import LoraWeight
 from sdtune.adapters.tags import TagKind, resolve_tags
 from sdtune.errors import SdtuneError
 from sdtune.models.hashing import memo_sha256
-
-if TYPE_CHECKING:
-    from sdtune.adapters.lora.apply import LoraWeight
 
 LORA_TAGS = TagKind(tag="lora", kinds=("lora", "lyco"), noun="LoRA", dir_option="--lora-dir",
                     exts=(".safetensors", ".pt", ".ckpt", ".bin"))
@@ -40,11 +38,9 @@ def parse_lora_arg(text: str, option: str = "--lora") -> tuple[str, float]:
     return parse_file_weight(text, option, "weight")
 
 
-def tag_weight(tag: Any) -> "float | LoraWeight":
+def tag_weight(tag: Any) -> float | LoraWeight:
     """A1111's reading of a LoRA tag's arguments: `<lora:name:te:unet>` positionally or `te=`/`unet=` by name; the
     UNet's weight is the text encoder's unless given; one weight -> a number. `dyn` (a rank cut) is refused."""
-    from sdtune.adapters.lora.apply import LoraWeight
-
     if isinstance(tag, (tuple, list)):  # (name, weight) pairs
         return float(tag[1]) if len(tag) > 1 else 1.0
     written = [getattr(tag, "weight_text", "")] + list(getattr(tag, "args", ()))
