@@ -28,6 +28,13 @@ DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, errno.EFBIG, getattr(errn
 _RUST_DISK_FULL = re.compile(r"os error (\d+)|code: (\d+),|StorageFull|FileTooLarge|QuotaExceeded")
 
 
+def scanned_dir(parent: str | os.PathLike[str], name: str) -> bool:
+    """Whether a folder scan for models, LoRAs, embeddings or hypernetworks goes into `parent/name`: not hidden ones
+    and not a training run's resumable state (`OUT/state/step-*/`, marked by its `state.json`), whose weights,
+    optimizer and RNG files are not adapters (`--embeddings RUN_DIR` would read them as words)."""
+    return not name.startswith(".") and not os.path.isfile(os.path.join(parent, name, "state.json"))
+
+
 def access(path: str | os.PathLike[str], mode: int) -> bool:
     """`os.access` (the seam tests replace)."""
     return os.access(path, mode)

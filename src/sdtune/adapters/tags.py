@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sdtune.errors import SdtuneError
+from sdtune.paths import scanned_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,15 @@ def prompt_tags(kind: TagKind, prompt: str) -> list[Any]:
     return [n for n in extract_extra_networks(prompt or "")[1] if n.kind in kind.kinds]
 
 
+def _files(root: Path) -> list[Path]:
+    """Every file under `root`, except in hidden folders and training states (`paths.scanned_dir`)."""
+    out: list[Path] = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if scanned_dir(dirpath, d)]
+        out += [Path(dirpath) / f for f in files]
+    return out
+
+
 def _candidates(kind: TagKind, search_dirs: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     """(search folder, file) of every file of this kind, folder by folder."""
     out: list[tuple[Path, Path]] = []
@@ -49,7 +60,7 @@ def _candidates(kind: TagKind, search_dirs: Sequence[str | Path]) -> list[tuple[
         root = Path(d).expanduser()
         if not root.is_dir():
             raise SdtuneError(f"{kind.noun} folder {root} does not exist")
-        found = [f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in kind.exts]
+        found = [f for f in _files(root) if f.suffix.lower() in kind.exts]
         if kind.by_preference:
             found.sort(key=lambda f: (f.with_suffix("").as_posix(), kind.exts.index(f.suffix.lower())))
         else:

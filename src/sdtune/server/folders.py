@@ -18,6 +18,7 @@ from typing import Iterator
 
 from sdtune.errors import SdtuneError
 from sdtune.models.bundled import BUNDLED_MODEL
+from sdtune.paths import scanned_dir
 
 CHECKPOINT_EXTS = (".safetensors", ".ckpt")
 VAE_EXTS = (".safetensors", ".pt", ".ckpt")
@@ -105,7 +106,7 @@ class ModelFolders:
             return
         count = 0
         for dirpath, dirs, files in os.walk(root, followlinks=False):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if scanned_dir(dirpath, d))
             for f in sorted(files):
                 low = f.lower()
                 if f.startswith(".") or not low.endswith(exts) or ".preview." in low:

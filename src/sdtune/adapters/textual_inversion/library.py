@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from sdtune.errors import SdtuneError
+from sdtune.paths import scanned_dir
 from sdtune.prompts.embeddings import EmbeddingRegistry
 from sdtune.adapters.textual_inversion.files import EMBEDDING_EXTS, FAMILY_KEYS, Embedding, read_embedding
 
@@ -189,7 +190,7 @@ class EmbeddingLibrary:
             except OSError:
                 continue
             for root, dirs, files in os.walk(src):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                dirs[:] = sorted(d for d in dirs if scanned_dir(root, d))
                 for f in files:
                     if f.startswith(".") or os.path.splitext(f)[1].lower() not in EMBEDDING_EXTS:
                         continue
