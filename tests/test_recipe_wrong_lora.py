@@ -80,13 +80,18 @@ def test_recipe_end_to_end_and_resume(tmp_path, capsys):
 
 def test_recipe_refuses_bad_input_before_work(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
+    (tmp_path / "busy").mkdir()  # another run's folder: the recipe would mix its stages into it
+    (tmp_path / "busy" / "log.jsonl").write_text("")
     for args, words in ((["--out", str(tmp_path / "f")], "is a file"),
                         (["--out", str(tmp_path / "o"), "--images", "0"], "--images"),
                         (["--out", str(tmp_path / "o"), "--cfg", "1"], "needs guidance"),
                         (["--out", str(tmp_path / "o"), "--subjects", str(tmp_path / "none.txt")], "no such file"),
                         (["--out", str(tmp_path / "o"), "--trigger", "a b"], "--trigger"),
                         (["--out", str(tmp_path / "o"), "--lora-weight", "0"], "--lora-weight 0.0 is out of range"),
-                        (["--out", str(tmp_path / "o"), "--lora-weight", "nan"], "--lora-weight nan is out")):
+                        (["--out", str(tmp_path / "o"), "--lora-weight", "nan"], "--lora-weight nan is out"),
+                        (["--out", str(tmp_path / "o"), "--train-steps", "-1"], "steps"),
+                        (["--out", str(tmp_path / "o"), "--sampler", "Euler aa"], "unknown sampler"),
+                        (["--out", str(tmp_path / "busy")], "holds no wrong-lora recipe")):
         res = run_cli(["recipe", "wrong-lora", *args], capsys)
         assert res.code == 2 and words in res.err and res.err.count("\n") == 1, (args, res.err)
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["log.jsonl"]

@@ -103,7 +103,12 @@ class WrongLoraSettings:
                 raise SdtuneError(f"the {name} are empty; give at least one non-empty line")
             if len(items) > 10000:
                 raise SdtuneError(f"{len(items)} {name} is too many; use at most 10000")
-        return self
+        if self.sampler:
+            from sdtune.generate.samplers import check_sampler
+
+            check_sampler(self.sampler)
+        train_config(self, Path("bad_images"), Path("train")).check_values()  # the LoRA run's settings, before
+        return self                                                              # any image is made
 
 
 @dataclass
@@ -288,6 +293,10 @@ def run_wrong_lora(s: WrongLoraSettings, *, evaluate: Evaluate | None = None, ec
             raise SdtuneError(f"{out} holds a wrong-lora run made with other settings ({', '.join(changed)}); rerun "
                               "with the same settings to resume it (--compare-* may change), or choose another --out")
     else:
+        other = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        if other:  # e.g. a training run's folder: the recipe's stages would mix their files with it
+            raise SdtuneError(f"{out} is not empty ({', '.join(other[:5])}) and holds no wrong-lora recipe "
+                              "(recipe.json); choose a new or empty --out")
         write_atomic(settings_file, json.dumps(mine, indent=2) + "\n")
     if generator is None:
         from sdtune.generate import Generator
