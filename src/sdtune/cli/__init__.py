@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    _register()
+    try:
+        _register()  # imports the commands' modules: a Ctrl-C in the first second lands here
+    except KeyboardInterrupt:
+        click.echo("aborted", err=True)
+        sys.exit(130)
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     for i, arg in enumerate(args):  # only in-process callers can pass one (a C argv cannot hold NUL)
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(str(exc), exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns a Ctrl-C inside a command into Abort
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.UsageError as exc:  # one line, like every other error; the usage text is one --help away
