@@ -77,3 +77,24 @@ def test_info_lists_the_bundled_embeddings(files):
     assert fi.kind == "lora" and fi.details["bundled_embeddings"] == {"shiny": 2}
     assert fi.details["modules"] == identify(files["dir"] / "plain" / "style.safetensors").details["modules"]
     assert "bundled embeddings: shiny (2 vector(s))" in fi.summary
+
+
+def test_converting_to_diffusers_writes_the_bundled_embeddings_beside_it(files, tmp_path, capsys):
+    """A PEFT (diffusers) LoRA file has no place for bundled words (diffusers refuses bundle_emb keys): the
+    conversion writes each as an embedding file beside the result and says so, instead of dropping it silently."""
+    from sdtune.adapters.textual_inversion.files import read_embedding
+    from sdtune.cli import main
+
+    src = str(files["dir"] / "bundled" / "style.safetensors")
+    out = tmp_path / "style_peft.safetensors"
+    main(["convert", src, "--to", "diffusers", "--out", str(out)])
+    beside = tmp_path / "style_peft.shiny.safetensors"
+    assert "bundled embedding shiny" in capsys.readouterr().out and beside.is_file()
+    emb = read_embedding(beside)
+    assert emb.token == "shiny" and torch.equal(next(iter(emb.vectors.values())), files["vectors"])
+    assert not any(k.startswith("bundle_emb") for k in load_file(out))
+    (tmp_path / "b.shiny.safetensors").write_text("mine")  # in the way: refused before anything is written
+    with pytest.raises(SystemExit) as refused:
+        main(["convert", src, "--to", "diffusers", "--out", str(tmp_path / "b.safetensors")])
+    assert refused.value.code == 2 and not (tmp_path / "b.safetensors").exists()
+    assert (tmp_path / "b.shiny.safetensors").read_text() == "mine"

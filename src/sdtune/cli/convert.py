@@ -56,6 +56,7 @@ def convert_lora(info: Any, target: str, out: Path, *, dtype: str | None = None,
         check_compatible(net, loaded.family, target_modules(loaded), loaded.name)
         if net.family is None:
             net.family = loaded.family
+    beside = _bundled_files(net, out) if target == "diffusers" else {}
     path = save_lora(net, out, format=target, dtype=_dtype(dtype), layout=layout)
     back = read_lora(path, layout=layout)
     want = net.deltas()
@@ -68,9 +69,30 @@ def convert_lora(info: Any, target: str, out: Path, *, dtype: str | None = None,
         if err > tol:
             raise SdtuneError(f"sdtune bug: {name} changed in the conversion (relative error {err:.1e})")
     msg = f"{info.path.name} ({net.describe()}) -> {path} ({target})"
+    if beside:  # a PEFT file has no place for them (diffusers refuses bundle_emb keys)
+        from sdtune.adapters.textual_inversion.files import Embedding, file_stem_for, write_embedding
+
+        for name, file in beside.items():
+            emb = write_embedding(Embedding(name=file_stem_for(name), vectors=dict(net.embeddings[name]), token=name),
+                                  file, "safetensors")
+            msg += f"\nbundled embedding {name}: not in the diffusers file; written beside it as {emb}"
     if loaded is not None:
         msg += f"\n{verify_lora_file(path, loaded, want, tolerance=None if dtype in (None, 'fp32') else 3e-2)}"
     return msg
+
+
+def _bundled_files(net: Any, out: Path) -> dict[str, Path]:
+    """Where each embedding bundled in a LoRA goes beside a diffusers-layout `out` (`<stem>.<word>.safetensors`,
+    which A1111, ComfyUI and diffusers' `load_textual_inversion(file, token=...)` load); an existing file is refused
+    before anything is written."""
+    from sdtune.adapters.textual_inversion.files import file_stem_for
+
+    files = {name: out.with_name(f"{out.stem}.{file_stem_for(name)}.safetensors") for name in net.embeddings}
+    for name, file in files.items():
+        if file.exists():
+            raise SdtuneError(f"{file} exists (where the bundled embedding {name!r} would go); move it away or "
+                              "choose another --out")
+    return files
 
 
 register_converter("lora", ("kohya", "diffusers"), convert_lora)
