@@ -239,6 +239,19 @@ def test_other_lycoris_algorithms_are_refused_by_name(tmp_path, algo, key):
         read_lora(tmp_path / "ly.safetensors")
 
 
+def test_a_checkpoint_given_as_a_lora_is_named_a_checkpoint(tmp_path):
+    """A DreamBooth result passed as --lora was refused as "LyCORIS full (weight difference)": `.diff` matched
+    inside `model.diffusion_model.`."""
+    save_safetensors_atomic({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(2, 2),
+                             "first_stage_model.encoder.conv_in.weight": torch.ones(2, 2)}, tmp_path / "db.safetensors")
+    with pytest.raises(SdtuneError, match="is a model checkpoint .*not a LoRA.*--model"):
+        read_lora(tmp_path / "db.safetensors")
+    save_safetensors_atomic({"lora_unet_mid_block_attentions_0_proj_in.diff": torch.ones(2, 2)},
+                            tmp_path / "full.safetensors")
+    with pytest.raises(SdtuneError, match="LyCORIS full"):  # a real weight-difference file is still named as one
+        read_lora(tmp_path / "full.safetensors")
+
+
 # -- bad input ------------------------------------------------------------------------------------------------
 
 

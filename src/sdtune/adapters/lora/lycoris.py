@@ -39,13 +39,20 @@ def unsupported_algorithms(keys: Iterable[str]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for k in keys:
         for frag, algo in UNSUPPORTED:
-            if frag in k:
+            if frag in k and (frag != ".diff" or k.endswith((".diff", ".diff_b"))):  # not model.diffusion_model
                 found.setdefault(algo, []).append(k)
                 break
     return found
 
 
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
 def refuse_unsupported(keys: Iterable[str], source: str) -> None:
+    keys = list(keys)
+    if any(k.startswith(CHECKPOINT_PREFIXES) for k in keys):
+        raise SdtuneError(f"{source} is a model checkpoint (e.g. a DreamBooth result), not a LoRA: generate with it "
+                          "as --model, or put it in the checkpoints folder")
     found = unsupported_algorithms(keys)
     if not found:
         return
