@@ -182,6 +182,14 @@ def test_sigterm_saves_the_state_and_exits_cleanly(tmp_path, model_dir, data):
     assert [r["step"] for r in read_log(out / "log.jsonl") if r["event"] == "step"] == list(range(1, last_step + 2))
 
 
+def test_resuming_with_fewer_steps_than_done_says_nothing_is_trained(tmp_path, model_dir, data):
+    out = tmp_path / "run"
+    assert start(model_dir, data, out, "--steps", "3").wait(timeout=240) == 0
+    again = start(model_dir, data, out, "--steps", "2", "--resume", "auto")
+    _, err = again.communicate(timeout=240)
+    assert again.returncode == 0 and "already at step 3, --steps is 2: nothing to train" in err, err
+
+
 def test_linking_the_final_file_again_leaves_no_temporary_file(tmp_path):
     # A resumed run whose best checkpoint did not change links the same file over itself: rename() of two links to
     # one file is a no-op, which used to leave OUT/.<name>.<pid>.tmp behind.

@@ -87,6 +87,9 @@ class TrainerSetup(TrainerParts):
             raise
         if state is not None:
             self.echo(f"resuming at step {self.step} from {state.path}")
+            if self.step >= self.config.total_steps:
+                self.echo(f"note: the run is already at step {self.step}, --steps is {self.config.total_steps}: "
+                          "nothing to train; the result is written from the saved state (raise --steps to go on)")
             saved_world = int(state.extra.get("processes", 1))
             if saved_world != self.ranks.world:
                 self.echo(f"warning: the state was saved by {saved_world} process(es), this run has "
