@@ -219,6 +219,28 @@ def test_cli_writes_numbered_pngs_and_grid(model_dir, tmp_path, capsys):
     assert np.array_equal(pixels(Image.open(out / "00000-7.png")), pixels(Image.open(out / "00002-7.png")))
 
 
+def test_cli_saves_each_image_as_its_batch_ends_so_an_interrupt_keeps_them(model_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during `generate -n 60` used to lose every image: they were saved only after the last batch."""
+    out = tmp_path / "out"
+    real = Generator.generate
+    calls = {"batches": 0}
+
+    def interrupted_after_two(self, params, **kw):
+        def progress(done, total):
+            if done and done % params.steps == 0:
+                calls["batches"] += 1
+                if calls["batches"] == 3:  # the third batch has finished sampling: Ctrl-C before it is saved
+                    raise KeyboardInterrupt
+        return real(self, params, **{**kw, "progress": progress})
+
+    monkeypatch.setattr(Generator, "generate", interrupted_after_two)
+    args = ["generate", "a red circle", "--model", str(model_dir), "--steps", "2", "--width", "32", "--height", "32",
+            "--device", "cpu", "--out", str(out), "--seed", "7", "-n", "5"]
+    assert cli(args) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["00000-7.png", "00001-8.png"]
+    assert "seed 8: " in capsys.readouterr().out
+
+
 def test_cli_prompt_option_equals_the_argument(model_dir, tmp_path, capsys):
     common = ["--model", str(model_dir), "--steps", "2", "--width", "32", "--height", "32", "--device", "cpu",
               "--seed", "3", "--negative-prompt", "blue"]

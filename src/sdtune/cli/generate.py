@@ -174,17 +174,20 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
         bar.total = total
         bar.update(done - bar.n)
 
+    paths: list[Path] = []
+    images: list[Any] = []
+
+    def saved(im: Any) -> None:  # each image is on disk as soon as its batch is done: a Ctrl-C keeps them
+        if keep is not None and im.batch_pos not in keep:
+            return
+        images.append(im)
+        paths.append(save_image(im.image, out, im.seed, im.infotext))
+        bar.write(f"seed {im.seed}: {paths[-1]}", file=sys.stdout)
+
     try:
-        images = generator.generate(params, progress=progress)
+        generator.generate(params, progress=progress, on_image=saved)
     finally:
         bar.close()
-    if keep is not None:
-        images = [im for im in images if im.batch_pos in keep]
-    paths = []
-    for im in images:
-        path = save_image(im.image, out, im.seed, im.infotext)
-        paths.append(path)
-        click.echo(f"seed {im.seed}: {path}")
     if grid and len(images) > 1:
         path = save_grid(make_grid([im.image for im in images]), out, images[0].infotext)
         click.echo(f"grid: {path}")

@@ -248,11 +248,13 @@ class Generator:
                                   prompt_syntax=params.prompt_syntax, emphasis=params.emphasis)
 
     def generate(self, params: GenerationParams, *, progress: Progress | None = None, control: Control | None = None,
-                 preview: Preview | None = None) -> list[GeneratedImage]:
+                 preview: Preview | None = None,
+                 on_image: Callable[[GeneratedImage], None] | None = None) -> list[GeneratedImage]:
         """Run `params.batch_count` batches of `params.batch_size` images; returns them in seed order.
 
         progress: (steps done, total) after each step; control: interrupt / skip flags (see `Control`);
-        preview: called with (pipeline, latents) after each step of the base model."""
+        preview: called with (pipeline, latents) after each step of the base model; on_image: called with each
+        image as soon as its batch is done (the CLI saves it then, so a Ctrl-C keeps what was made)."""
         import torch
 
         params = self.prepare(params)
@@ -326,6 +328,8 @@ class Generator:
                     for key, value in net.infotext_fields():
                         text = add_infotext_field(text, key, value)
                 out.append(GeneratedImage(image, seed, params, text, index=len(out), batch_pos=j))
+                if on_image is not None:
+                    on_image(out[-1])
         if progress is not None:
             progress(total, total)
         return out
