@@ -119,6 +119,14 @@ def test_generate_with_lora_option(setup, capsys, tmp_path):
     assert code == 0, err
     png = next((tmp_path / "a").glob("*.png"))
     assert f'Lora hashes: "style: {lora_short_hash(setup["lora"])}"' in read_png_infotext(png)
+    # --from-png of it: the LoRA was not in the prompt, so the infotext cannot bring it back; say so
+    code, _, err = run_cli(["generate", "--from-png", str(png), "--model", str(setup["model"]), "--out",
+                            str(tmp_path / "again")], capsys)
+    assert code == 0 and "made with LoRA style applied outside its prompt" in err and "--lora" in err, err
+    code, _, err = run_cli(["generate", "--from-png", str(png), "--model", str(setup["model"]), "--lora",
+                            f"{setup['lora']}:0.6", "--out", str(tmp_path / "again2")], capsys)
+    assert code == 0 and "outside its prompt" not in err
+    assert (tmp_path / "again2" / png.name).read_bytes() == png.read_bytes()  # with the same --lora: bit for bit
     code, _, err = run_cli(common + ["--lora", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "b")],
                            capsys)
     assert code == 2 and "missing.safetensors: no such file" in err

@@ -66,6 +66,27 @@ def _from_png(png: Path, overrides: dict[str, Any], model: str | None, vae: str 
     return params, keep, model, vae, rec
 
 
+def _networks_not_given(png: Path, rec: Any, prompt: str, loras_given: bool, hypernetworks_given: bool) -> list[str]:
+    """Warnings for networks the image's infotext names that this run will not apply: a LoRA in `Lora hashes` but
+    not in the prompt's tags was given as `--lora FILE:W` (its file and weight are not in the infotext), and a
+    hypernetwork as `--hypernetwork`; without them the image silently differs."""
+    from sdtune.adapters.lora.tags import LORA_TAGS
+    from sdtune.adapters.tags import prompt_tags
+
+    notes = []
+    tagged = {str(t.name).replace("\\", "/").rsplit("/", 1)[-1] for t in prompt_tags(LORA_TAGS, prompt)}
+    hashed = [part.split(":")[0].strip() for part in rec.extra.get("Lora hashes", "").strip('"').split(",")]
+    outside = [name for name in hashed if name and name not in tagged]
+    if outside and not loras_given:
+        notes.append(f"warning: {png.name} was made with LoRA {', '.join(outside)} applied outside its prompt "
+                     "(--lora FILE:W); pass the same --lora to repeat it: without it the image differs")
+    if rec.extra.get("Hypernet") and not hypernetworks_given:
+        notes.append(f"warning: {png.name} was made with hypernetwork {rec.extra['Hypernet']} at strength "
+                     f"{rec.extra.get('Hypernet strength', '1')}; pass --hypernetwork FILE:STRENGTH to repeat it: "
+                     "without it the image differs")
+    return notes
+
+
 def _progress_bar(total_hint: int) -> Any:
     from tqdm import tqdm
 
@@ -109,6 +130,7 @@ def run_generate(prompt: str | None, *, from_png: Path | None, model: str | None
     notes: list[str] = []
     if from_png is not None:
         params, keep, model, vae, recorded = _from_png(from_png, overrides, model, vae, refiner, notes)
+        notes += _networks_not_given(from_png, recorded, params.prompt, bool(loras), bool(hn_specs or hn_dirs))
     else:
         if prompt is None:
             raise SdtuneError('no prompt given; run `sdtune generate "a photo of a cat"`, or --from-png IMAGE.png')
