@@ -131,7 +131,8 @@ def test_each_part_of_the_split_file_changes_the_image(gen, ink_parts):
 
 
 @pytest.mark.parametrize("tag,says", [("<lora:ink:1:1:8>", "third number"), ("<lora:ink:1:dyn=8>", "dyn="),
-                                      ("<lora:ink:1:unet=abc>", "not a number"), ("<lora:ink:1:foo=2>", "names")])
+                                      ("<lora:ink:1:unet=abc>", "not a number"), ("<lora:ink:1:foo=2>", "names"),
+                                      ("<lora:ink:0,5>", "'0,5' is not a number"), ("<lora:ink:abc>", "not a number")])
 def test_lora_tag_arguments_sdtune_cannot_apply_are_refused(gen, tag, says):
     with pytest.raises(SdtuneError, match=says):
         image(gen, f"a red circle {tag}")

@@ -44,6 +44,9 @@ def tag_weight(tag: Any) -> float | LoraWeight:
     if isinstance(tag, (tuple, list)):  # (name, weight) pairs
         return float(tag[1]) if len(tag) > 1 else 1.0
     written = [getattr(tag, "weight_text", "")] + list(getattr(tag, "args", ()))
+    if written[0] and "=" not in written[0] and not _finite(written[0]):  # A1111 fails on it too
+        raise SdtuneError(f"<{tag.kind}:{tag.name}:{':'.join(written)}>: the weight {written[0]!r} is not a number "
+                          "(e.g. 0.5, with a dot)")
     if len(written) == 1 and "=" not in written[0]:
         return float(tag.weight)
     positional = [a for a in written if "=" not in a]
@@ -55,17 +58,20 @@ def tag_weight(tag: Any) -> float | LoraWeight:
                           "te=, unet=); a third number or dyn= (A1111's rank cut) and other names are not supported")
 
     def number(text: str, what: str) -> float:
-        value = _number(text.strip())
-        if value is None or value != value or value in (float("inf"), float("-inf")):
+        if not _finite(text):
             raise SdtuneError(f"{label}: the {what} weight {text!r} is not a number")
-        return value
+        return float(text)
 
-    first = _number(positional[0]) if positional else None  # unreadable: 1, as a one-weight tag's (prompt layer)
-    te = first if first is not None and first == first and abs(first) != float("inf") else 1.0
+    te = number(positional[0], "text-encoder") if positional and positional[0] else 1.0
     te = number(named["te"], "text-encoder") if "te" in named else te
     unet = number(positional[1], "UNet") if len(positional) > 1 else te
     unet = number(named["unet"], "UNet") if "unet" in named else unet
     return te if te == unet else LoraWeight(te, unet)
+
+
+def _finite(text: str) -> bool:
+    value = _number(text.strip())
+    return value is not None and value == value and abs(value) != float("inf")
 
 
 def _number(text: str) -> float | None:
