@@ -352,3 +352,26 @@ def test_config_check_values_accepts_plain_names(tmp_path, name):
     from sdtune.training.config import TrainConfig
 
     TrainConfig(method="lora", data=str(tmp_path), out=str(tmp_path / "out"), output_name=name).check_values()
+
+
+@pytest.mark.parametrize("method,extra,words", [
+    ("lora", ["--target", "atn"], ["atn", "match no UNet module"]),
+    ("ti", ["--token", "<a>", "--init", "qzxvwqzxvw"], ["qzxvwqzxvw"]),
+])
+def test_cli_train_refused_after_the_out_folder_was_made_leaves_no_folder(tmp_path, capsys, toy_data, method, extra,
+                                                                          words):
+    """These are refused once the model is loaded, after the output folder was created (its writability is
+    tested by making it): a refused run must not leave an empty --out behind."""
+    out = tmp_path / "new" / "run"
+    code, _, err = run_cli(["train", method, "--data", str(toy_data), "--out", str(out), "--steps", "1",
+                            "--resolution", "32", "--no-progress", "--no-tensorboard", *extra], capsys)
+    assert code == 2 and all(w in err for w in words), err
+    assert not out.exists()
+
+
+def test_cli_train_refused_keeps_an_out_folder_that_was_there(tmp_path, capsys, toy_data):
+    out = tmp_path / "mine"
+    out.mkdir()
+    code, _, err = run_cli(["train", "lora", "--data", str(toy_data), "--out", str(out), "--steps", "1",
+                            "--resolution", "32", "--no-progress", "--no-tensorboard", "--target", "atn"], capsys)
+    assert code == 2 and out.is_dir()  # not this run's to remove

@@ -35,6 +35,20 @@ def scanned_dir(parent: str | os.PathLike[str], name: str) -> bool:
     return not name.startswith(".") and not os.path.isfile(os.path.join(parent, name, "state.json"))
 
 
+def remove_if_unused(folder: str | os.PathLike[str]) -> None:
+    """Remove `folder` if a failed command left nothing in it but empty folders and lock files (an `--out` it
+    created before refusing the input); a folder holding anything else is kept as it is."""
+    root = Path(folder)
+    if not root.is_dir():
+        return
+    for dirpath, _, files in os.walk(root):
+        if any(f != ".lock" and not f.startswith(".write-test.") for f in files):
+            return
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def access(path: str | os.PathLike[str], mode: int) -> bool:
     """`os.access` (the seam tests replace)."""
     return os.access(path, mode)

@@ -75,6 +75,7 @@ def _make_command(name: str, cls: Any) -> click.Command:
 
         from sdtune.toy.concept_eval import evaluator_for
 
+        from sdtune.paths import remove_if_unused
         from sdtune.training.crossval import check_cv_data, cross_validate
         from sdtune.training.folds import resolve_auto_steps
 
@@ -90,16 +91,22 @@ def _make_command(name: str, cls: Any) -> click.Command:
             click.echo(resolve_auto_steps(cfg, say).to_toml())
             return
         cfg.check_values()
-        if cfg.cv_folds:  # K fold runs, a report, a recommended step (`training.crossval`)
-            cv = cross_validate(cfg, evaluator=evaluator_for(cfg))
-            click.echo(cv.table)
-            if cv.stopped == "interrupted":
-                sys.exit(130)
-            click.echo(f"report: {cv.out / 'report.json'}; train on all images to the recommended step with the "
-                       "same options, --steps auto instead of --steps and --cv-folds")
-            return
-        cfg = resolve_auto_steps(cfg, say)  # steps auto: refused now if there is no finished cross-validation
-        result = train(cfg, evaluator=evaluator_for(cfg))
+        fresh = not cfg.out_dir.exists()
+        try:
+            if cfg.cv_folds:  # K fold runs, a report, a recommended step (`training.crossval`)
+                cv = cross_validate(cfg, evaluator=evaluator_for(cfg))
+                click.echo(cv.table)
+                if cv.stopped == "interrupted":
+                    sys.exit(130)
+                click.echo(f"report: {cv.out / 'report.json'}; train on all images to the recommended step with "
+                           "the same options, --steps auto instead of --steps and --cv-folds")
+                return
+            cfg = resolve_auto_steps(cfg, say)  # steps auto: refused now if there is no finished cross-validation
+            result = train(cfg, evaluator=evaluator_for(cfg))
+        except BaseException:
+            if fresh:  # refused input (empty data, bad target, ...): no empty --out folder is left behind
+                remove_if_unused(cfg.out_dir)
+            raise
         if result.stopped == "interrupted":
             sys.exit(128 + (result.signal or 2))
 
