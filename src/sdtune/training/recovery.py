@@ -102,7 +102,11 @@ class TrainerRecovery(TrainerParts):
             msg += "Likely cause: fp16 overflow; use --mixed-precision bf16 (or no)."
         else:
             peak = self.schedule.peak
-            msg += f"Likely cause: the learning rate is too high (peak {peak:g}); try {peak / 10:g}"
+            if peak > 0.1 and cfg.optimizer != "prodigy":  # a tenth of an absurd rate is still absurd
+                msg += (f"Likely cause: the learning rate {peak:g} is far above what training uses (1e-6 for a "
+                        "full fine-tune to 5e-3 for Textual Inversion); leave --lr out for the method's default")
+            else:
+                msg += f"Likely cause: the learning rate is too high (peak {peak:g}); try {peak / 10:g}"
             msg += " and --max-grad-norm 1." if cfg.max_grad_norm == 0 else "."
         return msg
 
