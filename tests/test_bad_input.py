@@ -375,3 +375,15 @@ def test_cli_train_refused_keeps_an_out_folder_that_was_there(tmp_path, capsys, 
     code, _, err = run_cli(["train", "lora", "--data", str(toy_data), "--out", str(out), "--steps", "1",
                             "--resolution", "32", "--no-progress", "--no-tensorboard", "--target", "atn"], capsys)
     assert code == 2 and out.is_dir()  # not this run's to remove
+
+
+def test_cli_resume_with_another_method_is_refused_before_loading(tmp_path, capsys, toy_data):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "lora", "--data", str(toy_data), "--out", str(out), "--steps", "1",
+                            "--resolution", "32", "--no-progress", "--no-tensorboard"], capsys)
+    assert code == 0, err
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code, _, err = run_cli(["train", "ti", "--data", str(toy_data), "--out", str(out), "--resume", "auto",
+                            "--token", "<a>", "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "holds a 'lora' run, not 'ti'" in err and "sdtune train lora" in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -14,6 +14,7 @@ from sdtune.errors import SdtuneError
 from sdtune.paths import scanned_dir
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, str, Path]] = set()  # ambiguous tags already reported in this process
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def resolve_tags(kind: TagKind, tags: Iterable[Any], search_dirs: Sequence[str |
             raise SdtuneError(_not_found(kind, name, files, search_dirs))
         found = [f for r, f in matches if r == matches[0][0]]  # the first folder with a match wins
         ambiguous = len({f.with_suffix("") for f in found} if kind.by_preference else found) > 1
-        if ambiguous:
+        if ambiguous and (kind.tag, name, found[0]) not in _WARNED:  # once: the tags are resolved for every image
+            _WARNED.add((kind.tag, name, found[0]))
             log.warning("<%s:%s> matches %d files in %s; using %s", kind.tag, name, len(found), matches[0][0],
                         found[0])
         out.append((found[0], weight))

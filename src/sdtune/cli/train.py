@@ -54,7 +54,11 @@ def _config_from_cli(method: str, config_file: Path | None, values: dict[str, An
             saved = store.load(None if resume == "auto" else resume)
         except SdtuneError:
             saved = None  # nothing saved yet ("auto" then starts a new run) or an error the trainer reports
-        if saved is not None and saved.config.get("method") == method:
+        if saved is not None and saved.config.get("method") not in (None, method):
+            other = saved.config["method"]  # refused before the model loads, with the command that resumes it
+            raise SdtuneError(f"{out} holds a {other!r} run, not {method!r}: resume it with `sdtune train {other} "
+                              f"--out {out} --resume`, or choose another --out")
+        if saved is not None:
             base = TrainConfig.from_dict(saved.config, source=str(saved.path))
     if config_file is not None:
         base = TrainConfig.from_toml(config_file, base=base)
