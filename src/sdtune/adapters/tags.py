@@ -48,7 +48,7 @@ def prompt_tags(kind: TagKind, prompt: str) -> list[Any]:
 def _files(root: Path) -> list[Path]:
     """Every file under `root`, except in hidden folders and training states (`paths.scanned_dir`)."""
     out: list[Path] = []
-    for dirpath, dirs, files in os.walk(root):
+    for dirpath, dirs, files in os.walk(root, followlinks=True):  # as rglob did: linked LoRA folders count
         dirs[:] = [d for d in dirs if scanned_dir(dirpath, d)]
         out += [Path(dirpath) / f for f in files]
     return out

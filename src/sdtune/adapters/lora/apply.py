@@ -137,7 +137,7 @@ def _weighted(loras: Iterable[LoraSpec] | None) -> list[tuple[Any, LoraWeight]]:
     split = {i: item[1] for i, item in enumerate(items)
              if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], LoraWeight)}
     plain = parse_lora_specs([(item[0], 1.0) if i in split else item for i, item in enumerate(items)])
-    return [(src, split.get(i) or LoraWeight.of(w)) for i, (src, w) in enumerate(plain)]
+    return [(src, split[i] if i in split else LoraWeight.of(w)) for i, (src, w) in enumerate(plain)]
 
 
 class PipelineLoras:
