@@ -70,13 +70,12 @@ def _networks_not_given(png: Path, rec: Any, prompt: str, loras_given: bool, hyp
     """Warnings for networks the image's infotext names that this run will not apply: a LoRA in `Lora hashes` but
     not in the prompt's tags was given as `--lora FILE:W` (its file and weight are not in the infotext), and a
     hypernetwork as `--hypernetwork`; without them the image silently differs."""
-    from sdtune.adapters.lora.tags import LORA_TAGS
+    from sdtune.adapters.lora.tags import LORA_TAGS, lora_hashes_names
     from sdtune.adapters.tags import prompt_tags
 
     notes = []
     tagged = {str(t.name).replace("\\", "/").rsplit("/", 1)[-1] for t in prompt_tags(LORA_TAGS, prompt)}
-    hashed = [part.split(":")[0].strip() for part in rec.extra.get("Lora hashes", "").strip('"').split(",")]
-    outside = [name for name in hashed if name and name not in tagged]
+    outside = [name for name in lora_hashes_names(rec.extra.get("Lora hashes", "")) if name not in tagged]
     if outside and not loras_given:
         notes.append(f"warning: {png.name} was made with LoRA {', '.join(outside)} applied outside its prompt "
                      "(--lora FILE:W); pass the same --lora to repeat it: without it the image differs")

@@ -39,12 +39,18 @@ class ExtraNetwork:
         return self.kind in KNOWN
 
 
-def _weight(text: str) -> float:
+def finite_number(text: str) -> float | None:
+    """`text` as a finite float, else None (the one reading of a tag's numbers: here and `adapters.lora.tags`)."""
     try:
-        w = float(text)
+        w = float(text.strip())
     except ValueError:
-        return 1.0
-    return w if math.isfinite(w) else 1.0
+        return None
+    return w if math.isfinite(w) else None
+
+
+def _weight(text: str) -> float:
+    w = finite_number(text)
+    return 1.0 if w is None else w
 
 
 def _spans(text: str, tags: bool, calls: bool) -> list[tuple[int, int, ExtraNetwork]]:

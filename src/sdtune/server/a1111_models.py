@@ -27,7 +27,7 @@ SAMPLER_DEFAULTS = {"eta": (0.0, 1.0), "s_churn": (0.0,), "s_tmax": (0.0, float(
 # the first is what GET /options reports. sdtune draws the starting noise from per-image CPU generators.
 PIXEL_OPTIONS: dict[str, tuple[Any, ...]] = {
     "eta_noise_seed_delta": (0,), "eta_ancestral": (1.0,), "eta_ddim": (0.0,), "randn_source": ("CPU",),
-    "s_churn": (0.0,), "s_tmin": (0.0,), "s_noise": (1.0,), "s_min_uncond": (0.0,),
+    **{k: SAMPLER_DEFAULTS[k] for k in ("s_churn", "s_tmin", "s_noise", "s_min_uncond")},  # also options in A1111
     "always_discard_next_to_last_sigma": (False,), "sgm_noise_multiplier": (False,), "samples_format": ("png",)}
 
 

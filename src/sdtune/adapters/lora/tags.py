@@ -13,6 +13,7 @@ from sdtune.adapters.lora.weight import LoraWeight
 from sdtune.adapters.tags import TagKind, resolve_tags
 from sdtune.errors import SdtuneError
 from sdtune.models.hashing import memo_sha256
+from sdtune.prompts.extra_networks import finite_number
 
 LORA_TAGS = TagKind(tag="lora", kinds=("lora", "lyco"), noun="LoRA", dir_option="--lora-dir",
                     exts=(".safetensors", ".pt", ".ckpt", ".bin"))
@@ -33,6 +34,11 @@ def lora_hashes_value(entries: Iterable[tuple[str, str]]) -> str | None:
     return ", ".join(parts) or None
 
 
+def lora_hashes_names(value: str) -> list[str]:
+    """The LoRA names of a `Lora hashes` field's value (what `lora_hashes_value` wrote, quotes or not)."""
+    return [n for n in (part.split(":")[0].strip() for part in value.strip().strip('"').split(",")) if n]
+
+
 def parse_lora_arg(text: str, option: str = "--lora") -> tuple[str, float]:
     """`FILE[:WEIGHT]` -> (FILE, weight); the weight defaults to 1 (a `C:\\...` drive letter is not a weight)."""
     return parse_file_weight(text, option, "weight")
@@ -44,7 +50,7 @@ def tag_weight(tag: Any) -> float | LoraWeight:
     if isinstance(tag, (tuple, list)):  # (name, weight) pairs
         return float(tag[1]) if len(tag) > 1 else 1.0
     written = [getattr(tag, "weight_text", "")] + list(getattr(tag, "args", ()))
-    if written[0] and "=" not in written[0] and not _finite(written[0]):  # A1111 fails on it too
+    if written[0] and "=" not in written[0] and finite_number(written[0]) is None:  # A1111 fails on it too
         raise SdtuneError(f"<{tag.kind}:{tag.name}:{':'.join(written)}>: the weight {written[0]!r} is not a number "
                           "(e.g. 0.5, with a dot)")
     if len(written) == 1 and "=" not in written[0]:
@@ -58,27 +64,16 @@ def tag_weight(tag: Any) -> float | LoraWeight:
                           "te=, unet=); a third number or dyn= (A1111's rank cut) and other names are not supported")
 
     def number(text: str, what: str) -> float:
-        if not _finite(text):
+        value = finite_number(text)
+        if value is None:
             raise SdtuneError(f"{label}: the {what} weight {text!r} is not a number")
-        return float(text)
+        return value
 
     te = number(positional[0], "text-encoder") if positional and positional[0] else 1.0
     te = number(named["te"], "text-encoder") if "te" in named else te
     unet = number(positional[1], "UNet") if len(positional) > 1 else te
     unet = number(named["unet"], "UNet") if "unet" in named else unet
     return te if te == unet else LoraWeight(te, unet)
-
-
-def _finite(text: str) -> bool:
-    value = _number(text.strip())
-    return value is not None and value == value and abs(value) != float("inf")
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def resolve_lora_tags(tags: Iterable[Any], search_dirs: Sequence[str | Path]) -> list[tuple[Path, Any]]:
